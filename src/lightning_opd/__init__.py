@@ -1,0 +1,1 @@
+"""Lightning OPD: offline on-policy distillation, one small module per pipeline stage."""

@@ -1,0 +1,87 @@
+"""The transformers backend: batched ``generate`` and one forward pass per
+batch for scoring; CPU or GPU."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from lightning_opd.backends.base import Backend, GenerationResult
+from lightning_opd.hparams import SamplingParams
+from lightning_opd.modeling import load_model, load_tokenizer
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log-softmax of ``logits`` at ``targets`` without materialising the full
+    log-softmax (vocabularies are 150K wide at paper scale)."""
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    picked = torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def _length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+class HFBackend(Backend):
+    def __init__(self, model: str, dtype: str = "float32", device: str | None = None, batch_size: int = 64):
+        self.model = load_model(model, dtype=dtype, device=device).eval()
+        self.tokenizer = load_tokenizer(model)
+        self.device = self.model.device
+        self.batch_size = batch_size
+        self.pad_id = self.tokenizer.pad_token_id
+        eos = self.model.generation_config.eos_token_id
+        eos = eos if isinstance(eos, list) else [eos]
+        self.stop_ids = {i for i in (self.tokenizer.eos_token_id, *eos) if i is not None}
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[GenerationResult]]:
+        torch.manual_seed(params.seed)
+        results: list[list[GenerationResult]] = [[] for _ in prompts]
+        batches = _length_sorted_batches([len(p) for p in prompts], max(1, params.batch_size // params.n))
+        for batch in tqdm(batches, desc="generate", unit="batch"):
+            width = max(len(prompts[i]) for i in batch)
+            input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+            attention = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, i in enumerate(batch):  # left padding: every prompt ends at the same column
+                input_ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
+                attention[row, width - len(prompts[i]):] = 1
+            output = self.model.generate(
+                input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device),
+                do_sample=params.temperature > 0, temperature=params.temperature or None,
+                top_p=params.top_p if params.temperature > 0 else None, top_k=None,
+                max_new_tokens=params.max_new_tokens, num_return_sequences=params.n,
+                eos_token_id=sorted(self.stop_ids), pad_token_id=self.pad_id,
+            )[:, width:].tolist()
+            for row, sequence in enumerate(output):
+                results[batch[row // params.n]].append(self._trim(sequence))
+        return results
+
+    def _trim(self, sequence: list[int]) -> GenerationResult:
+        for position, token in enumerate(sequence):
+            if token in self.stop_ids:
+                return GenerationResult(sequence[:position + 1], True)
+        return GenerationResult(sequence, False)
+
+    @torch.no_grad()
+    def score(self, prompts: list[list[int]], responses: list[list[int]],
+              temperature: float = 1.0) -> list[np.ndarray]:
+        scores: list[np.ndarray] = [np.zeros(0, np.float32)] * len(prompts)
+        lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
+        for batch in tqdm(_length_sorted_batches(lengths, self.batch_size), desc="score", unit="batch"):
+            width = max(lengths[i] for i in batch)
+            input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+            attention = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, i in enumerate(batch):  # right padding keeps positions identical to training
+                input_ids[row, :lengths[i]] = torch.tensor(prompts[i] + responses[i])
+                attention[row, :lengths[i]] = 1
+            input_ids, attention = input_ids.to(self.device), attention.to(self.device)
+            logits = self.model(input_ids=input_ids, attention_mask=attention).logits
+            logprobs = token_logprobs(logits[:, :-1], input_ids[:, 1:], temperature).cpu()
+            for row, i in enumerate(batch):
+                start = len(prompts[i]) - 1  # logits at position t predict token t + 1
+                scores[i] = logprobs[row, start:start + len(responses[i])].numpy().astype(np.float32)
+        return scores

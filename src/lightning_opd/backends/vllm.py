@@ -1,0 +1,49 @@
+"""The vLLM backend: offline ``LLM`` for sampling and ``prompt_logprobs`` for
+teacher scoring (no server). Tensor parallel size and GPU memory share come
+from the config's backend options."""
+from __future__ import annotations
+
+import numpy as np
+from tqdm import tqdm
+
+from lightning_opd.backends.base import Backend, GenerationResult
+from lightning_opd.hparams import SamplingParams
+
+
+class VLLMBackend(Backend):
+    def __init__(self, model: str, tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9,
+                 dtype: str = "auto", max_model_len: int | None = None, seed: int = 0, **engine_options):
+        from vllm import LLM
+
+        self.llm = LLM(model=model, tensor_parallel_size=tensor_parallel_size,
+                       gpu_memory_utilization=gpu_memory_utilization, dtype=dtype,
+                       max_model_len=max_model_len, seed=seed, **engine_options)
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[GenerationResult]]:
+        from vllm import SamplingParams as VLLMSampling
+        from vllm.inputs import TokensPrompt
+
+        # one seed per request: reproducible, and distinct across prompts
+        sampling = [VLLMSampling(n=params.n, temperature=params.temperature, top_p=params.top_p,
+                                 max_tokens=params.max_new_tokens, seed=params.seed * 1_000_003 + i)
+                    for i in range(len(prompts))]
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sampling, use_tqdm=True)
+        return [[GenerationResult(list(c.token_ids), c.finish_reason == "stop") for c in out.outputs]
+                for out in outputs]
+
+    def score(self, prompts: list[list[int]], responses: list[list[int]],
+              temperature: float = 1.0) -> list[np.ndarray]:
+        from vllm import SamplingParams as VLLMSampling
+        from vllm.inputs import TokensPrompt
+
+        if temperature != 1.0:
+            raise ValueError("the vllm backend scores at temperature 1.0 only (prompt_logprobs are raw)")
+        sampling = VLLMSampling(max_tokens=1, prompt_logprobs=0, temperature=1.0)
+        requests = [TokensPrompt(prompt_token_ids=p + r) for p, r in zip(prompts, responses)]
+        outputs = self.llm.generate(requests, sampling, use_tqdm=True)
+        scores = []
+        for prompt, response, out in tqdm(zip(prompts, responses, outputs), total=len(prompts), desc="collect"):
+            # prompt_logprobs[t] holds the log-prob of token t given tokens < t (None at t = 0)
+            positions = out.prompt_logprobs[len(prompt):len(prompt) + len(response)]
+            scores.append(np.array([pos[token].logprob for pos, token in zip(positions, response)], np.float32))
+        return scores

@@ -1,0 +1,105 @@
+"""Stage 8: avg@k accuracy of a model on a held-out set through lm-eval.
+
+The task file lives in this package (``lm_eval_tasks/``); this module points
+it at the evaluation parquet and sets k and the sampling from the arguments.
+Every one of the k samples per problem is checked with math-verify."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from lightning_opd.artifacts import TASK_SCHEMA, atomic_path, read_table, write_json
+from lightning_opd.provenance import describe_model, file_sha256
+
+TASKS_DIR = Path(__file__).parent / "lm_eval_tasks"
+DEFAULT_TASK = TASKS_DIR / "synth_arith" / "synth_arith.yaml"
+
+
+def task_config(task_yaml: Path, eval_file: Path, k: int, temperature: float, top_p: float,
+                max_gen_toks: int) -> dict:
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    config = load_yaml(task_yaml)
+    config["dataset_path"] = "parquet"
+    config["dataset_kwargs"] = {"data_files": {"test": str(Path(eval_file).resolve())}}
+    config["test_split"] = "test"
+    config["repeats"] = k
+    config["filter_list"] = [{"name": "all_samples", "filter": [{"function": "take_first_k", "k": k}]}]
+    config["generation_kwargs"] = {**config.get("generation_kwargs", {}), "do_sample": temperature > 0,
+                                   "temperature": temperature, "top_p": top_p, "max_gen_toks": max_gen_toks}
+    return config
+
+
+def lm_eval_model(backend: str, model: str, batch_size: int, seed: int, options: dict) -> tuple[str, dict]:
+    if backend == "hf":
+        from lightning_opd.modeling import pick_device
+
+        return "hf", {"pretrained": model, "dtype": options.get("dtype", "float32"), "batch_size": batch_size,
+                      "device": str(pick_device(options.get("device")))}
+    if backend == "vllm":
+        return "vllm", {"pretrained": model, "seed": seed, "batch_size": "auto", **options}
+    raise ValueError(f"unknown evaluation backend {backend!r}; choose hf or vllm")
+
+
+def evaluate(model: str, eval_file: Path, out: Path, k: int = 4, temperature: float = 0.6, top_p: float = 0.95,
+             max_gen_toks: int = 128, backend: str = "hf", batch_size: int = 64, seed: int = 0, label: str = "",
+             task_yaml: Path = DEFAULT_TASK, backend_options: dict | None = None) -> dict:
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    read_table(eval_file, TASK_SCHEMA)  # a clear error for a missing or malformed set, before lm-eval starts
+    config = task_config(task_yaml, eval_file, k, temperature, top_p, max_gen_toks)
+    model_type, model_args = lm_eval_model(backend, model, batch_size, seed, backend_options or {})
+    output = lm_eval.simple_evaluate(
+        model=model_type, model_args=model_args, tasks=[config], task_manager=TaskManager(),
+        apply_chat_template=True, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+        log_samples=True, bootstrap_iters=0,
+    )
+    task = config["task"]
+    metrics = output["results"][task]
+    samples = output["samples"][task]
+    summary = {
+        "label": label,
+        "model": describe_model(model),
+        "eval_file": {"path": str(eval_file), "sha256": file_sha256(eval_file)},
+        "task": task,
+        "k": k,
+        "n_problems": len(samples),
+        "avg_at_k": metrics["avg_at_k,all_samples"],
+        "pass_at_k": metrics["pass_at_k,all_samples"],
+        "sampling": {"temperature": temperature, "top_p": top_p, "max_gen_toks": max_gen_toks, "seed": seed},
+        "backend": backend,
+    }
+    with atomic_path(out.with_suffix(".samples.jsonl")) as tmp:
+        with open(tmp, "w") as handle:
+            for s in samples:
+                handle.write(json.dumps({"id": s["doc"].get("id"), "answer": s["target"],
+                                         "responses": s["filtered_resps"][0], "avg_at_k": s["avg_at_k"]}) + "\n")
+    write_json(out, summary)
+    print(f"{label or model}: avg@{k} = {summary['avg_at_k']:.4f} over {summary['n_problems']} problems -> {out}")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="hub id or local model directory")
+    parser.add_argument("--eval-file", type=Path, required=True, help="parquet with problem and answer columns")
+    parser.add_argument("--out", type=Path, required=True, help="summary JSON (samples go beside it)")
+    parser.add_argument("--k", type=int, default=4, help="samples per problem (avg@k)")
+    parser.add_argument("--temperature", type=float, default=0.6)
+    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--max-gen-toks", type=int, default=128)
+    parser.add_argument("--backend", choices=("hf", "vllm"), default="hf")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--label", default="")
+    parser.add_argument("--task-yaml", type=Path, default=DEFAULT_TASK)
+    parser.add_argument("--backend-options", default="{}", help="JSON of extra lm-eval model_args")
+    args = parser.parse_args(argv)
+    evaluate(args.model, args.eval_file, args.out, args.k, args.temperature, args.top_p, args.max_gen_toks,
+             args.backend, args.batch_size, args.seed, args.label, args.task_yaml, json.loads(args.backend_options))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Typed hyperparameters of every stage, parsed from the JSON the rules pass.
+
+The Snakemake config schema already validates the config; these dataclasses
+make each module usable on its own with the same checks and defaults.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+@dataclasses.dataclass
+class TaskParams:
+    seed: int = 0
+    n_teacher: int = 3000
+    n_sft: int = 800
+    n_opd: int = 512
+    n_eval: int = 200
+    min_operands: int = 3
+    max_operands: int = 5
+    max_operand: int = 9
+
+
+@dataclasses.dataclass
+class ArchParams:
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int = 32
+    max_position_embeddings: int = 256
+
+
+@dataclasses.dataclass
+class TrainParams:
+    learning_rate: float = 1e-3
+    lr_scheduler_type: str = "cosine"
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    max_grad_norm: float = 1.0
+    batch_size: int = 32
+    gradient_accumulation_steps: int = 1
+    epochs: float = 1.0
+    max_steps: int = -1
+    seed: int = 0
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    save_steps: int = 50
+    logging_steps: int = 5
+
+
+@dataclasses.dataclass
+class SamplingParams:
+    temperature: float = 0.7
+    top_p: float = 0.9
+    max_new_tokens: int = 128
+    n: int = 1
+    seed: int = 0
+    batch_size: int = 128
+
+
+@dataclasses.dataclass
+class OPDParams(TrainParams):
+    # None turns the advantage clipping of Algorithm 1 off (as in the public code).
+    tau: float | None = None
+    max_response_tokens: int = 4096
+    allow_teacher_mismatch: bool = False
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "hparams") -> T:
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise ValueError(f"{where}: unknown {cls.__name__} keys {unknown}; known: {sorted(fields)}")
+    return cls(**data)
+
+
+def parse_hparams(cls: type[T], text: str, where: str = "--hparams") -> T:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{where}: not valid JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(data).__name__}")
+    return from_dict(cls, data, where)

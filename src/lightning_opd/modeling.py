@@ -1,0 +1,57 @@
+"""Loading models and tokenizers (hub id or local path alike), prompt
+formatting through the chat template, and the tiny Qwen3 config."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, Qwen3Config
+
+from lightning_opd.hparams import ArchParams
+
+DEFAULT_PROMPT_TEMPLATE = "{problem}"
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
+    if tokenizer.chat_template is None:
+        raise ValueError(f"{name_or_path}: the tokenizer has no chat template")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(name_or_path: str | Path, dtype: str = "float32", device: str | None = None):
+    model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=getattr(torch, dtype))
+    return model.to(pick_device(device))
+
+
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, problem: str,
+               template: str = DEFAULT_PROMPT_TEMPLATE) -> list[int]:
+    """Token ids of a user turn holding the problem, ending where the assistant answers."""
+    messages = [{"role": "user", "content": template.format(problem=problem)}]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def tiny_qwen3_config(arch: ArchParams, tokenizer: PreTrainedTokenizerBase) -> Qwen3Config:
+    return Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=arch.hidden_size,
+        intermediate_size=arch.intermediate_size,
+        num_hidden_layers=arch.num_hidden_layers,
+        num_attention_heads=arch.num_attention_heads,
+        num_key_value_heads=arch.num_key_value_heads,
+        head_dim=arch.head_dim,
+        max_position_embeddings=arch.max_position_embeddings,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )

@@ -1,0 +1,119 @@
+"""Stage 9: the experiment's report. Accuracy and measured cost of every
+model, the cost of every stage from Snakemake's benchmark files
+(device-hours = wall seconds x devices / 3600), and the OPD training curves.
+
+The manifest (JSON, written by the report rule) lists the models with their
+evaluation summaries and the benchmark files of the stages that made them."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from lightning_opd.artifacts import atomic_path
+from lightning_opd.provenance import read_model_provenance
+
+
+def benchmark_seconds(path: Path | str) -> float:
+    """Wall-clock seconds of a job from its Snakemake benchmark file (mean over repeats)."""
+    path = Path(path)
+    try:
+        frame = pd.read_csv(path, sep="\t")
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
+        raise ValueError(f"{path}: not a readable Snakemake benchmark file ({error})") from None
+    if "s" not in frame.columns or frame.empty:
+        raise ValueError(f"{path}: no 's' (wall seconds) column; not a Snakemake benchmark file")
+    return float(frame["s"].mean())
+
+
+def stage_costs(stages: list[dict[str, Any]]) -> pd.DataFrame:
+    rows = []
+    for entry in stages:
+        path = Path(entry["benchmark"])
+        if not path.is_file():
+            continue  # a stage this run did not execute (a model given by path, say)
+        seconds = benchmark_seconds(path)
+        rows.append({"stage": entry["stage"], "job": path.stem, "wall_s": round(seconds, 2),
+                     "devices": entry["devices"], "device_hours": seconds * entry["devices"] / 3600})
+    return pd.DataFrame(rows, columns=["stage", "job", "wall_s", "devices", "device_hours"])
+
+
+def model_table(manifest: dict[str, Any]) -> pd.DataFrame:
+    rows = []
+    for model in manifest["models"]:
+        summary = json.loads(Path(model["eval"]).read_text())
+        costs = stage_costs(model["cost"])
+        provenance = read_model_provenance(model["model_dir"]) if model.get("model_dir") else {}
+        rows.append({
+            "model": model["label"],
+            "role": model["role"],
+            "sft_teacher": model.get("sft_teacher", ""),
+            "opd_teacher": model.get("opd_teacher", ""),
+            "teacher_consistent": provenance.get("teacher_consistent", ""),
+            "seed": model.get("seed", ""),
+            f"avg@{summary['k']}": round(summary["avg_at_k"], 4),
+            f"pass@{summary['k']}": round(summary["pass_at_k"], 4),
+            "n_problems": summary["n_problems"],
+            "device_hours": round(costs["device_hours"].sum(), 5),
+            "cost_stages": " + ".join(f"{s} {h:.5f}" for s, h in zip(costs["stage"], costs["device_hours"])),
+        })
+    return pd.DataFrame(rows)
+
+
+def plot_training_curves(manifest: dict[str, Any], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lightning_opd.training import read_train_log
+
+    panels = [("reverse_kl", "per-token reverse KL to teacher (train batch)"), ("loss", "OPD loss"),
+              ("student_logprob", "student log-prob of rollout tokens"), ("clip_fraction", "clipped fraction")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
+    for model in manifest["models"]:
+        if not model.get("model_dir"):
+            continue
+        log = [e for e in read_train_log(model["model_dir"]) if "loss" in e and "reverse_kl" in e]
+        for axis, (key, _) in zip(axes, panels):
+            axis.plot([e["step"] for e in log], [e[key] for e in log], marker=".", label=model["label"])
+    for axis, (_, title) in zip(axes, panels):
+        axis.set_title(title, fontsize=9)
+        axis.set_xlabel("optimizer step")
+        axis.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{manifest['experiment']}: OPD training", fontsize=10)
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+def write_frame(frame: pd.DataFrame, md: Path, csv: Path, title: str) -> None:
+    with atomic_path(csv) as tmp:
+        frame.to_csv(tmp, index=False)
+    with atomic_path(md) as tmp:
+        tmp.write_text(f"## {title}\n\n{frame.to_markdown(index=False)}\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--manifest", required=True, help="JSON: models, their evals and cost stages")
+    parser.add_argument("--out-dir", type=Path, required=True)
+    args = parser.parse_args(argv)
+    manifest = json.loads(args.manifest)
+    kind = "GPU" if manifest["device_kind"] == "gpu" else "CPU core"
+    table = model_table(manifest)
+    write_frame(table, args.out_dir / "table.md", args.out_dir / "table.csv",
+                f"{manifest['experiment']}: accuracy and measured cost ({kind}-hours) per model")
+    write_frame(stage_costs(manifest["stages"]), args.out_dir / "stage_costs.md", args.out_dir / "stage_costs.csv",
+                f"{manifest['experiment']}: cost of every stage ({kind}-hours)")
+    plot_training_curves(manifest, args.out_dir / "opd_training_curve.png")
+    print(table.to_string(index=False))
+
+
+if __name__ == "__main__":
+    main()

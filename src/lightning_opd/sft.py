@@ -1,0 +1,54 @@
+"""Stage 4: supervised fine-tuning of the student base on the teacher's
+answers (loss on answer tokens only) -> pi_ref. The model records which
+teacher wrote its SFT data; OPD checks that record."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from datasets import Dataset
+from transformers import Trainer
+
+from lightning_opd.artifacts import SAMPLES_SCHEMA, ArtifactError, read_table
+from lightning_opd.hparams import TrainParams, parse_hparams
+from lightning_opd.modeling import load_model, load_tokenizer
+from lightning_opd.provenance import describe_model, file_sha256, tokenizer_fingerprint
+from lightning_opd.training import (PadCollator, checkpoint_dir, params_record, save_final,
+                                    supervised_example, train_with_resume, training_arguments)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", required=True, help="student base model: hub id or local directory")
+    parser.add_argument("--sft-data", type=Path, required=True, help="samples parquet written by the teacher")
+    parser.add_argument("--train", default="{}", help="JSON of TrainParams fields")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--checkpoint-root", type=Path, required=True)
+    args = parser.parse_args(argv)
+    train = parse_hparams(TrainParams, args.train, "--train")
+
+    table, meta = read_table(args.sft_data, SAMPLES_SCHEMA)
+    tokenizer = load_tokenizer(args.base)
+    if meta["tokenizer_fingerprint"] != tokenizer_fingerprint(tokenizer):
+        raise ArtifactError(f"{args.sft_data}: token ids come from tokenizer {meta['tokenizer_fingerprint']}, "
+                            f"but the student {args.base} uses {tokenizer_fingerprint(tokenizer)}")
+    rows = [r for r in table.to_pylist() if r["finished"]]
+    if not rows:
+        raise ArtifactError(f"{args.sft_data}: no finished responses to train on")
+    examples = [supervised_example(r["prompt_ids"], r["response_ids"]) for r in rows]
+    print(f"SFT on {len(examples)} finished teacher answers of {table.num_rows}")
+
+    base = describe_model(args.base)
+    sft_teacher = {"label": meta.get("label", ""), "fingerprint": meta["model"]["fingerprint"]}
+    key = {"stage": "sft", "base": base["fingerprint"], "sft_data": file_sha256(args.sft_data),
+           "train": params_record(train)}
+    trainer = Trainer(model=load_model(args.base), args=training_arguments(train, checkpoint_dir(args.checkpoint_root, key)),
+                      train_dataset=Dataset.from_list(examples), data_collator=PadCollator(tokenizer.pad_token_id))
+    train_with_resume(trainer)
+    save_final(trainer, tokenizer, args.out, {**key, "base_model": base, "sft_teacher": sft_teacher,
+                                              "sft_sampling": meta.get("sampling")})
+    print(f"-> {args.out}")
+
+
+if __name__ == "__main__":
+    main()

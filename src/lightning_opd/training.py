@@ -1,0 +1,119 @@
+"""Training machinery shared by every trainer of the pipeline (pretraining of
+the tiny models, SFT, Lightning OPD, standard OPD): transformers' Trainer with
+checkpoints under a directory keyed by the run's config and inputs, resume
+from the last one, and an atomic save of the final model."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from lightning_opd.artifacts import atomic_path
+from lightning_opd.hparams import TrainParams
+from lightning_opd.provenance import PROVENANCE_FILE
+
+TRAIN_LOG_FILE = "train_log.jsonl"
+IGNORE_INDEX = -100
+
+
+def supervised_example(prompt: list[int], response: list[int]) -> dict[str, list[int]]:
+    """A sequence whose loss covers the response tokens only."""
+    return {"input_ids": list(prompt) + list(response), "labels": [IGNORE_INDEX] * len(prompt) + list(response)}
+
+
+class PadCollator:
+    """Right-pads every list field of a batch: ``input_ids`` with the pad id,
+    ``labels`` with -100, float fields with 0; adds ``attention_mask``."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        width = max(len(f["input_ids"]) for f in features)
+        batch: dict[str, torch.Tensor] = {}
+        for key in features[0]:
+            fill = {"input_ids": self.pad_id, "labels": IGNORE_INDEX}.get(key, 0)
+            is_float = isinstance(features[0][key][0], float) if len(features[0][key]) else False
+            dtype = torch.float32 if is_float else torch.long
+            padded = torch.full((len(features), width), fill, dtype=dtype)
+            for row, f in enumerate(features):
+                padded[row, :len(f[key])] = torch.tensor(f[key], dtype=dtype)
+            batch[key] = padded
+        batch["attention_mask"] = torch.zeros((len(features), width), dtype=torch.long)
+        for row, f in enumerate(features):
+            batch["attention_mask"][row, :len(f["input_ids"])] = 1
+        return batch
+
+
+def checkpoint_dir(root: Path | str, key: dict[str, Any]) -> Path:
+    """A checkpoint directory that belongs to exactly one (config, inputs)
+    combination, so a rerun with other settings never resumes a stale run."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return Path(root) / digest
+
+
+def training_arguments(params: TrainParams, output_dir: Path, **overrides) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=params.batch_size,
+        gradient_accumulation_steps=params.gradient_accumulation_steps,
+        learning_rate=params.learning_rate,
+        lr_scheduler_type=params.lr_scheduler_type,
+        warmup_steps=params.warmup_ratio,  # a float below 1 is a ratio of all steps
+        weight_decay=params.weight_decay,
+        adam_beta1=params.adam_beta1,
+        adam_beta2=params.adam_beta2,
+        max_grad_norm=params.max_grad_norm,
+        num_train_epochs=params.epochs,
+        max_steps=params.max_steps,
+        seed=params.seed,
+        data_seed=params.seed,
+        bf16=params.bf16,
+        gradient_checkpointing=params.gradient_checkpointing,
+        save_strategy="steps",
+        save_steps=params.save_steps,
+        save_total_limit=2,
+        logging_steps=params.logging_steps,
+        report_to="none",
+        remove_unused_columns=False,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        **overrides,
+    )
+
+
+def train_with_resume(trainer: Trainer) -> None:
+    output_dir = Path(trainer.args.output_dir)
+    last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    if last:
+        print(f"resuming from {last}", flush=True)
+    trainer.train(resume_from_checkpoint=last)
+
+
+def save_final(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, out: Path | str,
+               provenance: dict[str, Any]) -> None:
+    """Write model, tokenizer, provenance and training log to ``out`` at once,
+    then drop the run's checkpoints (the final model supersedes them)."""
+    with atomic_path(out, is_dir=True) as tmp:
+        trainer.save_model(str(tmp))
+        tokenizer.save_pretrained(tmp)
+        (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, default=str) + "\n")
+        with open(tmp / TRAIN_LOG_FILE, "w") as log:
+            for entry in trainer.state.log_history:
+                log.write(json.dumps(entry) + "\n")
+    shutil.rmtree(trainer.args.output_dir, ignore_errors=True)
+
+
+def params_record(params: Any) -> dict[str, Any]:
+    return dataclasses.asdict(params) if dataclasses.is_dataclass(params) else dict(params)
+
+
+def read_train_log(model_dir: Path | str) -> list[dict[str, Any]]:
+    path = Path(model_dir) / TRAIN_LOG_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

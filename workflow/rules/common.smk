@@ -1,0 +1,116 @@
+# Paths, model locations, code inputs and resources shared by all rules.
+import itertools
+import json
+import os
+import shlex
+from pathlib import Path
+
+R = f"{config['results_dir']}/{config['experiment']}"
+SRC = Path(workflow.basedir) / "src"
+PKG = SRC / "lightning_opd"
+# Jobs run `python -m lightning_opd.<stage>` from this checkout, with or
+# without `pip install -e .`, locally, in conda envs and in SLURM jobs alike.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))
+
+# Every module a stage imports from the package; listed as inputs so that an
+# edit of the code reruns the stage (Snakemake does not see it otherwise).
+SHARED_CODE = ["__init__.py", "artifacts.py", "hparams.py", "provenance.py", "modeling.py"]
+TRAIN_CODE = ["training.py"]
+BACKEND_CODE = ["backends/__init__.py", "backends/base.py", "backends/hf.py", "backends/vllm.py"]
+
+
+def code(*modules):
+    return [os.path.relpath(PKG / m) for m in (*modules, *SHARED_CODE)]
+
+
+def js(obj):
+    """A shell-quoted JSON argument; also a stable params value for rerun checks."""
+    return shlex.quote(json.dumps(obj, sort_keys=True))
+
+
+def res(stage):
+    """Resources of a stage: the config's `resources.default` updated by `resources.<stage>`."""
+    merged = {**config["resources"]["default"], **config["resources"].get(stage, {})}
+    return merged
+
+
+def stage_resources(stage):
+    r = res(stage)
+    out = {"mem_mb": r["mem_mb"], "runtime": r["runtime"], "cpus_per_task": r["cpus"]}
+    if r["gpus"]:
+        out["gpu"] = r["gpus"]
+    return out
+
+
+def devices(stage):
+    """Devices a stage holds, for device-hours: GPUs if it has any, else CPU cores."""
+    r = res(stage)
+    return r["gpus"] or r["cpus"]
+
+
+def bench(stage, pattern=""):
+    return f"{R}/benchmarks/{stage}/{pattern or stage}.tsv"
+
+
+def logfile(stage, pattern=""):
+    return f"{R}/logs/{stage}/{pattern or stage}.log"
+
+
+# ---- models: built by this pipeline (a path under R) or given (hub id / path)
+def model_path(spec, built_at):
+    return built_at if "build" in spec else spec["path"]
+
+
+def tokenizer_path():
+    return model_path(config["tokenizer"], f"{R}/models/tokenizer")
+
+
+def teacher_path(name):
+    return model_path(config["teachers"][name], f"{R}/models/teacher-{name}")
+
+
+def student_base_path():
+    return model_path(config["student_base"], f"{R}/models/student_base")
+
+
+def built(path):
+    """A model directory this pipeline makes is a file input; a hub id is not."""
+    return [path] if str(path).startswith(R) else []
+
+
+# ---- the OPD runs: (SFT teacher, OPD teacher, seed)
+RUNS = config["runs"]
+
+
+def opd_runs():
+    for sft_t, opd_t, seed in itertools.product(RUNS["sft_teachers"], RUNS["opd_teachers"], RUNS["seeds"]):
+        if sft_t != opd_t and not config["allow_teacher_mismatch"]:
+            continue
+        yield sft_t, opd_t, seed
+
+
+def lightning_label(sft_t, opd_t, seed):
+    return f"lightning-sft-{sft_t}_teacher-{opd_t}_seed-{seed}"
+
+
+def eval_model_path(label):
+    if label.startswith("teacher-"):
+        return teacher_path(label.removeprefix("teacher-"))
+    if label == "student_base":
+        return student_base_path()
+    return f"{R}/models/{label}"
+
+
+def eval_labels():
+    labels = [f"teacher-{t}" for t in config["teachers"]] + ["student_base"]
+    labels += [f"sft-{t}" for t in RUNS["sft_teachers"]]
+    labels += [lightning_label(*run) for run in opd_runs()]
+    return labels
+
+
+wildcard_constraints:
+    teacher="[A-Za-z0-9]+",
+    sft_teacher="[A-Za-z0-9]+",
+    opd_teacher="[A-Za-z0-9]+",
+    seed="[0-9]+",
+    model="[A-Za-z0-9_\\-]+",

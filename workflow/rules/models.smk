@@ -1,0 +1,56 @@
+# Stage 2b: the tiny teachers and the student base of the embedded default,
+# trained from scratch. Skipped for a model given by `path` in the config.
+
+
+rule pretrain_teacher:
+    input:
+        tokenizer=tokenizer_path(),
+        task=f"{R}/data/teacher.parquet",
+        code=code("pretrain.py", "task.py", *TRAIN_CODE),
+    output:
+        directory(f"{R}/models/teacher-{{teacher}}"),
+    params:
+        style=lambda w: config["teachers"][w.teacher]["build"]["style"],
+        arch=lambda w: js(config["teachers"][w.teacher]["build"]["arch"]),
+        train=lambda w: js(config["teachers"][w.teacher]["build"]["train"]),
+        ckpt=f"{R}/checkpoints/pretrain_teacher",
+    log:
+        logfile("pretrain_teacher", "{teacher}"),
+    benchmark:
+        bench("pretrain_teacher", "{teacher}")
+    threads: res("pretrain")["cpus"]
+    resources:
+        **stage_resources("pretrain"),
+    conda:
+        "../../envs/train.yaml"
+    shell:
+        "python -m lightning_opd.pretrain --tokenizer {input.tokenizer} --task-file {input.task} "
+        "--corpus solutions --style {params.style} --arch {params.arch} --train {params.train} "
+        "--label {wildcards.teacher} --out {output} --checkpoint-root {params.ckpt} 2>&1 | tee {log}"
+
+
+rule pretrain_student_base:
+    input:
+        tokenizer=tokenizer_path(),
+        task=f"{R}/data/teacher.parquet",
+        code=code("pretrain.py", "task.py", *TRAIN_CODE),
+    output:
+        directory(f"{R}/models/student_base"),
+    params:
+        corpus=config["student_base"].get("build", {}).get("corpus"),
+        arch=js(config["student_base"].get("build", {}).get("arch")),
+        train=js(config["student_base"].get("build", {}).get("train")),
+        ckpt=f"{R}/checkpoints/pretrain_student_base",
+    log:
+        logfile("pretrain_student_base"),
+    benchmark:
+        bench("pretrain_student_base")
+    threads: res("pretrain")["cpus"]
+    resources:
+        **stage_resources("pretrain"),
+    conda:
+        "../../envs/train.yaml"
+    shell:
+        "python -m lightning_opd.pretrain --tokenizer {input.tokenizer} --task-file {input.task} "
+        "--corpus {params.corpus} --arch {params.arch} --train {params.train} "
+        "--label student_base --out {output} --checkpoint-root {params.ckpt} 2>&1 | tee {log}"

@@ -1,0 +1,90 @@
+# Stage 5 (rollouts of pi_ref), stage 6 (teacher log-prob cache) and
+# stage 7 (Lightning OPD: training from the cache, no teacher loaded).
+
+
+rule rollouts:
+    input:
+        policy=f"{R}/models/sft-{{sft_teacher}}",
+        prompts=f"{R}/data/opd.parquet",
+        code=code("generate.py", *BACKEND_CODE),
+    output:
+        f"{R}/rollouts/sft-{{sft_teacher}}.parquet",
+    params:
+        backend=config["generation"]["backend"],
+        backend_options=js(config["generation"]["backend_options"]),
+        sampling=js(config["rollouts"]["sampling"]),
+        template=lambda w: shlex.quote(config["prompt_template"]),
+    log:
+        logfile("rollouts", "{sft_teacher}"),
+    benchmark:
+        bench("rollouts", "{sft_teacher}")
+    threads: res("generate")["cpus"]
+    resources:
+        **stage_resources("generate"),
+    conda:
+        "../../envs/gen.yaml"
+    shell:
+        "python -m lightning_opd.generate --model {input.policy} --prompts {input.prompts} --out {output} "
+        "--label sft-{wildcards.sft_teacher} --backend {params.backend} "
+        "--backend-options {params.backend_options} --sampling {params.sampling} "
+        "--prompt-template {params.template} 2>&1 | tee {log}"
+
+
+rule teacher_cache:
+    input:
+        teacher=lambda w: built(teacher_path(w.opd_teacher)),
+        rollouts=f"{R}/rollouts/sft-{{sft_teacher}}.parquet",
+        code=code("teacher_cache.py", *BACKEND_CODE),
+    output:
+        f"{R}/cache/sft-{{sft_teacher}}_teacher-{{opd_teacher}}.parquet",
+    params:
+        model=lambda w: teacher_path(w.opd_teacher),
+        backend=config["teacher_cache"]["backend"],
+        backend_options=js(config["teacher_cache"]["backend_options"]),
+        max_tokens=config["teacher_cache"]["max_response_tokens"],
+        temperature=config["teacher_cache"]["temperature"],
+    log:
+        logfile("teacher_cache", "sft-{sft_teacher}_teacher-{opd_teacher}"),
+    benchmark:
+        bench("teacher_cache", "sft-{sft_teacher}_teacher-{opd_teacher}")
+    threads: res("generate")["cpus"]
+    resources:
+        **stage_resources("generate"),
+    conda:
+        "../../envs/gen.yaml"
+    shell:
+        "python -m lightning_opd.teacher_cache --teacher {params.model} --rollouts {input.rollouts} "
+        "--out {output} --label {wildcards.opd_teacher} --backend {params.backend} "
+        "--backend-options {params.backend_options} --max-response-tokens {params.max_tokens} "
+        "--temperature {params.temperature} 2>&1 | tee {log}"
+
+
+def lightning_params(w):
+    # the mismatch switch reaches only inconsistent runs, so flipping it does
+    # not invalidate the consistent ones
+    allow = w.sft_teacher != w.opd_teacher and config["allow_teacher_mismatch"]
+    return js({**config["lightning_opd"], "seed": int(w.seed), "allow_teacher_mismatch": allow})
+
+
+rule lightning_opd:
+    input:
+        init=f"{R}/models/sft-{{sft_teacher}}",
+        cache=f"{R}/cache/sft-{{sft_teacher}}_teacher-{{opd_teacher}}.parquet",
+        code=code("lightning_opd.py", "opd_trainer.py", "opd_loss.py", "backends/hf.py", *TRAIN_CODE),
+    output:
+        directory(f"{R}/models/lightning-sft-{{sft_teacher}}_teacher-{{opd_teacher}}_seed-{{seed}}"),
+    params:
+        opd=lightning_params,
+        ckpt=f"{R}/checkpoints/lightning_opd",
+    log:
+        logfile("lightning_opd", "sft-{sft_teacher}_teacher-{opd_teacher}_seed-{seed}"),
+    benchmark:
+        bench("lightning_opd", "sft-{sft_teacher}_teacher-{opd_teacher}_seed-{seed}")
+    threads: res("train")["cpus"]
+    resources:
+        **stage_resources("train"),
+    conda:
+        "../../envs/train.yaml"
+    shell:
+        "python -m lightning_opd.lightning_opd --init {input.init} --cache {input.cache} --opd {params.opd} "
+        "--out {output} --checkpoint-root {params.ckpt} 2>&1 | tee {log}"

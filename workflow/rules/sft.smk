@@ -1,0 +1,54 @@
+# Stage 3 (a teacher writes the SFT data) and stage 4 (SFT of the student base -> pi_ref).
+
+
+rule sft_data:
+    input:
+        teacher=lambda w: built(teacher_path(w.teacher)),
+        prompts=f"{R}/data/sft.parquet",
+        code=code("generate.py", *BACKEND_CODE),
+    output:
+        f"{R}/sft_data/teacher-{{teacher}}.parquet",
+    params:
+        model=lambda w: teacher_path(w.teacher),
+        backend=config["generation"]["backend"],
+        backend_options=js(config["generation"]["backend_options"]),
+        sampling=js(config["sft_data"]["sampling"]),
+        template=lambda w: shlex.quote(config["prompt_template"]),
+    log:
+        logfile("sft_data", "{teacher}"),
+    benchmark:
+        bench("sft_data", "{teacher}")
+    threads: res("generate")["cpus"]
+    resources:
+        **stage_resources("generate"),
+    conda:
+        "../../envs/gen.yaml"
+    shell:
+        "python -m lightning_opd.generate --model {params.model} --prompts {input.prompts} --out {output} "
+        "--label {wildcards.teacher} --backend {params.backend} --backend-options {params.backend_options} "
+        "--sampling {params.sampling} --prompt-template {params.template} 2>&1 | tee {log}"
+
+
+rule sft:
+    input:
+        base=built(student_base_path()),
+        sft_data=f"{R}/sft_data/teacher-{{sft_teacher}}.parquet",
+        code=code("sft.py", *TRAIN_CODE),
+    output:
+        directory(f"{R}/models/sft-{{sft_teacher}}"),
+    params:
+        base=student_base_path(),
+        train=js(config["sft"]["train"]),
+        ckpt=f"{R}/checkpoints/sft",
+    log:
+        logfile("sft", "{sft_teacher}"),
+    benchmark:
+        bench("sft", "{sft_teacher}")
+    threads: res("train")["cpus"]
+    resources:
+        **stage_resources("train"),
+    conda:
+        "../../envs/train.yaml"
+    shell:
+        "python -m lightning_opd.sft --base {params.base} --sft-data {input.sft_data} --train {params.train} "
+        "--out {output} --checkpoint-root {params.ckpt} 2>&1 | tee {log}"
