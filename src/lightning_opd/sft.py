@@ -24,6 +24,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train", default="{}", help="JSON of TrainParams fields")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--checkpoint-root", type=Path, required=True)
+    parser.add_argument("--keep-unfinished", action="store_true",
+                        help="also train on answers cut at the length limit (dropped by default)")
     args = parser.parse_args(argv)
     train = parse_hparams(TrainParams, args.train, "--train")
 
@@ -32,11 +34,11 @@ def main(argv: list[str] | None = None) -> None:
     if meta["tokenizer_fingerprint"] != tokenizer_fingerprint(tokenizer):
         raise ArtifactError(f"{args.sft_data}: token ids come from tokenizer {meta['tokenizer_fingerprint']}, "
                             f"but the student {args.base} uses {tokenizer_fingerprint(tokenizer)}")
-    rows = [r for r in table.to_pylist() if r["finished"]]
+    rows = [r for r in table.to_pylist() if r["finished"] or args.keep_unfinished]
     if not rows:
         raise ArtifactError(f"{args.sft_data}: no finished responses to train on")
     examples = [supervised_example(r["prompt_ids"], r["response_ids"]) for r in rows]
-    print(f"SFT on {len(examples)} finished teacher answers of {table.num_rows}")
+    print(f"SFT on {len(examples)} of {table.num_rows} teacher answers")
 
     base = describe_model(args.base)
     sft_teacher = {"label": meta.get("label", ""), "fingerprint": meta["model"]["fingerprint"]}

@@ -76,7 +76,7 @@ def training_arguments(params: TrainParams, output_dir: Path, **overrides) -> Tr
         seed=params.seed,
         data_seed=params.seed,
         bf16=params.bf16,
-        gradient_checkpointing=params.gradient_checkpointing,
+        activation_checkpointing=params.gradient_checkpointing,
         save_strategy="steps",
         save_steps=params.save_steps,
         save_total_limit=2,
@@ -88,9 +88,22 @@ def training_arguments(params: TrainParams, output_dir: Path, **overrides) -> Tr
     )
 
 
+def last_complete_checkpoint(output_dir: Path) -> str | None:
+    """The newest checkpoint whose trainer state (written last by the Trainer)
+    is readable. A kill while a checkpoint was being written leaves a partial
+    directory: it is removed, and the one before it is used."""
+    while output_dir.is_dir() and (last := get_last_checkpoint(str(output_dir))):
+        try:
+            json.loads((Path(last) / "trainer_state.json").read_text())
+            return last
+        except (OSError, ValueError):
+            print(f"removing incomplete checkpoint {last}", flush=True)
+            shutil.rmtree(last)
+    return None
+
+
 def train_with_resume(trainer: Trainer) -> None:
-    output_dir = Path(trainer.args.output_dir)
-    last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    last = last_complete_checkpoint(Path(trainer.args.output_dir))
     if last:
         print(f"resuming from {last}", flush=True)
     trainer.train(resume_from_checkpoint=last)

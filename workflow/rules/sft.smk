@@ -39,6 +39,7 @@ rule sft:
     params:
         base=student_base_path(),
         train=js(config["sft"]["train"]),
+        keep_unfinished="--keep-unfinished" if config["sft"]["keep_unfinished"] else "",
         ckpt=f"{R}/checkpoints/sft",
     log:
         logfile("sft", "{sft_teacher}"),
@@ -50,5 +51,5 @@ rule sft:
     conda:
         "../../envs/train.yaml"
     shell:
-        "python -m lightning_opd.sft --base {params.base} --sft-data {input.sft_data} --train {params.train} "
+        "python -m lightning_opd.sft --base {params.base} --sft-data {input.sft_data} --train {params.train} {params.keep_unfinished} "
         "--out {output} --checkpoint-root {params.ckpt} 2>&1 | tee {log}"

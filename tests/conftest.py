@@ -1,0 +1,53 @@
+"""A tiny world built once per test session with the pipeline's own modules:
+task data, a tokenizer, two random tiny Qwen3 teachers, a student base, SFT
+data from teacher A, pi_ref (a few SFT steps), its rollouts and teacher caches."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from lightning_opd import build_tokenizer, generate, sft, task_data, teacher_cache
+from lightning_opd.hparams import ArchParams, SamplingParams
+from lightning_opd.modeling import load_tokenizer, tiny_qwen3_config
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_ARCH = ArchParams(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                       num_key_value_heads=1, head_dim=16, max_position_embeddings=256)
+
+
+def random_model(tokenizer_dir: Path, out: Path, seed: int) -> Path:
+    tokenizer = load_tokenizer(tokenizer_dir)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_qwen3_config(TINY_ARCH, tokenizer))
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("world")
+    data = root / "data"
+    task_data.main(["--out-dir", str(data), "--hparams", json.dumps(
+        {"n_teacher": 60, "n_sft": 16, "n_opd": 12, "n_eval": 8})])
+    build_tokenizer.main(["--task-files", str(data / "teacher.parquet"), "--out", str(root / "tokenizer")])
+    w = {"root": root, "data": data, "tokenizer": root / "tokenizer"}
+    w["teacher_A"] = random_model(w["tokenizer"], root / "teacher-A", seed=1)
+    w["teacher_B"] = random_model(w["tokenizer"], root / "teacher-B", seed=2)
+    w["student_base"] = random_model(w["tokenizer"], root / "student_base", seed=3)
+    sampling = SamplingParams(max_new_tokens=12, batch_size=16, seed=0)
+    generate.sample(str(w["teacher_A"]), data / "sft.parquet", root / "sft_data-A.parquet", sampling, label="A")
+    sft.main(["--base", str(w["student_base"]), "--sft-data", str(root / "sft_data-A.parquet"),
+              "--train", json.dumps({"max_steps": 2, "batch_size": 8, "save_steps": 100}), "--keep-unfinished",
+              "--out", str(root / "sft-A"), "--checkpoint-root", str(root / "ckpt")])
+    w["sft_A"] = root / "sft-A"
+    generate.sample(str(w["sft_A"]), data / "opd.parquet", root / "rollouts.parquet", sampling, label="sft-A")
+    w["rollouts"] = root / "rollouts.parquet"
+    for t in ("A", "B"):
+        teacher_cache.build_cache(str(w[f"teacher_{t}"]), w["rollouts"], root / f"cache-{t}.parquet", label=t)
+        w[f"cache_{t}"] = root / f"cache-{t}.parquet"
+    return w
