@@ -38,6 +38,7 @@ class ArchParams:
 @dataclasses.dataclass
 class TrainParams:
     learning_rate: float = 1e-3
+    optim: str = "adamw_torch"  # any transformers optimizer name
     lr_scheduler_type: str = "cosine"
     warmup_ratio: float = 0.05
     weight_decay: float = 0.0

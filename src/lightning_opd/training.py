@@ -65,6 +65,7 @@ def training_arguments(params: TrainParams, output_dir: Path, **overrides) -> Tr
         per_device_train_batch_size=params.batch_size,
         gradient_accumulation_steps=params.gradient_accumulation_steps,
         learning_rate=params.learning_rate,
+        optim=params.optim,
         lr_scheduler_type=params.lr_scheduler_type,
         warmup_steps=params.warmup_ratio,  # a float below 1 is a ratio of all steps
         weight_decay=params.weight_decay,

@@ -10,7 +10,7 @@ SRC = Path(workflow.basedir) / "src"
 PKG = SRC / "lightning_opd"
 # Jobs run `python -m lightning_opd.<stage>` from this checkout, with or
 # without `pip install -e .`, locally, in conda envs and in SLURM jobs alike.
-os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))
+os.environ.update(PYTHONPATH=os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")])))
 
 # Every module a stage imports from the package; listed as inputs so that an
 # edit of the code reruns the stage (Snakemake does not see it otherwise).
@@ -106,6 +106,54 @@ def eval_labels():
     labels += [f"sft-{t}" for t in RUNS["sft_teachers"]]
     labels += [lightning_label(*run) for run in opd_runs()]
     return labels
+
+
+def lightning_params(w):
+    # the mismatch switch reaches only inconsistent runs, so flipping it does
+    # not invalidate the consistent ones
+    allow = w.sft_teacher != w.opd_teacher and config["allow_teacher_mismatch"]
+    return js({**config["lightning_opd"], "seed": int(w.seed), "allow_teacher_mismatch": allow})
+
+
+# ---- the report's manifest: models, their evaluations and the stages that made them
+def stage_entry(stage, pattern):
+    return {"stage": stage, "benchmark": bench(stage, pattern), "devices": devices(stage_kind(stage))}
+
+
+def stage_kind(stage):
+    """Which `resources` entry a rule uses."""
+    return {"pretrain_teacher": "pretrain", "pretrain_student_base": "pretrain", "sft_data": "generate",
+            "rollouts": "generate", "teacher_cache": "generate", "sft": "train", "lightning_opd": "train",
+            "evaluate": "evaluate"}.get(stage, "default")
+
+
+def report_manifest():
+    models = []
+    for t, spec in config["teachers"].items():
+        models.append({"label": f"teacher-{t}", "role": "teacher", "teacher": t,
+                       "cost": [stage_entry("pretrain_teacher", t)] if "build" in spec else []})
+    models.append({"label": "student_base", "role": "student_base",
+                   "cost": [stage_entry("pretrain_student_base", "")] if "build" in config["student_base"] else []})
+    for t in RUNS["sft_teachers"]:
+        models.append({"label": f"sft-{t}", "role": "sft", "sft_teacher": t,
+                       "cost": [stage_entry("sft_data", t), stage_entry("sft", t)]})
+    for sft_t, opd_t, seed in opd_runs():
+        label = lightning_label(sft_t, opd_t, seed)
+        pair = f"sft-{sft_t}_teacher-{opd_t}"
+        models.append({"label": label, "role": "lightning_opd", "sft_teacher": sft_t, "opd_teacher": opd_t,
+                       "seed": seed, "model_dir": f"{R}/models/{label}",
+                       "cost": [stage_entry("rollouts", sft_t), stage_entry("teacher_cache", pair),
+                                stage_entry("lightning_opd", f"{pair}_seed-{seed}")]})
+    for m in models:
+        m["eval"] = f"{R}/eval/{m['label']}.json"
+    stages = [stage_entry("task_data", "")]
+    if "build" in config["tokenizer"]:
+        stages.append(stage_entry("tokenizer", ""))
+    stages += [entry for m in models for entry in m["cost"] if entry not in stages]
+    stages += [stage_entry("evaluate", m["label"]) for m in models]
+    kind = "gpu" if any(res(k)["gpus"] for k in ("generate", "train", "evaluate")) else "cpu"
+    return {"experiment": config["experiment"], "device_kind": kind, "models": models, "stages": stages,
+            "eval": {"k": config["eval"]["k"]}}
 
 
 wildcard_constraints:

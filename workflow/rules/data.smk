@@ -8,7 +8,7 @@ rule task_data:
         expand("{R}/data/{split}.parquet", R=R, split=["teacher", "sft", "opd", "eval"]),
     params:
         task=js(config["task"]),
-        out_dir=f"{R}/data",
+        out_dir=lambda w, output: os.path.dirname(output[0]),
     log:
         logfile("task_data"),
     benchmark:

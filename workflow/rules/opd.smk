@@ -59,13 +59,6 @@ rule teacher_cache:
         "--temperature {params.temperature} 2>&1 | tee {log}"
 
 
-def lightning_params(w):
-    # the mismatch switch reaches only inconsistent runs, so flipping it does
-    # not invalidate the consistent ones
-    allow = w.sft_teacher != w.opd_teacher and config["allow_teacher_mismatch"]
-    return js({**config["lightning_opd"], "seed": int(w.seed), "allow_teacher_mismatch": allow})
-
-
 rule lightning_opd:
     input:
         init=f"{R}/models/sft-{{sft_teacher}}",

@@ -37,7 +37,7 @@ rule sft:
     output:
         directory(f"{R}/models/sft-{{sft_teacher}}"),
     params:
-        base=student_base_path(),
+        base=lambda w, input: input.base or student_base_path(),
         train=js(config["sft"]["train"]),
         keep_unfinished="--keep-unfinished" if config["sft"]["keep_unfinished"] else "",
         ckpt=f"{R}/checkpoints/sft",

@@ -1,0 +1,155 @@
+"""The Snakemake DAG: dry run of the default, the config schema, and one
+reduced run end to end with the rerun behaviour the README promises."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
+
+from lightning_opd.artifacts import METADATA_KEY
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+STAGES = ["task_data", "tokenizer", "pretrain_teacher", "pretrain_student_base", "sft_data", "sft", "rollouts",
+          "teacher_cache", "lightning_opd", "evaluate", "report"]
+
+
+def snakemake(*args: str, cwd: Path = REPO, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([SNAKEMAKE, "--workflow-profile", "none", "--cores", "2", *args], cwd=cwd, env=ENV,
+                            capture_output=True, text=True, timeout=1200)
+    if check and result.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return result
+
+
+def planned_jobs(output: str) -> dict[str, int]:
+    """The 'Job stats' table of a dry run: rule -> number of jobs."""
+    if "Nothing to be done" in output:
+        return {}
+    table = output.split("Job stats:")[1].split("total")[0]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", table, re.MULTILINE)}
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def default_config() -> dict:
+    return yaml.safe_load((REPO / "config/default.yaml").read_text())
+
+
+def test_default_dag_dry_run(tmp_path):
+    override = write_yaml(tmp_path / "o.yaml", {"results_dir": str(tmp_path / "results")})
+    result = snakemake("-n", "--configfile", str(override))
+    jobs = planned_jobs(result.stdout)
+    assert set(STAGES) <= set(jobs), jobs
+    assert jobs["evaluate"] == 4  # teacher, student base, pi_ref, Lightning OPD student
+    assert not (tmp_path / "results").exists()
+
+
+def test_lint_is_clean():
+    result = snakemake("--lint", check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Congratulations, your workflow is in a good condition" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"eval": {"k": 0}}, "0 is less than the minimum of 1"),
+    ({"lightning_opd": {"tau": -1.0}}, "-1.0 is less than or equal to the minimum of 0"),
+    ({"lightning_opd": {"learning_rat": 1e-5}}, "learning_rat"),
+    ({"generation": {"backend": "tgi"}}, "'tgi' is not one of"),
+    ({"bogus_key": 1}, "'bogus_key' was unexpected"),
+    ({"prompt_template": "no placeholder"}, "does not match"),
+    ({"teachers": {"A": {"path": "Qwen/Qwen3-8B", "build": {}}}}, "is valid under each of"),
+])
+def test_schema_rejects_bad_config(change, message):
+    config = default_config()
+    for key, value in change.items():
+        config[key] = {**config[key], **value} if isinstance(value, dict) and key in config else value
+    with pytest.raises(WorkflowError, match=re.escape(message)):
+        validate(config, str(REPO / "workflow/schemas/config.schema.yaml"))
+
+
+def test_default_and_tiny_configs_are_valid():
+    validate(default_config(), str(REPO / "workflow/schemas/config.schema.yaml"))
+
+
+def test_bad_config_stops_snakemake_before_any_job(tmp_path):
+    bad = write_yaml(tmp_path / "bad.yaml", {"results_dir": str(tmp_path / "results"), "eval": {"k": "four"}})
+    result = snakemake("--configfile", str(bad), check=False)
+    assert result.returncode != 0
+    assert "Error validating config file" in result.stdout + result.stderr
+    assert "'four' is not of type 'integer'" in result.stdout + result.stderr
+    assert not (tmp_path / "results").exists()
+
+
+# ---- one reduced run, end to end, in a copy of the repository -------------------------------
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("repo")
+    for item in ("Snakefile", "workflow", "src", "config", "tests/configs"):
+        (shutil.copytree if (REPO / item).is_dir() else shutil.copy)(REPO / item, work / item)
+    config = ["--configfile", "tests/configs/tiny.yaml"]
+    snakemake(*config, cwd=work)
+    return work, config
+
+
+def test_tiny_run_writes_the_report(tiny_run):
+    work, _ = tiny_run
+    report = work / "results/tiny/report"
+    table = pd.read_csv(report / "table.csv")
+    assert list(table["role"]) == ["teacher", "student_base", "sft", "lightning_opd"]
+    assert table["n_problems"].eq(12).all()
+    assert table["avg@2"].between(0, 1).all()
+    assert (table["device_hours"] > 0).all()
+    assert table.loc[table.role == "lightning_opd", "teacher_consistent"].item()
+    stages = pd.read_csv(report / "stage_costs.csv")
+    assert set(STAGES) - {"report"} <= set(stages["stage"])
+    assert ((stages["wall_s"] * stages["devices"] / 3600 - stages["device_hours"]).abs() < 1e-6).all()
+    assert (report / "opd_training_curve.png").stat().st_size > 10_000
+    assert "| lightning-sft-A_teacher-A_seed-0" in (report / "table.md").read_text()
+
+
+def test_tiny_run_cache_records_teachers_and_sampling(tiny_run):
+    work, _ = tiny_run
+    meta = json.loads(pq.read_schema(work / "results/tiny/cache/sft-A_teacher-A.parquet").metadata[METADATA_KEY])
+    assert meta["teacher"]["fingerprint"] == meta["sft_teacher"]["fingerprint"]
+    assert meta["teacher"]["label"] == "A" and meta["sft_teacher"]["label"] == "A"
+    assert meta["rollouts"]["sampling"]["temperature"] == 0.7 and meta["score_temperature"] == 1.0
+
+
+def test_second_run_does_nothing(tiny_run):
+    work, config = tiny_run
+    assert planned_jobs(snakemake("-n", *config, cwd=work).stdout) == {}
+
+
+def test_opd_hyperparameter_reruns_only_opd_its_eval_and_report(tiny_run, tmp_path):
+    work, config = tiny_run
+    lr = write_yaml(tmp_path / "lr.yaml", {"lightning_opd": {"learning_rate": 3e-5}})
+    jobs = planned_jobs(snakemake("-n", *config, str(lr), cwd=work).stdout)
+    assert jobs == {"lightning_opd": 1, "evaluate": 1, "report": 1, "all": 1}
+
+
+def test_module_edit_reruns_its_stage_and_downstream(tiny_run):
+    work, config = tiny_run
+    module = work / "src/lightning_opd/teacher_cache.py"
+    original = module.read_text()
+    module.write_text(original + "\n# an edit\n")
+    try:
+        jobs = planned_jobs(snakemake("-n", *config, cwd=work).stdout)
+    finally:
+        module.write_text(original)
+    assert jobs == {"teacher_cache": 1, "lightning_opd": 1, "evaluate": 1, "report": 1, "all": 1}
