@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
 STAGES = ["task_data", "tokenizer", "pretrain_teacher", "pretrain_student_base", "sft_data", "sft", "rollouts",
-          "teacher_cache", "lightning_opd", "evaluate", "report"]
+          "teacher_cache", "lightning_opd", "standard_opd", "evaluate", "report"]
 
 
 def snakemake(*args: str, cwd: Path = REPO, check: bool = True) -> subprocess.CompletedProcess:
@@ -56,7 +56,7 @@ def test_default_dag_dry_run(tmp_path):
     result = snakemake("-n", "--configfile", str(override))
     jobs = planned_jobs(result.stdout)
     assert set(STAGES) <= set(jobs), jobs
-    assert jobs["evaluate"] == 4  # teacher, student base, pi_ref, Lightning OPD student
+    assert jobs["evaluate"] == 5  # teacher, student base, pi_ref, standard and Lightning OPD students
     assert not (tmp_path / "results").exists()
 
 
@@ -100,7 +100,7 @@ def test_bad_config_stops_snakemake_before_any_job(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("repo")
-    for item in ("Snakefile", "workflow", "src", "config", "tests/configs"):
+    for item in ("Snakefile", "workflow", "src", "config", "envs", "tests/configs"):
         (shutil.copytree if (REPO / item).is_dir() else shutil.copy)(REPO / item, work / item)
     config = ["--configfile", "tests/configs/tiny.yaml"]
     snakemake(*config, cwd=work)
@@ -110,17 +110,25 @@ def tiny_run(tmp_path_factory):
 def test_tiny_run_writes_the_report(tiny_run):
     work, _ = tiny_run
     report = work / "results/tiny/report"
+    models = pd.read_csv(report / "models.csv", keep_default_na=False)
+    assert list(models["role"]) == ["teacher", "student_base", "sft", "lightning_opd", "standard_opd"]
+    assert models["n_problems"].eq(12).all()
+    assert models["avg@2"].between(0, 1).all()
+    assert (models["device_hours"] > 0).all()
+    assert list(models.loc[models.role.str.endswith("_opd"), "teacher_consistent"]) == ["yes", "yes"]
     table = pd.read_csv(report / "table.csv")
-    assert list(table["role"]) == ["teacher", "student_base", "sft", "lightning_opd"]
-    assert table["n_problems"].eq(12).all()
-    assert table["avg@2"].between(0, 1).all()
-    assert (table["device_hours"] > 0).all()
-    assert table.loc[table.role == "lightning_opd", "teacher_consistent"].item()
+    assert table["model"].tolist() == ["teacher", "student base", "SFT (pi_ref) (SFT data: A)",
+                                       "standard OPD (SFT data: A, OPD teacher: A)",
+                                       "Lightning OPD (SFT data: A, OPD teacher: A)"]
+    assert table["cost_vs_standard_opd"].tolist()[3] == 1.0
+    lightning, standard = (models.loc[models.role == r, "device_hours"].item() for r in ("lightning_opd", "standard_opd"))
+    assert table["cost_vs_standard_opd"].tolist()[4] == pytest.approx(lightning / standard, abs=1e-3)
     stages = pd.read_csv(report / "stage_costs.csv")
     assert set(STAGES) - {"report"} <= set(stages["stage"])
     assert ((stages["wall_s"] * stages["devices"] / 3600 - stages["device_hours"]).abs() < 1e-6).all()
     assert (report / "opd_training_curve.png").stat().st_size > 10_000
-    assert "| lightning-sft-A_teacher-A_seed-0" in (report / "table.md").read_text()
+    assert (report / "accuracy_vs_cost.png").stat().st_size > 10_000
+    assert "| Lightning OPD (SFT data: A, OPD teacher: A)" in (report / "table.md").read_text()
 
 
 def test_tiny_run_cache_records_teachers_and_sampling(tiny_run):
@@ -136,11 +144,12 @@ def test_second_run_does_nothing(tiny_run):
     assert planned_jobs(snakemake("-n", *config, cwd=work).stdout) == {}
 
 
-def test_opd_hyperparameter_reruns_only_opd_its_eval_and_report(tiny_run, tmp_path):
+def test_opd_hyperparameter_reruns_only_opd_training_its_evals_and_report(tiny_run, tmp_path):
+    """Both OPD trainers share the OPD hyperparameters (same optimiser, same steps)."""
     work, config = tiny_run
     lr = write_yaml(tmp_path / "lr.yaml", {"lightning_opd": {"learning_rate": 3e-5}})
     jobs = planned_jobs(snakemake("-n", *config, str(lr), cwd=work).stdout)
-    assert jobs == {"lightning_opd": 1, "evaluate": 1, "report": 1, "all": 1}
+    assert jobs == {"lightning_opd": 1, "standard_opd": 1, "evaluate": 2, "report": 1, "all": 1}
 
 
 def test_module_edit_reruns_its_stage_and_downstream(tiny_run):

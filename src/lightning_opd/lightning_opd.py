@@ -14,8 +14,8 @@ from datasets import Dataset
 
 from lightning_opd.artifacts import ArtifactError, read_cache
 from lightning_opd.hparams import OPDParams, parse_hparams
-from lightning_opd.modeling import load_model, load_tokenizer
-from lightning_opd.opd_trainer import OPDTrainer, opd_example
+from lightning_opd.modeling import DEFAULT_PROMPT_TEMPLATE, load_model, load_tokenizer
+from lightning_opd.opd_trainer import OPDTrainer, drift_reference, opd_example
 from lightning_opd.provenance import (check_teacher_consistency, describe_model, file_sha256,
                                       sft_teacher_of, tokenizer_fingerprint)
 from lightning_opd.training import PadCollator, checkpoint_dir, params_record, save_final, train_with_resume, training_arguments
@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--opd", default="{}", help="JSON of OPDParams fields")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--checkpoint-root", type=Path, required=True)
+    parser.add_argument("--drift-prompts", type=Path, help="held-out prompts on which KL(pi_theta || pi_ref) is logged")
+    parser.add_argument("--drift-n", type=int, default=64, help="how many of them (0: no drift logging)")
+    parser.add_argument("--drift-max-new-tokens", type=int, default=128)
     args = parser.parse_args(argv)
     params = parse_hparams(OPDParams, args.opd, "--opd")
 
@@ -53,7 +56,11 @@ def main(argv: list[str] | None = None) -> None:
           f"({'consistent' if meta['teacher_consistent'] else 'INCONSISTENT'} with the SFT teacher)")
     key = {"stage": "lightning_opd", "init": init["fingerprint"], "cache": file_sha256(args.cache),
            "opd": params_record(params)}
-    trainer = OPDTrainer(model=load_model(args.init), tau=params.tau,
+    model = load_model(args.init)
+    reference, drift_batch = drift_reference(
+        args.init, tokenizer, args.drift_prompts, args.drift_n if args.drift_prompts else 0,
+        meta["rollouts"].get("prompt_template") or DEFAULT_PROMPT_TEMPLATE, args.drift_max_new_tokens, str(model.device))
+    trainer = OPDTrainer(model=model, tau=params.tau, reference=reference, drift_batch=drift_batch,
                          args=training_arguments(params, checkpoint_dir(args.checkpoint_root, key)),
                          train_dataset=Dataset.from_list(examples), data_collator=PadCollator(tokenizer.pad_token_id))
     train_with_resume(trainer)

@@ -32,6 +32,13 @@ def load_model(name_or_path: str | Path, dtype: str = "float32", device: str | N
     return model.to(pick_device(device))
 
 
+def stop_token_ids(model, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """Ids that end a response: the tokenizer's eos and the model's generation eos ids."""
+    eos = model.generation_config.eos_token_id
+    eos = eos if isinstance(eos, list) else [eos]
+    return {i for i in (tokenizer.eos_token_id, *eos) if i is not None}
+
+
 def prompt_ids(tokenizer: PreTrainedTokenizerBase, problem: str,
                template: str = DEFAULT_PROMPT_TEMPLATE) -> list[int]:
     """Token ids of a user turn holding the problem, ending where the assistant answers."""

@@ -1,6 +1,10 @@
 """The OPD trainer: transformers' Trainer with the OPD loss on batches that
 hold token ids, a response mask and the teacher's per-token log-probs.
-Lightning OPD feeds it the cache; standard OPD builds such batches live."""
+Lightning OPD feeds it the cache; standard OPD builds such batches live.
+
+Both log the OPD metrics of `opd_loss` (per-token reverse KL to the teacher
+on the training batch among them) and, given a frozen copy of pi_ref and a
+held-out batch, the drift KL(pi_theta || pi_ref) on held-out sequences."""
 from __future__ import annotations
 
 from collections import defaultdict
@@ -27,10 +31,24 @@ def response_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
     return token_logprobs(logits, batch["input_ids"][:, 1:]), mask
 
 
+@torch.no_grad()
+def drift_kl(model, reference, batch: dict[str, torch.Tensor]) -> float:
+    """Exact per-token KL(pi_theta || pi_ref) over the full vocabulary, averaged
+    over the response positions of a fixed held-out batch."""
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    current = torch.log_softmax(model(**inputs).logits[:, :-1].float(), dim=-1)
+    ref = torch.log_softmax(reference(**inputs).logits[:, :-1].float(), dim=-1)
+    kl = (current.exp() * (current - ref)).sum(-1)
+    mask = (batch["labels"][:, 1:] != IGNORE_INDEX).float()
+    return float((kl * mask).sum() / mask.sum().clamp(min=1))
+
+
 class OPDTrainer(Trainer):
-    def __init__(self, *args, tau: float | None = None, **kwargs):
+    def __init__(self, *args, tau: float | None = None, reference=None, drift_batch=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.tau = tau
+        self.reference = reference.eval() if reference is not None else None
+        self.drift_batch = drift_batch
         self._metrics: dict[str, list[float]] = defaultdict(list)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -44,4 +62,31 @@ class OPDTrainer(Trainer):
         if "loss" in logs:  # a training log: add the OPD metrics averaged since the last one
             logs.update({name: sum(v) / len(v) for name, v in self._metrics.items() if v})
             self._metrics.clear()
+            if self.reference is not None and self.drift_batch is not None:
+                model = self.accelerator.unwrap_model(self.model)
+                batch = {k: v.to(model.device) for k, v in self.drift_batch.items()}
+                logs["drift_kl_ref"] = drift_kl(model, self.reference, batch)
         super().log(logs, *args, **kwargs)
+
+
+def drift_reference(init: str, tokenizer, prompts_path, n_prompts: int, prompt_template: str,
+                    max_new_tokens: int, device: str | None = None):
+    """A frozen copy of pi_ref and a held-out batch (one pi_ref sample per
+    prompt, temperature 1) on which `drift_kl` is measured during training;
+    (None, None) when ``n_prompts`` is 0."""
+    if not n_prompts:
+        return None, None
+    from lightning_opd.artifacts import TASK_SCHEMA, read_table
+    from lightning_opd.backends.hf import sample_with
+    from lightning_opd.hparams import SamplingParams
+    from lightning_opd.modeling import load_model, prompt_ids, stop_token_ids
+    from lightning_opd.training import PadCollator
+
+    reference = load_model(init, device=device).eval()
+    problems = read_table(prompts_path, TASK_SCHEMA)[0].column("problem").to_pylist()[:n_prompts]
+    prompts = [prompt_ids(tokenizer, p, prompt_template) for p in problems]
+    params = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=max_new_tokens, seed=0, batch_size=len(prompts))
+    samples = sample_with(reference, prompts, params, stop_token_ids(reference, tokenizer), tokenizer.pad_token_id,
+                          progress=False)
+    batch = PadCollator(tokenizer.pad_token_id)([supervised_example(p, s[0].response_ids) for p, s in zip(prompts, samples)])
+    return reference, batch

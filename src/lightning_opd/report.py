@@ -52,7 +52,7 @@ def model_table(manifest: dict[str, Any]) -> pd.DataFrame:
             "role": model["role"],
             "sft_teacher": model.get("sft_teacher", ""),
             "opd_teacher": model.get("opd_teacher", ""),
-            "teacher_consistent": provenance.get("teacher_consistent", ""),
+            "teacher_consistent": {True: "yes", False: "no"}.get(provenance.get("teacher_consistent"), ""),
             "seed": model.get("seed", ""),
             f"avg@{summary['k']}": round(summary["avg_at_k"], 4),
             f"pass@{summary['k']}": round(summary["pass_at_k"], 4),
@@ -63,6 +63,68 @@ def model_table(manifest: dict[str, Any]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+ROLE_ORDER = ["teacher", "student_base", "sft", "standard_opd", "lightning_opd"]
+ROLE_NAMES = {"teacher": "teacher", "student_base": "student base", "sft": "SFT (pi_ref)",
+              "standard_opd": "standard OPD", "lightning_opd": "Lightning OPD"}
+
+
+def summary_table(models: pd.DataFrame, k: int) -> pd.DataFrame:
+    """The paper's table: one row per method and teacher pair, accuracy as
+    mean +- std over seeds, device-hours, and the cost ratio to standard OPD."""
+    acc = f"avg@{k}"
+    models = models.assign(order=models["role"].map(ROLE_ORDER.index))
+    keys = ["order", "role", "sft_teacher", "opd_teacher", "teacher_consistent"]
+    grouped = models.groupby(keys, sort=True, dropna=False)
+    table = grouped.agg(acc_mean=(acc, "mean"), acc_std=(acc, "std"), seeds=(acc, "size"),
+                        device_hours=("device_hours", "mean")).reset_index()
+    table["acc_std"] = table["acc_std"].fillna(0.0)
+    standard = table[table.role == "standard_opd"].set_index(["sft_teacher", "opd_teacher"])["device_hours"]
+    ratios = []
+    for row in table.itertuples():
+        base = standard.get((row.sft_teacher, row.opd_teacher))
+        ratios.append(round(row.device_hours / base, 3) if base and row.role.endswith("_opd") else None)
+    table["cost_vs_standard_opd"] = ratios
+    names = []
+    for row in table.itertuples():
+        name = ROLE_NAMES[row.role]
+        if row.sft_teacher or row.opd_teacher:
+            name += f" (SFT data: {row.sft_teacher}" + (f", OPD teacher: {row.opd_teacher}" if row.opd_teacher else "") + ")"
+        if row.teacher_consistent == "no":
+            name += " INCONSISTENT"
+        names.append(name)
+    return pd.DataFrame({
+        "model": names,
+        acc: [f"{m:.4f} +- {sd:.4f}" for m, sd in zip(table.acc_mean, table.acc_std)],
+        f"{acc}_mean": table.acc_mean.round(4), f"{acc}_std": table.acc_std.round(4), "seeds": table.seeds,
+        "device_hours": table.device_hours.round(5), "cost_vs_standard_opd": table.cost_vs_standard_opd,
+    })
+
+
+def plot_accuracy_vs_cost(models: pd.DataFrame, k: int, kind: str, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axis = plt.subplots(figsize=(5.5, 4))
+    opd = models[models.role.str.endswith("_opd")]
+    for (role, sft_t, opd_t), group in opd.groupby(["role", "sft_teacher", "opd_teacher"]):
+        axis.errorbar(group.device_hours.mean(), group[f"avg@{k}"].mean(), yerr=group[f"avg@{k}"].std() or 0,
+                      xerr=group.device_hours.std() or 0, marker="o", capsize=3,
+                      label=f"{ROLE_NAMES[role]} SFT {sft_t} / OPD {opd_t}")
+    for value in models.loc[models.role == "sft", f"avg@{k}"]:
+        axis.axhline(value, ls="--", color="gray", lw=0.8)
+    axis.set_xlabel(f"OPD stage cost ({kind}-hours)")
+    axis.set_ylabel(f"avg@{k}")
+    axis.set_title("accuracy against cost (dashed: pi_ref)", fontsize=9)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=6)
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
 def plot_training_curves(manifest: dict[str, Any], out: Path) -> None:
     import matplotlib
 
@@ -71,15 +133,18 @@ def plot_training_curves(manifest: dict[str, Any], out: Path) -> None:
 
     from lightning_opd.training import read_train_log
 
-    panels = [("reverse_kl", "per-token reverse KL to teacher (train batch)"), ("loss", "OPD loss"),
-              ("student_logprob", "student log-prob of rollout tokens"), ("clip_fraction", "clipped fraction")]
+    panels = [("advantage", "reward proxy: mean log pi_T - log pi_theta"),
+              ("reverse_kl", "per-token reverse KL to teacher (train batch)"),
+              ("drift_kl_ref", "drift: KL(pi_theta || pi_ref), held-out"),
+              ("student_logprob", "student log-prob of its training tokens")]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
     for model in manifest["models"]:
         if not model.get("model_dir"):
             continue
         log = [e for e in read_train_log(model["model_dir"]) if "loss" in e and "reverse_kl" in e]
         for axis, (key, _) in zip(axes, panels):
-            axis.plot([e["step"] for e in log], [e[key] for e in log], marker=".", label=model["label"])
+            points = [(e["step"], e[key]) for e in log if key in e]
+            axis.plot([p[0] for p in points], [p[1] for p in points], marker=".", label=model["label"])
     for axis, (_, title) in zip(axes, panels):
         axis.set_title(title, fontsize=9)
         axis.set_xlabel("optimizer step")
@@ -106,9 +171,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     manifest = json.loads(args.manifest)
     kind = "GPU" if manifest["device_kind"] == "gpu" else "CPU core"
-    table = model_table(manifest)
+    models = model_table(manifest)
+    k = manifest["eval"]["k"]
+    with atomic_path(args.out_dir / "models.csv") as tmp:
+        models.to_csv(tmp, index=False)
+    table = summary_table(models, k)
     write_frame(table, args.out_dir / "table.md", args.out_dir / "table.csv",
-                f"{manifest['experiment']}: accuracy and measured cost ({kind}-hours) per model")
+                f"{manifest['experiment']}: avg@{k} (mean +- std over seeds) and measured cost ({kind}-hours)")
+    plot_accuracy_vs_cost(models, k, kind, args.out_dir / "accuracy_vs_cost.png")
     write_frame(stage_costs(manifest["stages"]), args.out_dir / "stage_costs.md", args.out_dir / "stage_costs.csv",
                 f"{manifest['experiment']}: cost of every stage ({kind}-hours)")
     plot_training_curves(manifest, args.out_dir / "opd_training_curve.png")

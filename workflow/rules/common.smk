@@ -89,8 +89,15 @@ def opd_runs():
         yield sft_t, opd_t, seed
 
 
-def lightning_label(sft_t, opd_t, seed):
-    return f"lightning-sft-{sft_t}_teacher-{opd_t}_seed-{seed}"
+METHODS = ["lightning"] + (["standard"] if config["standard_opd"]["enabled"] else [])
+
+
+def opd_label(method, sft_t, opd_t, seed):
+    return f"{method}-sft-{sft_t}_teacher-{opd_t}_seed-{seed}"
+
+
+def opd_labels():
+    return [opd_label(method, *run) for run in opd_runs() for method in METHODS]
 
 
 def eval_model_path(label):
@@ -104,11 +111,11 @@ def eval_model_path(label):
 def eval_labels():
     labels = [f"teacher-{t}" for t in config["teachers"]] + ["student_base"]
     labels += [f"sft-{t}" for t in RUNS["sft_teachers"]]
-    labels += [lightning_label(*run) for run in opd_runs()]
+    labels += opd_labels()
     return labels
 
 
-def lightning_params(w):
+def opd_params(w):
     # the mismatch switch reaches only inconsistent runs, so flipping it does
     # not invalidate the consistent ones
     allow = w.sft_teacher != w.opd_teacher and config["allow_teacher_mismatch"]
@@ -116,14 +123,19 @@ def lightning_params(w):
 
 
 # ---- the report's manifest: models, their evaluations and the stages that made them
+SINGLE_CORE_STAGES = {"task_data", "tokenizer", "report"}  # rules with `threads: 1`
+
+
 def stage_entry(stage, pattern):
-    return {"stage": stage, "benchmark": bench(stage, pattern), "devices": devices(stage_kind(stage))}
+    held = 1 if stage in SINGLE_CORE_STAGES else devices(stage_kind(stage))
+    return {"stage": stage, "benchmark": bench(stage, pattern), "devices": held}
 
 
 def stage_kind(stage):
     """Which `resources` entry a rule uses."""
     return {"pretrain_teacher": "pretrain", "pretrain_student_base": "pretrain", "sft_data": "generate",
             "rollouts": "generate", "teacher_cache": "generate", "sft": "train", "lightning_opd": "train",
+            "standard_opd": "train",
             "evaluate": "evaluate"}.get(stage, "default")
 
 
@@ -138,12 +150,14 @@ def report_manifest():
         models.append({"label": f"sft-{t}", "role": "sft", "sft_teacher": t,
                        "cost": [stage_entry("sft_data", t), stage_entry("sft", t)]})
     for sft_t, opd_t, seed in opd_runs():
-        label = lightning_label(sft_t, opd_t, seed)
         pair = f"sft-{sft_t}_teacher-{opd_t}"
-        models.append({"label": label, "role": "lightning_opd", "sft_teacher": sft_t, "opd_teacher": opd_t,
-                       "seed": seed, "model_dir": f"{R}/models/{label}",
-                       "cost": [stage_entry("rollouts", sft_t), stage_entry("teacher_cache", pair),
-                                stage_entry("lightning_opd", f"{pair}_seed-{seed}")]})
+        cost = {"lightning": [stage_entry("rollouts", sft_t), stage_entry("teacher_cache", pair),
+                              stage_entry("lightning_opd", f"{pair}_seed-{seed}")],
+                "standard": [stage_entry("standard_opd", f"{pair}_seed-{seed}")]}
+        for method in METHODS:
+            label = opd_label(method, sft_t, opd_t, seed)
+            models.append({"label": label, "role": f"{method}_opd", "sft_teacher": sft_t, "opd_teacher": opd_t,
+                           "seed": seed, "model_dir": f"{R}/models/{label}", "cost": cost[method]})
     for m in models:
         m["eval"] = f"{R}/eval/{m['label']}.json"
     stages = [stage_entry("task_data", "")]

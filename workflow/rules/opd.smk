@@ -1,5 +1,6 @@
 # Stage 5 (rollouts of pi_ref), stage 6 (teacher log-prob cache) and
-# stage 7 (Lightning OPD: training from the cache, no teacher loaded).
+# stage 7 (Lightning OPD: training from the cache, no teacher loaded), and
+# the standard online OPD baseline (live student samples, live teacher scores).
 
 
 rule rollouts:
@@ -63,12 +64,15 @@ rule lightning_opd:
     input:
         init=f"{R}/models/sft-{{sft_teacher}}",
         cache=f"{R}/cache/sft-{{sft_teacher}}_teacher-{{opd_teacher}}.parquet",
+        drift_prompts=f"{R}/data/eval.parquet",
         code=code("lightning_opd.py", "opd_trainer.py", "opd_loss.py", "backends/hf.py", *TRAIN_CODE),
     output:
         directory(f"{R}/models/lightning-sft-{{sft_teacher}}_teacher-{{opd_teacher}}_seed-{{seed}}"),
     params:
-        opd=lightning_params,
+        opd=opd_params,
         ckpt=f"{R}/checkpoints/lightning_opd",
+        drift_n=config["opd_drift"]["n_prompts"],
+        drift_tokens=config["opd_drift"]["max_new_tokens"],
     log:
         logfile("lightning_opd", "sft-{sft_teacher}_teacher-{opd_teacher}_seed-{seed}"),
     benchmark:
@@ -80,4 +84,39 @@ rule lightning_opd:
         "../../envs/train.yaml"
     shell:
         "python -m lightning_opd.lightning_opd --init {input.init} --cache {input.cache} --opd {params.opd} "
-        "--out {output} --checkpoint-root {params.ckpt} 2>&1 | tee {log}"
+        "--out {output} --checkpoint-root {params.ckpt} --drift-prompts {input.drift_prompts} "
+        "--drift-n {params.drift_n} --drift-max-new-tokens {params.drift_tokens} 2>&1 | tee {log}"
+
+
+rule standard_opd:
+    input:
+        init=f"{R}/models/sft-{{sft_teacher}}",
+        teacher=lambda w: built(teacher_path(w.opd_teacher)),
+        prompts=f"{R}/data/opd.parquet",
+        drift_prompts=f"{R}/data/eval.parquet",
+        code=code("standard_opd.py", "opd_trainer.py", "opd_loss.py", "backends/hf.py", *TRAIN_CODE),
+    output:
+        directory(f"{R}/models/standard-sft-{{sft_teacher}}_teacher-{{opd_teacher}}_seed-{{seed}}"),
+    params:
+        teacher=lambda w: teacher_path(w.opd_teacher),
+        opd=opd_params,
+        sampling=js(config["standard_opd"]["sampling"]),
+        template=lambda w: shlex.quote(config["prompt_template"]),
+        ckpt=f"{R}/checkpoints/standard_opd",
+        drift_n=config["opd_drift"]["n_prompts"],
+        drift_tokens=config["opd_drift"]["max_new_tokens"],
+    log:
+        logfile("standard_opd", "sft-{sft_teacher}_teacher-{opd_teacher}_seed-{seed}"),
+    benchmark:
+        bench("standard_opd", "sft-{sft_teacher}_teacher-{opd_teacher}_seed-{seed}")
+    threads: res("train")["cpus"]
+    resources:
+        **stage_resources("train"),
+    conda:
+        "../../envs/train.yaml"
+    shell:
+        "python -m lightning_opd.standard_opd --init {input.init} --teacher {params.teacher} "
+        "--teacher-label {wildcards.opd_teacher} --prompts {input.prompts} --opd {params.opd} "
+        "--sampling {params.sampling} --prompt-template {params.template} --out {output} "
+        "--checkpoint-root {params.ckpt} --drift-prompts {input.drift_prompts} --drift-n {params.drift_n} "
+        "--drift-max-new-tokens {params.drift_tokens} 2>&1 | tee {log}"

@@ -5,14 +5,16 @@
 rule report:
     input:
         evals=expand("{R}/eval/{model}.json", R=R, model=eval_labels()),
-        opd_models=[f"{R}/models/{lightning_label(*run)}" for run in opd_runs()],
+        opd_models=[f"{R}/models/{label}" for label in opd_labels()],
         code=code("report.py"),
     output:
         table_md=f"{R}/report/table.md",
         table_csv=f"{R}/report/table.csv",
         stages_md=f"{R}/report/stage_costs.md",
         stages_csv=f"{R}/report/stage_costs.csv",
+        models_csv=f"{R}/report/models.csv",
         curve=f"{R}/report/opd_training_curve.png",
+        cost_plot=f"{R}/report/accuracy_vs_cost.png",
     params:
         manifest=js(report_manifest()),
         out_dir=lambda w, output: os.path.dirname(output.table_md),

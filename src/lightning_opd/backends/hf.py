@@ -8,7 +8,7 @@ from tqdm import tqdm
 
 from lightning_opd.backends.base import Backend, GenerationResult
 from lightning_opd.hparams import SamplingParams
-from lightning_opd.modeling import load_model, load_tokenizer
+from lightning_opd.modeling import load_model, load_tokenizer, stop_token_ids
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -26,6 +26,40 @@ def _length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+@torch.no_grad()
+def sample_with(model, prompts: list[list[int]], params: SamplingParams, stop_ids: set[int], pad_id: int,
+                progress: bool = True) -> list[list[GenerationResult]]:
+    """``params.n`` samples per prompt from a loaded model (also the live
+    student of standard OPD), each cut after its first stop token."""
+    torch.manual_seed(params.seed)
+    results: list[list[GenerationResult]] = [[] for _ in prompts]
+    batches = _length_sorted_batches([len(p) for p in prompts], max(1, params.batch_size // params.n))
+    for batch in tqdm(batches, desc="generate", unit="batch", disable=not progress):
+        width = max(len(prompts[i]) for i in batch)
+        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        attention = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, i in enumerate(batch):  # left padding: every prompt ends at the same column
+            input_ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
+            attention[row, width - len(prompts[i]):] = 1
+        output = model.generate(
+            input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device),
+            do_sample=params.temperature > 0, temperature=params.temperature or None,
+            top_p=params.top_p if params.temperature > 0 else None, top_k=None,
+            max_new_tokens=params.max_new_tokens, num_return_sequences=params.n,
+            eos_token_id=sorted(stop_ids), pad_token_id=pad_id,
+        )[:, width:].tolist()
+        for row, sequence in enumerate(output):
+            results[batch[row // params.n]].append(_trim(sequence, stop_ids))
+    return results
+
+
+def _trim(sequence: list[int], stop_ids: set[int]) -> GenerationResult:
+    for position, token in enumerate(sequence):
+        if token in stop_ids:
+            return GenerationResult(sequence[:position + 1], True)
+    return GenerationResult(sequence, False)
+
+
 class HFBackend(Backend):
     def __init__(self, model: str, dtype: str = "float32", device: str | None = None, batch_size: int = 64):
         self.model = load_model(model, dtype=dtype, device=device).eval()
@@ -33,38 +67,10 @@ class HFBackend(Backend):
         self.device = self.model.device
         self.batch_size = batch_size
         self.pad_id = self.tokenizer.pad_token_id
-        eos = self.model.generation_config.eos_token_id
-        eos = eos if isinstance(eos, list) else [eos]
-        self.stop_ids = {i for i in (self.tokenizer.eos_token_id, *eos) if i is not None}
+        self.stop_ids = stop_token_ids(self.model, self.tokenizer)
 
-    @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[GenerationResult]]:
-        torch.manual_seed(params.seed)
-        results: list[list[GenerationResult]] = [[] for _ in prompts]
-        batches = _length_sorted_batches([len(p) for p in prompts], max(1, params.batch_size // params.n))
-        for batch in tqdm(batches, desc="generate", unit="batch"):
-            width = max(len(prompts[i]) for i in batch)
-            input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-            attention = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, i in enumerate(batch):  # left padding: every prompt ends at the same column
-                input_ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
-                attention[row, width - len(prompts[i]):] = 1
-            output = self.model.generate(
-                input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device),
-                do_sample=params.temperature > 0, temperature=params.temperature or None,
-                top_p=params.top_p if params.temperature > 0 else None, top_k=None,
-                max_new_tokens=params.max_new_tokens, num_return_sequences=params.n,
-                eos_token_id=sorted(self.stop_ids), pad_token_id=self.pad_id,
-            )[:, width:].tolist()
-            for row, sequence in enumerate(output):
-                results[batch[row // params.n]].append(self._trim(sequence))
-        return results
-
-    def _trim(self, sequence: list[int]) -> GenerationResult:
-        for position, token in enumerate(sequence):
-            if token in self.stop_ids:
-                return GenerationResult(sequence[:position + 1], True)
-        return GenerationResult(sequence, False)
+        return sample_with(self.model, prompts, params, self.stop_ids, self.pad_id)
 
     @torch.no_grad()
     def score(self, prompts: list[list[int]], responses: list[list[int]],

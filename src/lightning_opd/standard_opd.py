@@ -1,0 +1,109 @@
+"""The standard (online) OPD baseline: every step the current student samples
+responses for a batch of OPD prompts and a live teacher, loaded for the
+purpose, scores them; then the same OPD loss and optimiser as Lightning OPD
+(they share `OPDTrainer` and `opd_loss`). Teacher consistency is checked the
+same way: the live teacher must be the teacher that wrote the student's SFT
+data unless the config allows a mismatch."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+
+from lightning_opd.artifacts import TASK_SCHEMA, read_table
+from lightning_opd.backends.hf import sample_with
+from lightning_opd.hparams import OPDParams, SamplingParams, from_dict, parse_hparams
+from lightning_opd.modeling import DEFAULT_PROMPT_TEMPLATE, load_model, load_tokenizer, prompt_ids, stop_token_ids
+from lightning_opd.opd_trainer import OPDTrainer, drift_reference, opd_example, response_logprobs
+from lightning_opd.provenance import (check_teacher_consistency, describe_model, file_sha256, sft_teacher_of,
+                                      tokenizer_fingerprint)
+from lightning_opd.training import PadCollator, checkpoint_dir, params_record, save_final, train_with_resume, training_arguments
+
+
+class OnlineOPDTrainer(OPDTrainer):
+    """Turns a batch of prompts into an OPD batch: the live student samples,
+    the live teacher scores, then `OPDTrainer.compute_loss` takes over."""
+
+    def __init__(self, *args, teacher, sampling: SamplingParams, pad_id: int, stop_ids: set[int], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.teacher = teacher.eval()
+        self.sampling = sampling
+        self.pad = PadCollator(pad_id)
+        self.pad_id, self.stop_ids = pad_id, stop_ids
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        prompts = inputs["prompt_ids"]
+        student = self.accelerator.unwrap_model(model)
+        was_training = student.training
+        student.eval()
+        # a fresh seed per optimiser step: reproducible and resumable, different every step
+        params = dataclasses.replace(self.sampling, seed=self.sampling.seed * 100_003 + self.state.global_step)
+        samples = sample_with(student, prompts, params, self.stop_ids, self.pad_id, progress=False)
+        student.train(was_training)
+        examples = [opd_example(p, s.response_ids, [0.0] * len(s.response_ids))
+                    for p, outs in zip(prompts, samples) for s in outs]
+        batch = {k: v.to(student.device) for k, v in self.pad(examples).items()}
+        with torch.no_grad():
+            teacher_logprobs, _ = response_logprobs(self.teacher, batch)
+        batch["teacher_logprobs"] = torch.nn.functional.pad(teacher_logprobs, (1, 0))  # align with token positions
+        return super().compute_loss(model, batch, return_outputs, num_items_in_batch)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--init", required=True, help="pi_ref: the SFT model to start from")
+    parser.add_argument("--teacher", required=True, help="hub id or local directory of the live teacher")
+    parser.add_argument("--teacher-label", default="")
+    parser.add_argument("--prompts", type=Path, required=True, help="OPD prompts (task parquet)")
+    parser.add_argument("--opd", default="{}", help="JSON of OPDParams fields (as Lightning OPD)")
+    parser.add_argument("--sampling", default="{}", help="JSON of SamplingParams for the live rollouts")
+    parser.add_argument("--prompt-template", default=DEFAULT_PROMPT_TEMPLATE)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--checkpoint-root", type=Path, required=True)
+    parser.add_argument("--drift-prompts", type=Path, help="held-out prompts on which KL(pi_theta || pi_ref) is logged")
+    parser.add_argument("--drift-n", type=int, default=64, help="how many of them (0: no drift logging)")
+    parser.add_argument("--drift-max-new-tokens", type=int, default=128)
+    args = parser.parse_args(argv)
+    params = parse_hparams(OPDParams, args.opd, "--opd")
+    sampling = from_dict(SamplingParams, json.loads(args.sampling), "--sampling")
+
+    init = describe_model(args.init)
+    teacher = {**describe_model(args.teacher), "label": args.teacher_label}
+    tokenizer = load_tokenizer(args.init)
+    teacher_tokenizer = load_tokenizer(args.teacher)
+    if tokenizer_fingerprint(teacher_tokenizer) != tokenizer_fingerprint(tokenizer):
+        raise ValueError(f"{args.teacher}: the teacher's tokenizer differs from the student's ({args.init}); "
+                         "OPD scores the student's token ids with the teacher")
+    consistent = check_teacher_consistency(sft_teacher_of(init), teacher, params.allow_teacher_mismatch, args.teacher)
+    table, _ = read_table(args.prompts, TASK_SCHEMA)
+    prompts = [{"prompt_ids": prompt_ids(tokenizer, p, args.prompt_template)} for p in table.column("problem").to_pylist()]
+    print(f"standard OPD on {len(prompts)} prompts x {sampling.n} live samples, teacher {args.teacher_label} "
+          f"({'consistent' if consistent else 'INCONSISTENT'} with the SFT teacher)")
+
+    key = {"stage": "standard_opd", "init": init["fingerprint"], "teacher": teacher["fingerprint"],
+           "prompts": file_sha256(args.prompts), "opd": params_record(params), "sampling": params_record(sampling)}
+    model = load_model(args.init)
+    reference, drift_batch = drift_reference(
+        args.init, tokenizer, args.drift_prompts, args.drift_n if args.drift_prompts else 0, args.prompt_template,
+        args.drift_max_new_tokens, str(model.device))
+    trainer = OnlineOPDTrainer(
+        model=model, tau=params.tau, reference=reference, drift_batch=drift_batch, teacher=load_model(args.teacher, device=str(model.device)), sampling=sampling,
+        pad_id=tokenizer.pad_token_id, stop_ids=stop_token_ids(model, tokenizer),
+        args=training_arguments(params, checkpoint_dir(args.checkpoint_root, key)),
+        train_dataset=Dataset.from_list(prompts),
+        data_collator=lambda rows: {"prompt_ids": [r["prompt_ids"] for r in rows]},
+    )
+    train_with_resume(trainer)
+    save_final(trainer, tokenizer, args.out, {
+        **key, "method": "standard_opd", "init_model": init, "teacher": teacher,
+        "sft_teacher": sft_teacher_of(init), "teacher_consistent": consistent,
+    })
+    print(f"-> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
