@@ -9,6 +9,12 @@ min_version("9.0")
 configfile: "config/default.yaml"
 
 
+# An override file merges into config/default.yaml key by key; a model given
+# by `path:` there replaces the default's `build:` of the same model.
+for spec in [config["tokenizer"], config["student_base"], *config["teachers"].values()]:
+    if spec.get("path"):
+        spec.pop("build", None)
+
 validate(config, "workflow/schemas/config.schema.yaml")
 
 

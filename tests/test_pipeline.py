@@ -162,3 +162,17 @@ def test_module_edit_reruns_its_stage_and_downstream(tiny_run):
     finally:
         module.write_text(original)
     assert jobs == {"teacher_cache": 1, "lightning_opd": 1, "evaluate": 1, "report": 1, "all": 1}
+
+
+@pytest.mark.parametrize("paper", ["qwen3-4b", "qwen3-8b", "qwen3-30b-a3b"])
+def test_paper_config_dag_needs_no_download(paper, tmp_path):
+    """The full paper DAG is planned from hub ids alone: nothing is downloaded
+    (no network here), no tiny model is built, the datasets are prepared."""
+    override = write_yaml(tmp_path / "o.yaml", {"results_dir": str(tmp_path / "results")})
+    result = snakemake("-n", "--configfile", f"config/paper/{paper}.yaml", str(override))
+    jobs = planned_jobs(result.stdout)
+    assert jobs["prepare_data"] == 3
+    assert not {"task_data", "tokenizer", "pretrain_teacher", "pretrain_student_base"} & set(jobs)
+    assert jobs["lightning_opd"] == 1
+    assert jobs.get("standard_opd", 0) == (0 if paper == "qwen3-30b-a3b" else 1)
+    assert "gpu=8" in result.stdout  # the rules ask SLURM for the config's GPUs

@@ -1,23 +1,56 @@
-# Stage 1 (task data) and stage 2a (tokenizer).
+# Stage 1 (task data: the synthetic task, or real datasets when the config
+# has a `data` section) and stage 2a (tokenizer).
+
+if "data" in config:
+
+    rule prepare_data:
+        input:
+            local=lambda w: [p for p in [config["data"][w.split]["source"]] if os.path.isfile(p)],
+            code=code("prepare_data.py"),
+        output:
+            f"{R}/data/{{split}}.parquet",
+        wildcard_constraints:
+            split="sft|opd|eval",
+        params:
+            source=lambda w: config["data"][w.split]["source"],
+            hf_split=lambda w: config["data"][w.split].get("split", "train"),
+            problem=lambda w: config["data"][w.split]["problem_field"],
+            answer=lambda w: (f"--answer-field {config['data'][w.split]['answer_field']}"
+                              if config["data"][w.split].get("answer_field") else ""),
+            limit=lambda w: (f"--limit {config['data'][w.split]['limit']}"
+                             if config["data"][w.split].get("limit") else ""),
+        log:
+            logfile("prepare_data", "{split}"),
+        benchmark:
+            bench("prepare_data", "{split}")
+        threads: 1
+        conda:
+            "../../envs/train.yaml"
+        shell:
+            "python -m lightning_opd.prepare_data --source {params.source} --split {params.hf_split} "
+            "--problem-field {params.problem} {params.answer} {params.limit} --name {wildcards.split} "
+            "--out {output} > {log} 2>&1"
 
 
-rule task_data:
-    input:
-        code=code("task_data.py", "task.py"),
-    output:
-        expand("{R}/data/{split}.parquet", R=R, split=["teacher", "sft", "opd", "eval"]),
-    params:
-        task=js(config["task"]),
-        out_dir=lambda w, output: os.path.dirname(output[0]),
-    log:
-        logfile("task_data"),
-    benchmark:
-        bench("task_data")
-    threads: 1
-    conda:
-        "../../envs/gen.yaml"
-    shell:
-        "python -m lightning_opd.task_data --out-dir {params.out_dir} --hparams {params.task} > {log} 2>&1"
+else:
+
+    rule task_data:
+        input:
+            code=code("task_data.py", "task.py"),
+        output:
+            expand("{R}/data/{split}.parquet", R=R, split=["teacher", "sft", "opd", "eval"]),
+        params:
+            task=js(config["task"]),
+            out_dir=lambda w, output: os.path.dirname(output[0]),
+        log:
+            logfile("task_data"),
+        benchmark:
+            bench("task_data")
+        threads: 1
+        conda:
+            "../../envs/gen.yaml"
+        shell:
+            "python -m lightning_opd.task_data --out-dir {params.out_dir} --hparams {params.task} > {log} 2>&1"
 
 
 rule tokenizer:
