@@ -1,5 +1,4 @@
 """The report turns Snakemake benchmark files into device-hours."""
-import pandas as pd
 import pytest
 
 from lightning_opd.report import benchmark_seconds, stage_costs

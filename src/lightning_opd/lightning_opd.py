@@ -15,17 +15,15 @@ from datasets import Dataset
 from lightning_opd.artifacts import ArtifactError, read_cache
 from lightning_opd.hparams import OPDParams, parse_hparams
 from lightning_opd.modeling import DEFAULT_PROMPT_TEMPLATE, load_model, load_tokenizer
-from lightning_opd.opd_trainer import OPDTrainer, drift_reference, opd_example
-from lightning_opd.provenance import (check_teacher_consistency, describe_model, file_sha256,
-                                      sft_teacher_of, tokenizer_fingerprint)
+from lightning_opd.opd_trainer import OPDTrainer, add_output_arguments, drift_reference, opd_example
+from lightning_opd.provenance import (check_same_tokenizer, check_teacher_consistency, describe_model, file_sha256,
+                                      sft_teacher_of)
 from lightning_opd.training import PadCollator, checkpoint_dir, params_record, save_final, train_with_resume, training_arguments
 
 
 def load_checked_cache(cache_path: Path, init: dict, tokenizer, allow_mismatch: bool) -> tuple[list[dict], dict]:
     table, meta = read_cache(cache_path)
-    if meta["tokenizer_fingerprint"] != tokenizer_fingerprint(tokenizer):
-        raise ArtifactError(f"{cache_path}: token ids come from tokenizer {meta['tokenizer_fingerprint']}, "
-                            f"but the student {init['path']} uses {tokenizer_fingerprint(tokenizer)}")
+    check_same_tokenizer(cache_path, meta, tokenizer, f"the student {init['path']}")
     if meta["rollout_policy"]["fingerprint"] != init["fingerprint"]:
         raise ArtifactError(f"{cache_path}: the rollouts were sampled by {meta['rollout_policy']['path']} "
                             f"({meta['rollout_policy']['fingerprint']}), not by the OPD init model "
@@ -41,11 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--init", required=True, help="pi_ref: the SFT model that sampled the rollouts")
     parser.add_argument("--cache", type=Path, required=True, help="teacher cache parquet")
     parser.add_argument("--opd", default="{}", help="JSON of OPDParams fields")
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--checkpoint-root", type=Path, required=True)
-    parser.add_argument("--drift-prompts", type=Path, help="held-out prompts on which KL(pi_theta || pi_ref) is logged")
-    parser.add_argument("--drift-n", type=int, default=64, help="how many of them (0: no drift logging)")
-    parser.add_argument("--drift-max-new-tokens", type=int, default=128)
+    add_output_arguments(parser)
     args = parser.parse_args(argv)
     params = parse_hparams(OPDParams, args.opd, "--opd")
 

@@ -69,6 +69,17 @@ class OPDTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
 
+def add_output_arguments(parser) -> None:
+    """Arguments both OPD trainers share: where the model and checkpoints go, and drift logging."""
+    from pathlib import Path
+
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--checkpoint-root", type=Path, required=True)
+    parser.add_argument("--drift-prompts", type=Path, help="held-out prompts on which KL(pi_theta || pi_ref) is logged")
+    parser.add_argument("--drift-n", type=int, default=64, help="how many of them (0: no drift logging)")
+    parser.add_argument("--drift-max-new-tokens", type=int, default=128)
+
+
 def drift_reference(init: str, tokenizer, prompts_path, n_prompts: int, prompt_template: str,
                     max_new_tokens: int, device: str | None = None):
     """A frozen copy of pi_ref and a held-out batch (one pi_ref sample per

@@ -62,6 +62,15 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return _short(hashlib.sha256(json.dumps([vocab, special]).encode()))
 
 
+def check_same_tokenizer(artifact: Path | str, meta: dict[str, Any], tokenizer, model: str | Path) -> None:
+    """Stored token ids only mean the same to a model with the same vocabulary."""
+    from lightning_opd.artifacts import ArtifactError
+
+    if meta["tokenizer_fingerprint"] != tokenizer_fingerprint(tokenizer):
+        raise ArtifactError(f"{artifact}: token ids come from tokenizer {meta['tokenizer_fingerprint']}, "
+                            f"but {model} uses {tokenizer_fingerprint(tokenizer)}")
+
+
 def read_model_provenance(name_or_path: str | Path) -> dict[str, Any]:
     """The provenance a pipeline-written model carries; {} for outside models."""
     record = Path(name_or_path) / PROVENANCE_FILE

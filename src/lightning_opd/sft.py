@@ -12,7 +12,7 @@ from transformers import Trainer
 from lightning_opd.artifacts import SAMPLES_SCHEMA, ArtifactError, read_table
 from lightning_opd.hparams import TrainParams, parse_hparams
 from lightning_opd.modeling import load_model, load_tokenizer
-from lightning_opd.provenance import describe_model, file_sha256, tokenizer_fingerprint
+from lightning_opd.provenance import check_same_tokenizer, describe_model, file_sha256
 from lightning_opd.training import (PadCollator, checkpoint_dir, params_record, save_final,
                                     supervised_example, train_with_resume, training_arguments)
 
@@ -31,9 +31,7 @@ def main(argv: list[str] | None = None) -> None:
 
     table, meta = read_table(args.sft_data, SAMPLES_SCHEMA)
     tokenizer = load_tokenizer(args.base)
-    if meta["tokenizer_fingerprint"] != tokenizer_fingerprint(tokenizer):
-        raise ArtifactError(f"{args.sft_data}: token ids come from tokenizer {meta['tokenizer_fingerprint']}, "
-                            f"but the student {args.base} uses {tokenizer_fingerprint(tokenizer)}")
+    check_same_tokenizer(args.sft_data, meta, tokenizer, f"the student {args.base}")
     rows = [r for r in table.to_pylist() if r["finished"] or args.keep_unfinished]
     if not rows:
         raise ArtifactError(f"{args.sft_data}: no finished responses to train on")

@@ -18,7 +18,7 @@ from lightning_opd.artifacts import TASK_SCHEMA, read_table
 from lightning_opd.backends.hf import sample_with
 from lightning_opd.hparams import OPDParams, SamplingParams, from_dict, parse_hparams
 from lightning_opd.modeling import DEFAULT_PROMPT_TEMPLATE, load_model, load_tokenizer, prompt_ids, stop_token_ids
-from lightning_opd.opd_trainer import OPDTrainer, drift_reference, opd_example, response_logprobs
+from lightning_opd.opd_trainer import OPDTrainer, add_output_arguments, drift_reference, opd_example, response_logprobs
 from lightning_opd.provenance import (check_teacher_consistency, describe_model, file_sha256, sft_teacher_of,
                                       tokenizer_fingerprint)
 from lightning_opd.training import PadCollator, checkpoint_dir, params_record, save_final, train_with_resume, training_arguments
@@ -62,11 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--opd", default="{}", help="JSON of OPDParams fields (as Lightning OPD)")
     parser.add_argument("--sampling", default="{}", help="JSON of SamplingParams for the live rollouts")
     parser.add_argument("--prompt-template", default=DEFAULT_PROMPT_TEMPLATE)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--checkpoint-root", type=Path, required=True)
-    parser.add_argument("--drift-prompts", type=Path, help="held-out prompts on which KL(pi_theta || pi_ref) is logged")
-    parser.add_argument("--drift-n", type=int, default=64, help="how many of them (0: no drift logging)")
-    parser.add_argument("--drift-max-new-tokens", type=int, default=128)
+    add_output_arguments(parser)
     args = parser.parse_args(argv)
     params = parse_hparams(OPDParams, args.opd, "--opd")
     sampling = from_dict(SamplingParams, json.loads(args.sampling), "--sampling")
@@ -74,8 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     init = describe_model(args.init)
     teacher = {**describe_model(args.teacher), "label": args.teacher_label}
     tokenizer = load_tokenizer(args.init)
-    teacher_tokenizer = load_tokenizer(args.teacher)
-    if tokenizer_fingerprint(teacher_tokenizer) != tokenizer_fingerprint(tokenizer):
+    if tokenizer_fingerprint(load_tokenizer(args.teacher)) != tokenizer_fingerprint(tokenizer):
         raise ValueError(f"{args.teacher}: the teacher's tokenizer differs from the student's ({args.init}); "
                          "OPD scores the student's token ids with the teacher")
     consistent = check_teacher_consistency(sft_teacher_of(init), teacher, params.allow_teacher_mismatch, args.teacher)

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
-from lightning_opd.artifacts import CACHE_SCHEMA, SAMPLES_SCHEMA, ArtifactError, read_table, write_table
+from lightning_opd.artifacts import CACHE_SCHEMA, SAMPLES_SCHEMA, read_table, write_table
 from lightning_opd.backends import BACKENDS, get_backend
 from lightning_opd.modeling import load_tokenizer
-from lightning_opd.provenance import describe_model, file_sha256, sft_teacher_of, tokenizer_fingerprint
+from lightning_opd.provenance import check_same_tokenizer, describe_model, file_sha256, sft_teacher_of
 
 
 def build_cache(teacher: str, rollouts_path: Path, out: Path, backend: str = "hf", label: str = "",
@@ -21,9 +21,7 @@ def build_cache(teacher: str, rollouts_path: Path, out: Path, backend: str = "hf
                 backend_options: dict | None = None) -> None:
     table, meta = read_table(rollouts_path, SAMPLES_SCHEMA)
     tokenizer = load_tokenizer(teacher)
-    if meta["tokenizer_fingerprint"] != tokenizer_fingerprint(tokenizer):
-        raise ArtifactError(f"{rollouts_path}: token ids come from tokenizer {meta['tokenizer_fingerprint']}, "
-                            f"but the teacher {teacher} uses {tokenizer_fingerprint(tokenizer)}")
+    check_same_tokenizer(rollouts_path, meta, tokenizer, f"the teacher {teacher}")
     prompts = table.column("prompt_ids").to_pylist()
     responses = table.column("response_ids").to_pylist()
     if max_response_tokens:
