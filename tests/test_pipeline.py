@@ -117,7 +117,7 @@ def test_tiny_run_writes_the_report(tiny_run):
     assert (models["device_hours"] > 0).all()
     assert list(models.loc[models.role.str.endswith("_opd"), "teacher_consistent"]) == ["yes", "yes"]
     table = pd.read_csv(report / "table.csv")
-    assert table["model"].tolist() == ["teacher", "student base", "SFT (pi_ref) (SFT data: A)",
+    assert table["model"].tolist() == ["teacher A", "student base", "SFT (pi_ref) (SFT data: A)",
                                        "standard OPD (SFT data: A, OPD teacher: A)",
                                        "Lightning OPD (SFT data: A, OPD teacher: A)"]
     assert table["cost_vs_standard_opd"].tolist()[3] == 1.0

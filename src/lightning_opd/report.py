@@ -50,6 +50,7 @@ def model_table(manifest: dict[str, Any]) -> pd.DataFrame:
         rows.append({
             "model": model["label"],
             "role": model["role"],
+            "teacher": model.get("teacher", ""),
             "sft_teacher": model.get("sft_teacher", ""),
             "opd_teacher": model.get("opd_teacher", ""),
             "teacher_consistent": {True: "yes", False: "no"}.get(provenance.get("teacher_consistent"), ""),
@@ -73,7 +74,7 @@ def summary_table(models: pd.DataFrame, k: int) -> pd.DataFrame:
     mean +- std over seeds, device-hours, and the cost ratio to standard OPD."""
     acc = f"avg@{k}"
     models = models.assign(order=models["role"].map(ROLE_ORDER.index))
-    keys = ["order", "role", "sft_teacher", "opd_teacher", "teacher_consistent"]
+    keys = ["order", "role", "teacher", "sft_teacher", "opd_teacher", "teacher_consistent"]
     grouped = models.groupby(keys, sort=True, dropna=False)
     table = grouped.agg(acc_mean=(acc, "mean"), acc_std=(acc, "std"), seeds=(acc, "size"),
                         device_hours=("device_hours", "mean")).reset_index()
@@ -86,7 +87,7 @@ def summary_table(models: pd.DataFrame, k: int) -> pd.DataFrame:
     table["cost_vs_standard_opd"] = ratios
     names = []
     for row in table.itertuples():
-        name = ROLE_NAMES[row.role]
+        name = ROLE_NAMES[row.role] + (f" {row.teacher}" if row.teacher else "")
         if row.sft_teacher or row.opd_teacher:
             name += f" (SFT data: {row.sft_teacher}" + (f", OPD teacher: {row.opd_teacher}" if row.opd_teacher else "") + ")"
         if row.teacher_consistent == "no":
@@ -137,7 +138,8 @@ def plot_training_curves(manifest: dict[str, Any], out: Path) -> None:
               ("reverse_kl", "per-token reverse KL to teacher (train batch)"),
               ("drift_kl_ref", "drift: KL(pi_theta || pi_ref), held-out"),
               ("student_logprob", "student log-prob of its training tokens")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
+    n_runs = sum(1 for m in manifest["models"] if m.get("model_dir"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4 + 0.18 * (n_runs + 3) // 4))
     for model in manifest["models"]:
         if not model.get("model_dir"):
             continue
@@ -149,9 +151,10 @@ def plot_training_curves(manifest: dict[str, Any], out: Path) -> None:
         axis.set_title(title, fontsize=9)
         axis.set_xlabel("optimizer step")
         axis.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=7, frameon=False)
     fig.suptitle(f"{manifest['experiment']}: OPD training", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.05 + 0.045 * ((n_runs + 3) // 4), 1, 1))
     with atomic_path(out) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
