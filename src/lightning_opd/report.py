@@ -164,7 +164,8 @@ def write_frame(frame: pd.DataFrame, md: Path, csv: Path, title: str) -> None:
     with atomic_path(csv) as tmp:
         frame.to_csv(tmp, index=False)
     with atomic_path(md) as tmp:
-        tmp.write_text(f"## {title}\n\n{frame.to_markdown(index=False)}\n")
+        shown = frame.astype(object).where(frame.notna(), None)  # blank, not "nan", where a cell does not apply
+        tmp.write_text(f"## {title}\n\n{shown.to_markdown(index=False, missingval='')}\n")
 
 
 def main(argv: list[str] | None = None) -> None:
