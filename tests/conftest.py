@@ -16,7 +16,7 @@ from lightning_opd.modeling import load_tokenizer, tiny_qwen3_config
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_ARCH = ArchParams(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                       num_key_value_heads=1, head_dim=16, max_position_embeddings=256)
+                       num_key_value_heads=1, head_dim=32, max_position_embeddings=256)  # vLLM on CPU needs head_dim >= 32
 
 
 def random_model(tokenizer_dir: Path, out: Path, seed: int) -> Path:

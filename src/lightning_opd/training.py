@@ -59,6 +59,11 @@ def checkpoint_dir(root: Path | str, key: dict[str, Any]) -> Path:
     return Path(root) / digest
 
 
+# transformers renamed gradient_checkpointing to activation_checkpointing in 5.2x
+_CHECKPOINTING = next(name for name in ("activation_checkpointing", "gradient_checkpointing")
+                      if name in {f.name for f in dataclasses.fields(TrainingArguments)})
+
+
 def training_arguments(params: TrainParams, output_dir: Path, **overrides) -> TrainingArguments:
     return TrainingArguments(
         output_dir=str(output_dir),
@@ -77,7 +82,7 @@ def training_arguments(params: TrainParams, output_dir: Path, **overrides) -> Tr
         seed=params.seed,
         data_seed=params.seed,
         bf16=params.bf16,
-        activation_checkpointing=params.gradient_checkpointing,
+        **{_CHECKPOINTING: params.gradient_checkpointing},
         save_strategy="steps",
         save_steps=params.save_steps,
         save_total_limit=2,
