@@ -30,8 +30,7 @@ def js(obj):
 
 def res(stage):
     """Resources of a stage: the config's `resources.default` updated by `resources.<stage>`."""
-    merged = {**config["resources"]["default"], **config["resources"].get(stage, {})}
-    return merged
+    return {**config["resources"]["default"], **config["resources"].get(stage, {})}
 
 
 def stage_resources(stage):
