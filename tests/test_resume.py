@@ -30,12 +30,16 @@ def test_kill_and_rerun_resumes_from_last_checkpoint(world, tmp_path):
     command = pretrain_command(world, tmp_path / "model", ckpt)
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 240
-    while not list(ckpt.glob("*/checkpoint-8")) and process.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
+
+    def saved_steps():
+        return sorted(int(p.name.split("-")[1]) for p in ckpt.glob("*/checkpoint-*"))
+
+    while not any(step >= 8 for step in saved_steps()) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     assert not (tmp_path / "model").exists(), "killed before the end: no final model may exist"
-    saved = sorted(int(p.name.split("-")[1]) for p in ckpt.glob("*/checkpoint-*"))
+    saved = saved_steps()
     assert saved and max(saved) < TRAIN["max_steps"], f"expected a midway checkpoint, found {saved}"
 
     rerun = subprocess.run(command, capture_output=True, text=True, timeout=600)
