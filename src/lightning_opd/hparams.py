@@ -70,7 +70,6 @@ class SamplingParams:
 class OPDParams(TrainParams):
     # None turns the advantage clipping of Algorithm 1 off (as in the public code).
     tau: float | None = None
-    max_response_tokens: int = 4096
     allow_teacher_mismatch: bool = False
 
 
