@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
            "opd": params_record(params)}
     model = load_model(args.init)
     reference, drift_batch = drift_reference(
-        args.init, tokenizer, args.drift_prompts, args.drift_n if args.drift_prompts else 0,
+        args.init, tokenizer, args.drift_prompts, args.drift_n,
         meta["rollouts"].get("prompt_template") or DEFAULT_PROMPT_TEMPLATE, args.drift_max_new_tokens, str(model.device))
     trainer = OPDTrainer(model=model, tau=params.tau, reference=reference, drift_batch=drift_batch,
                          args=training_arguments(params, checkpoint_dir(args.checkpoint_root, key)),

@@ -8,6 +8,7 @@ held-out batch, the drift KL(pi_theta || pi_ref) on held-out sequences."""
 from __future__ import annotations
 
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 from transformers import Trainer
@@ -71,8 +72,6 @@ class OPDTrainer(Trainer):
 
 def add_output_arguments(parser) -> None:
     """Arguments both OPD trainers share: where the model and checkpoints go, and drift logging."""
-    from pathlib import Path
-
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--checkpoint-root", type=Path, required=True)
     parser.add_argument("--drift-prompts", type=Path, help="held-out prompts on which KL(pi_theta || pi_ref) is logged")
@@ -80,12 +79,12 @@ def add_output_arguments(parser) -> None:
     parser.add_argument("--drift-max-new-tokens", type=int, default=128)
 
 
-def drift_reference(init: str, tokenizer, prompts_path, n_prompts: int, prompt_template: str,
+def drift_reference(init: str, tokenizer, prompts_path: Path | None, n_prompts: int, prompt_template: str,
                     max_new_tokens: int, device: str | None = None):
     """A frozen copy of pi_ref and a held-out batch (one pi_ref sample per
     prompt, temperature 1) on which `drift_kl` is measured during training;
-    (None, None) when ``n_prompts`` is 0."""
-    if not n_prompts:
+    (None, None) without prompts or when ``n_prompts`` is 0."""
+    if not prompts_path or not n_prompts:
         return None, None
     from lightning_opd.artifacts import TASK_SCHEMA, read_table
     from lightning_opd.backends.hf import sample_with

@@ -101,6 +101,14 @@ def summary_table(models: pd.DataFrame, k: int) -> pd.DataFrame:
     })
 
 
+def save_figure(fig, out: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
 def plot_accuracy_vs_cost(models: pd.DataFrame, k: int, kind: str, out: Path) -> None:
     import matplotlib
 
@@ -121,9 +129,7 @@ def plot_accuracy_vs_cost(models: pd.DataFrame, k: int, kind: str, out: Path) ->
     axis.grid(alpha=0.3)
     axis.legend(fontsize=6)
     fig.tight_layout()
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_figure(fig, out)
 
 
 def plot_training_curves(manifest: dict[str, Any], out: Path) -> None:
@@ -155,9 +161,7 @@ def plot_training_curves(manifest: dict[str, Any], out: Path) -> None:
     fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=7, frameon=False)
     fig.suptitle(f"{manifest['experiment']}: OPD training", fontsize=10)
     fig.tight_layout(rect=(0, 0.05 + 0.045 * ((n_runs + 3) // 4), 1, 1))
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_figure(fig, out)
 
 
 def write_frame(frame: pd.DataFrame, md: Path, csv: Path, title: str) -> None:

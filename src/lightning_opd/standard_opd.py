@@ -83,10 +83,11 @@ def main(argv: list[str] | None = None) -> None:
            "prompts": file_sha256(args.prompts), "opd": params_record(params), "sampling": params_record(sampling)}
     model = load_model(args.init)
     reference, drift_batch = drift_reference(
-        args.init, tokenizer, args.drift_prompts, args.drift_n if args.drift_prompts else 0, args.prompt_template,
+        args.init, tokenizer, args.drift_prompts, args.drift_n, args.prompt_template,
         args.drift_max_new_tokens, str(model.device))
     trainer = OnlineOPDTrainer(
-        model=model, tau=params.tau, reference=reference, drift_batch=drift_batch, teacher=load_model(args.teacher, device=str(model.device)), sampling=sampling,
+        model=model, tau=params.tau, reference=reference, drift_batch=drift_batch,
+        teacher=load_model(args.teacher, device=str(model.device)), sampling=sampling,
         pad_id=tokenizer.pad_token_id, stop_ids=stop_token_ids(model, tokenizer),
         args=training_arguments(params, checkpoint_dir(args.checkpoint_root, key)),
         train_dataset=Dataset.from_list(prompts),
