@@ -118,8 +118,10 @@ def plot_accuracy_vs_cost(models: pd.DataFrame, k: int, kind: str, out: Path) ->
     fig, axis = plt.subplots(figsize=(5.5, 4))
     opd = models[models.role.str.endswith("_opd")]
     for (role, sft_t, opd_t), group in opd.groupby(["role", "sft_teacher", "opd_teacher"]):
-        axis.errorbar(group.device_hours.mean(), group[f"avg@{k}"].mean(), yerr=group[f"avg@{k}"].std() or 0,
-                      xerr=group.device_hours.std() or 0, marker="o", capsize=3,
+        # one seed has no spread: std() is NaN there, drawn as no error bar
+        axis.errorbar(group.device_hours.mean(), group[f"avg@{k}"].mean(),
+                      yerr=group[f"avg@{k}"].std(ddof=1) if len(group) > 1 else 0.0,
+                      xerr=group.device_hours.std(ddof=1) if len(group) > 1 else 0.0, marker="o", capsize=3,
                       label=f"{ROLE_NAMES[role]} SFT {sft_t} / OPD {opd_t}")
     for value in models.loc[models.role == "sft", f"avg@{k}"]:
         axis.axhline(value, ls="--", color="gray", lw=0.8)
