@@ -1,0 +1,195 @@
+"""`snakemake --profile slurm` on a real one-node SLURM cluster, started by
+tests/slurm/cluster.sh: every job of a reduced run is a SLURM job that asks
+for the CPUs, memory, time and GPUs of the config. Run by `make test-slurm`
+(which installs SLURM and the executor plugin if missing)."""
+from __future__ import annotations
+
+import getpass
+import importlib.util
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+import yaml
+
+if not os.environ.get("LOPD_SLURM_TEST"):
+    pytest.skip("starts a SLURM cluster on this machine: run it with `make test-slurm`", allow_module_level=True)
+_missing = [b for b in ("munged", "mariadbd", "slurmdbd", "slurmctld", "slurmd", "sbatch", "sacct", "sacctmgr")
+            if not shutil.which(b)]
+if _missing:
+    pytest.skip(f"SLURM is not installed (missing {', '.join(_missing)}): run `make test-slurm`",
+                allow_module_level=True)
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER_SH = REPO / "tests/slurm/cluster.sh"
+VENV_BIN = Path(sys.executable).parent
+ENV = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"}
+CONFIGS = ["tests/configs/tiny.yaml", "tests/configs/slurm.yaml"]
+TARGET = "results/tiny/models/sft-A"  # 6 jobs: data, tokenizer, two pretrainings, SFT data, SFT (the GPU rule)
+# which `resources:` entry of the config each rule uses (workflow/rules/common.smk: stage_kind)
+KIND = {"pretrain_teacher": "pretrain", "pretrain_student_base": "pretrain", "sft_data": "generate", "sft": "train",
+        "task_data": "light", "tokenizer": "light"}
+
+
+def run(*cmd: str, **kwargs) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, check=False, capture_output=True, text=True, env=ENV, **kwargs)
+    if result.returncode != 0:
+        raise AssertionError(f"{shlex.join(cmd)} failed ({result.returncode}):\n"
+                             f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    assert importlib.util.find_spec("snakemake_executor_plugin_slurm"), \
+        "the snakemake SLURM executor plugin is missing: pip install -e '.[slurm]' (make test-slurm does)"
+    state = Path(tempfile.mkdtemp(prefix="lopd-slurm-"))
+    try:
+        run(str(CLUSTER_SH), "start", str(state), timeout=300)
+        yield state
+    finally:
+        stop = subprocess.run([str(CLUSTER_SH), "stop", str(state)], check=False, capture_output=True, text=True,
+                              timeout=300)
+        if stop.returncode != 0:
+            print(f"stopping the SLURM test cluster failed:\n{stop.stdout}\n{stop.stderr}", file=sys.stderr)
+        else:
+            shutil.rmtree(state, ignore_errors=True)
+
+
+def merged_config() -> dict:
+    def merge(base: dict, over: dict) -> dict:
+        return {**base, **{k: merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+                           for k, v in over.items()}}
+    config = yaml.safe_load((REPO / "config/default.yaml").read_text())
+    for path in CONFIGS:
+        config = merge(config, yaml.safe_load((REPO / path).read_text()))
+    return config
+
+
+def planned_jobs(output: str) -> dict[str, int]:
+    table = output.split("Job stats:")[1].split("total")[0]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", table, re.MULTILINE)}
+
+
+def minutes(timelimit: str) -> int:
+    """sacct's [D-]HH:MM:SS in minutes."""
+    days, _, hms = timelimit.rpartition("-")
+    h, m, s = (int(x) for x in hms.split(":"))
+    return int(days or 0) * 1440 + h * 60 + m + (s > 0)
+
+
+def tres(text: str) -> dict[str, int]:
+    """billing=2,cpu=2,gres/gpu=1,mem=2000M,node=1 -> {'cpu': 2, 'gres/gpu': 1, 'mem': 2000, ...}; mem in MB."""
+    out = {}
+    for item in filter(None, text.split(",")):
+        key, value = item.split("=")
+        scale = {"K": 1 / 1024, "M": 1, "G": 1024, "T": 1024 ** 2}.get(value[-1])
+        out[key] = round(float(value[:-1]) * scale) if scale else int(value)
+    return out
+
+
+def cluster_defaults() -> dict:
+    partition = run("scontrol", "show", "partition", "-o").stdout
+    fields = dict(re.findall(r"(\w+)=(\S+)", partition))
+    account = run("sacctmgr", "-n", "-P", "list", "user", getpass.getuser(), "format=defaultaccount").stdout.strip()
+    return {"partition": fields["PartitionName"], "account": account}
+
+
+@pytest.fixture(scope="module")
+def slurm_run(slurm_cluster, tmp_path_factory):
+    """The README's `snakemake --profile slurm`, from the root of a copy of the repository."""
+    work = tmp_path_factory.mktemp("repo")
+    for item in ("Snakefile", "workflow", "src", "config", "envs", "profiles", "tests/configs"):
+        (shutil.copytree if (REPO / item).is_dir() else shutil.copy)(REPO / item, work / item)
+    shutil.copy(REPO / "slurm", work / "slurm", follow_symlinks=False)  # the link to profiles/slurm
+    snakemake = [str(VENV_BIN / "snakemake"), "--profile", "slurm", "--configfile", *CONFIGS]
+    planned = planned_jobs(run(*snakemake, "-n", TARGET, cwd=work).stdout)
+    started = datetime.now().strftime("%Y-%m-%dT%H:%M:%S")
+    # the plugin polls 40 s after a start or a finished job by default: every job costs a poll; poll sooner
+    result = run(*snakemake, "--slurm-init-seconds-before-status-checks", "2", TARGET, cwd=work, timeout=1200)
+    log = result.stdout + result.stderr
+    run_id = re.search(r"SLURM run ID: (\S+)", log).group(1)
+    fields = ["JobID", "JobName", "Comment", "State", "Account", "Partition", "Timelimit", "ReqTRES", "AllocTRES"]
+    sacct = run("sacct", "-X", "-P", "-n", "--name", run_id, "-S", started, "-o", ",".join(fields)).stdout
+    jobs = [dict(zip(fields, line.split("|"))) for line in sacct.splitlines()]
+    return {"work": work, "planned": planned, "log": log, "jobs": jobs}
+
+
+def rule_of(job: dict) -> str:
+    """The plugin names jobs after the run and puts the rule into the comment: rule_<rule>[_wildcards_<w>]."""
+    match = re.fullmatch(r"rule_(\w+?)(_wildcards_.*)?", job["Comment"])
+    assert match, f"SLURM job {job['JobID']} has no rule in its comment: {job}"
+    return match.group(1)
+
+
+def test_profile_names_no_partition_or_account():
+    profile = yaml.safe_load((REPO / "profiles/slurm/config.yaml").read_text())
+    assert profile["executor"] == "slurm"
+    assert not re.search(r"partition|account", yaml.safe_dump(profile)), profile
+    assert (REPO / "slurm").resolve() == (REPO / "profiles/slurm").resolve()
+
+
+def test_every_job_is_a_completed_slurm_job_of_its_rule(slurm_run):
+    jobs = slurm_run["jobs"]
+    assert set(slurm_run["planned"]) == set(KIND), slurm_run["planned"]
+    assert Counter(rule_of(job) for job in jobs) == Counter(slurm_run["planned"]), jobs
+    assert len(re.findall(r"has been submitted with SLURM jobid", slurm_run["log"])) == len(jobs)
+    assert [job for job in jobs if job["State"] != "COMPLETED"] == []
+
+
+def test_jobs_ask_for_the_config_resources(slurm_run):
+    config = merged_config()["resources"]
+    defaults = cluster_defaults()
+    for job in slurm_run["jobs"]:
+        rule = rule_of(job)
+        # `light` does not start from `default` (workflow/rules/common.smk); tests/configs/slurm.yaml sets all of it
+        want = config["light"] if KIND[rule] == "light" else {**config["default"], **config[KIND[rule]]}
+        for key in ("ReqTRES", "AllocTRES"):
+            got = tres(job[key])
+            assert (got["cpu"], got.get("gres/gpu", 0), got["mem"]) == (want["cpus"], want["gpus"], want["mem_mb"]), \
+                f"{rule}: {key} {job[key]}, config {want}"
+        assert minutes(job["Timelimit"]) == want["runtime"], f"{rule}: time limit {job['Timelimit']}, config {want}"
+        # no partition or account in the profile: the cluster's defaults
+        assert (job["Partition"], job["Account"]) == (defaults["partition"], defaults["account"]), job
+    assert config["train"]["gpus"] == 1 and any(rule_of(j) == "sft" for j in slurm_run["jobs"])
+
+
+def test_outputs_exist_and_are_up_to_date(slurm_run):
+    work = slurm_run["work"]
+    model = work / TARGET
+    assert (model / "model.safetensors").stat().st_size > 0
+    assert (model / "provenance.json").is_file()
+    assert (model / "train_log.jsonl").read_text().strip()  # written by the training in the GPU job
+    dry = run(str(VENV_BIN / "snakemake"), "--profile", "slurm", "--configfile", *CONFIGS, "-n", TARGET, cwd=work)
+    assert "Nothing to be done" in dry.stdout + dry.stderr
+
+
+def test_code_in_a_gpu_job_falls_back_to_cpu(slurm_cluster, tmp_path):
+    """SLURM hands the job a (fake) GPU; with no CUDA, torch and the package's device choice use the CPU."""
+    out = tmp_path / "job.out"
+    code = ("import os, torch; from lightning_opd.modeling import pick_device; "
+            "print(os.environ.get('CUDA_VISIBLE_DEVICES'), torch.cuda.is_available(), pick_device())")
+    run("sbatch", "--wait", "--gpus=1", "--cpus-per-task=1", "--mem=1000", "--time=5", "--output", str(out),
+        "--wrap", f"PYTHONPATH={shlex.quote(str(REPO / 'src'))} {shlex.quote(sys.executable)} -c {shlex.quote(code)}",
+        timeout=300)
+    assert out.read_text().split() == ["0", "False", "cpu"], out.read_text()
+
+
+def test_launch_command_across_nodes(slurm_cluster):
+    """The multi-node launch: srun starts one torchrun per node, which meet at the first node of the job
+    (scontrol expands the node list, so it needs the cluster's config)."""
+    from lightning_opd import launch
+
+    env = {"SLURM_JOB_ID": "7", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "gpu[03-04]"}
+    cmd = launch.command("m", ["--a"], 8, 2, env)
+    assert cmd[:4] == ["srun", "--overlap", "--nodes=2", "--ntasks-per-node=1"]
+    assert f"--rdzv-endpoint=gpu03:{launch.RENDEZVOUS_PORT}" in cmd and "--rdzv-id=7" in cmd
+    assert cmd[-3:] == ["-m", "m", "--a"] and "--nnodes=2" in cmd and "--nproc-per-node=8" in cmd
