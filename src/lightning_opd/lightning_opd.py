@@ -18,7 +18,8 @@ from lightning_opd.modeling import DEFAULT_PROMPT_TEMPLATE, load_model, load_tok
 from lightning_opd.opd_trainer import OPDTrainer, add_output_arguments, drift_reference, opd_example
 from lightning_opd.provenance import (check_same_tokenizer, check_teacher_consistency, describe_model, file_sha256,
                                       sft_teacher_of)
-from lightning_opd.training import PadCollator, checkpoint_dir, params_record, save_final, train_with_resume, training_arguments
+from lightning_opd.training import (checkpoint_dir, collator, frozen_dtype, load_device, params_record, save_final,
+                                    train_with_resume, training_arguments)
 
 
 def load_checked_cache(cache_path: Path, init: dict, tokenizer, allow_mismatch: bool) -> tuple[list[dict], dict]:
@@ -50,13 +51,15 @@ def main(argv: list[str] | None = None) -> None:
           f"({'consistent' if meta['teacher_consistent'] else 'INCONSISTENT'} with the SFT teacher)")
     key = {"stage": "lightning_opd", "init": init["fingerprint"], "cache": file_sha256(args.cache),
            "opd": params_record(params)}
-    model = load_model(args.init)
+    model = load_model(args.init, device=load_device(params))
     reference, drift_batch = drift_reference(
         args.init, tokenizer, args.drift_prompts, args.drift_n,
-        meta["rollouts"].get("prompt_template") or DEFAULT_PROMPT_TEMPLATE, args.drift_max_new_tokens, str(model.device))
+        meta["rollouts"].get("prompt_template") or DEFAULT_PROMPT_TEMPLATE, args.drift_max_new_tokens,
+        frozen_dtype(params))
     trainer = OPDTrainer(model=model, tau=params.tau, reference=reference, drift_batch=drift_batch,
                          args=training_arguments(params, checkpoint_dir(args.checkpoint_root, key)),
-                         train_dataset=Dataset.from_list(examples), data_collator=PadCollator(tokenizer.pad_token_id))
+                         train_dataset=Dataset.from_list(examples),
+                         data_collator=collator(params, tokenizer.pad_token_id))
     train_with_resume(trainer)
     save_final(trainer, tokenizer, args.out, {
         **key, "method": "lightning_opd", "init_model": init, "teacher": meta["teacher"],

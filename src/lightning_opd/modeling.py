@@ -2,6 +2,7 @@
 formatting through the chat template, and the tiny Qwen3 config."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -13,9 +14,12 @@ DEFAULT_PROMPT_TEMPLATE = "{problem}"
 
 
 def pick_device(device: str | None = None) -> torch.device:
+    """``device``, else this process's GPU (torchrun's LOCAL_RANK), else the CPU."""
     if device:
         return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
 
 
 def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:

@@ -13,14 +13,17 @@ import torch
 
 
 def opd_loss(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, mask: torch.Tensor,
-             tau: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+             tau: float | None = None, n_loss_tokens: torch.Tensor | int | None = None
+             ) -> tuple[torch.Tensor, dict[str, float]]:
     """``student_logprobs`` carries the gradient; the other two are constants.
-    All three are (batch, tokens); ``mask`` is 1 on response tokens."""
+    All three are (batch, tokens); ``mask`` is 1 on response tokens. The loss
+    is divided by ``n_loss_tokens`` (default: the response tokens here), the
+    metrics are means over this batch."""
     mask = mask.to(student_logprobs.dtype)
     n_tokens = mask.sum().clamp(min=1.0)
     log_ratio = teacher_logprobs - student_logprobs.detach()
     advantage = log_ratio if tau is None else log_ratio.clamp(-tau, tau)
-    loss = -(advantage * student_logprobs * mask).sum() / n_tokens
+    loss = -(advantage * student_logprobs * mask).sum() / (n_tokens if n_loss_tokens is None else n_loss_tokens)
     with torch.no_grad():
         clipped = ((log_ratio.abs() > tau).to(mask.dtype) * mask).sum() / n_tokens if tau is not None else 0.0
         metrics = {

@@ -26,8 +26,10 @@ def opd_example(prompt: list[int], response: list[int], teacher_logprobs: list[f
 
 
 def response_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log pi_theta of every next token, mask of response tokens), both (batch, tokens - 1)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    """(log pi_theta of every next token, mask of response tokens), both (batch, tokens - 1).
+    Takes padded batches (attention_mask) and packed ones (position_ids)."""
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    logits = model(**inputs, use_cache=False).logits[:, :-1]
     mask = batch["labels"][:, 1:] != IGNORE_INDEX
     return token_logprobs(logits, batch["input_ids"][:, 1:]), mask
 
@@ -44,17 +46,41 @@ def drift_kl(model, reference, batch: dict[str, torch.Tensor]) -> float:
     return float((kl * mask).sum() / mask.sum().clamp(min=1))
 
 
+def shard_frozen(model):
+    """Shards a frozen model (pi_ref, the live teacher) over the processes with
+    FSDP2 like the trained one, so that each process holds 1/N of its weights:
+    at paper scale a replicated 32B teacher does not fit beside the student."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (torch.distributed.get_world_size(),))
+    for module in model.modules():
+        if type(module).__name__ in (model._no_split_modules or []):
+            fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
 class OPDTrainer(Trainer):
     def __init__(self, *args, tau: float | None = None, reference=None, drift_batch=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.tau = tau
+        if reference is not None and self.is_fsdp_enabled:
+            reference = shard_frozen(reference)
         self.reference = reference.eval() if reference is not None else None
         self.drift_batch = drift_batch
         self._metrics: dict[str, list[float]] = defaultdict(list)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         student, mask = response_logprobs(model, inputs)
-        loss, metrics = opd_loss(student, inputs["teacher_logprobs"][:, 1:], mask, self.tau)
+        # num_items_in_batch: response tokens of the whole optimiser step (all
+        # micro-batches, all processes), so that the loss is the mean over the
+        # global batch whatever the split; processes average their gradients,
+        # hence the factor. The Trainer then skips its division by the
+        # accumulation steps (it passes the count only to models that take it).
+        loss, metrics = opd_loss(student, inputs["teacher_logprobs"][:, 1:], mask, self.tau, num_items_in_batch)
+        if num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes
         for name, value in metrics.items():
             self._metrics[name].append(value)
         return (loss, None) if return_outputs else loss
@@ -80,7 +106,7 @@ def add_output_arguments(parser) -> None:
 
 
 def drift_reference(init: str, tokenizer, prompts_path: Path | None, n_prompts: int, prompt_template: str,
-                    max_new_tokens: int, device: str | None = None):
+                    max_new_tokens: int, dtype: str = "float32"):
     """A frozen copy of pi_ref and a held-out batch (one pi_ref sample per
     prompt, temperature 1) on which `drift_kl` is measured during training;
     (None, None) without prompts or when ``n_prompts`` is 0."""
@@ -92,7 +118,7 @@ def drift_reference(init: str, tokenizer, prompts_path: Path | None, n_prompts: 
     from lightning_opd.modeling import load_model, prompt_ids, stop_token_ids
     from lightning_opd.training import PadCollator
 
-    reference = load_model(init, device=device).eval()
+    reference = load_model(init, dtype=dtype).eval()  # on this process's device to sample; sharded later under FSDP
     problems = read_table(prompts_path, TASK_SCHEMA)[0].column("problem").to_pylist()[:n_prompts]
     prompts = [prompt_ids(tokenizer, p, prompt_template) for p in problems]
     params = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=max_new_tokens, seed=0, batch_size=len(prompts))

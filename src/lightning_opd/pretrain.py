@@ -15,7 +15,7 @@ from lightning_opd.hparams import ArchParams, TaskParams, TrainParams, parse_hpa
 from lightning_opd.modeling import load_tokenizer, prompt_ids, tiny_qwen3_config
 from lightning_opd.provenance import file_sha256, tokenizer_fingerprint
 from lightning_opd.task import SOLUTION_STYLES, arithmetic_facts
-from lightning_opd.training import (PadCollator, checkpoint_dir, params_record, save_final,
+from lightning_opd.training import (checkpoint_dir, collator, params_record, save_final,
                                     supervised_example, train_with_resume, training_arguments)
 
 CORPORA = ("solutions", "raw_solutions", "facts")
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
            "train": params_record(train), "task": file_sha256(args.task_file),
            "tokenizer": tokenizer_fingerprint(tokenizer)}
     trainer = Trainer(model=model, args=training_arguments(train, checkpoint_dir(args.checkpoint_root, key)),
-                      train_dataset=Dataset.from_list(examples), data_collator=PadCollator(tokenizer.pad_token_id))
+                      train_dataset=Dataset.from_list(examples), data_collator=collator(train, tokenizer.pad_token_id))
     train_with_resume(trainer)
     save_final(trainer, tokenizer, args.out, {**key, "label": args.label})
     print(f"-> {args.out}")

@@ -13,7 +13,7 @@ from lightning_opd.artifacts import SAMPLES_SCHEMA, ArtifactError, read_table
 from lightning_opd.hparams import TrainParams, parse_hparams
 from lightning_opd.modeling import load_model, load_tokenizer
 from lightning_opd.provenance import check_same_tokenizer, describe_model, file_sha256
-from lightning_opd.training import (PadCollator, checkpoint_dir, params_record, save_final,
+from lightning_opd.training import (checkpoint_dir, collator, params_record, save_final,
                                     supervised_example, train_with_resume, training_arguments)
 
 
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     key = {"stage": "sft", "base": base["fingerprint"], "sft_data": file_sha256(args.sft_data),
            "train": params_record(train)}
     trainer = Trainer(model=load_model(args.base), args=training_arguments(train, checkpoint_dir(args.checkpoint_root, key)),
-                      train_dataset=Dataset.from_list(examples), data_collator=PadCollator(tokenizer.pad_token_id))
+                      train_dataset=Dataset.from_list(examples), data_collator=collator(train, tokenizer.pad_token_id))
     train_with_resume(trainer)
     save_final(trainer, tokenizer, args.out, {**key, "base_model": base, "sft_teacher": sft_teacher,
                                               "sft_sampling": meta.get("sampling")})

@@ -18,21 +18,24 @@ from lightning_opd.artifacts import TASK_SCHEMA, read_table
 from lightning_opd.backends.hf import sample_with
 from lightning_opd.hparams import OPDParams, SamplingParams, from_dict, parse_hparams
 from lightning_opd.modeling import DEFAULT_PROMPT_TEMPLATE, load_model, load_tokenizer, prompt_ids, stop_token_ids
-from lightning_opd.opd_trainer import OPDTrainer, add_output_arguments, drift_reference, opd_example, response_logprobs
+from lightning_opd.opd_trainer import (OPDTrainer, add_output_arguments, drift_reference, opd_example,
+                                       response_logprobs, shard_frozen)
 from lightning_opd.provenance import (check_teacher_consistency, describe_model, file_sha256, sft_teacher_of,
                                       tokenizer_fingerprint)
-from lightning_opd.training import PadCollator, checkpoint_dir, params_record, save_final, train_with_resume, training_arguments
+from lightning_opd.training import (PadCollator, checkpoint_dir, collator, frozen_dtype, load_device, params_record,
+                                    save_final, train_with_resume, training_arguments)
 
 
 class OnlineOPDTrainer(OPDTrainer):
     """Turns a batch of prompts into an OPD batch: the live student samples,
     the live teacher scores, then `OPDTrainer.compute_loss` takes over."""
 
-    def __init__(self, *args, teacher, sampling: SamplingParams, pad_id: int, stop_ids: set[int], **kwargs):
+    def __init__(self, *args, teacher, sampling: SamplingParams, pad_id: int, stop_ids: set[int],
+                 batcher=None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.teacher = teacher.eval()
+        self.teacher = (shard_frozen(teacher) if self.is_fsdp_enabled else teacher).eval()
         self.sampling = sampling
-        self.pad = PadCollator(pad_id)
+        self.batcher = batcher or PadCollator(pad_id)  # padding (or packing) of the sampled sequences
         self.pad_id, self.stop_ids = pad_id, stop_ids
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -40,13 +43,15 @@ class OnlineOPDTrainer(OPDTrainer):
         student = self.accelerator.unwrap_model(model)
         was_training = student.training
         student.eval()
-        # a fresh seed per optimiser step: reproducible and resumable, different every step
-        params = dataclasses.replace(self.sampling, seed=self.sampling.seed * 100_003 + self.state.global_step)
-        samples = sample_with(student, prompts, params, self.stop_ids, self.pad_id, progress=False)
+        # a fresh seed per optimiser step and process: reproducible and resumable, different every step
+        seed = self.sampling.seed * 100_003 + self.state.global_step + 7919 * self.args.process_index
+        params = dataclasses.replace(self.sampling, seed=seed)
+        samples = sample_with(student, prompts, params, self.stop_ids, self.pad_id, progress=False,
+                              synced=self.is_fsdp_enabled)
         student.train(was_training)
         examples = [opd_example(p, s.response_ids, [0.0] * len(s.response_ids))
                     for p, outs in zip(prompts, samples) for s in outs]
-        batch = {k: v.to(student.device) for k, v in self.pad(examples).items()}
+        batch = {k: v.to(student.device) if torch.is_tensor(v) else v for k, v in self.batcher(examples).items()}
         with torch.no_grad():
             teacher_logprobs, _ = response_logprobs(self.teacher, batch)
         batch["teacher_logprobs"] = torch.nn.functional.pad(teacher_logprobs, (1, 0))  # align with token positions
@@ -81,14 +86,16 @@ def main(argv: list[str] | None = None) -> None:
 
     key = {"stage": "standard_opd", "init": init["fingerprint"], "teacher": teacher["fingerprint"],
            "prompts": file_sha256(args.prompts), "opd": params_record(params), "sampling": params_record(sampling)}
-    model = load_model(args.init)
+    model = load_model(args.init, device=load_device(params))
     reference, drift_batch = drift_reference(
         args.init, tokenizer, args.drift_prompts, args.drift_n, args.prompt_template,
-        args.drift_max_new_tokens, str(model.device))
+        args.drift_max_new_tokens, frozen_dtype(params))
     trainer = OnlineOPDTrainer(
         model=model, tau=params.tau, reference=reference, drift_batch=drift_batch,
-        teacher=load_model(args.teacher, device=str(model.device)), sampling=sampling,
+        teacher=load_model(args.teacher, dtype=frozen_dtype(params), device=load_device(params)),
+        sampling=sampling,
         pad_id=tokenizer.pad_token_id, stop_ids=stop_token_ids(model, tokenizer),
+        batcher=collator(params, tokenizer.pad_token_id),
         args=training_arguments(params, checkpoint_dir(args.checkpoint_root, key)),
         train_dataset=Dataset.from_list(prompts),
         data_collator=lambda rows: {"prompt_ids": [r["prompt_ids"] for r in rows]},

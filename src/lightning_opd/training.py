@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,53 @@ class PadCollator:
         return batch
 
 
+class PackCollator:
+    """Concatenates a micro-batch into a single row with position ids that
+    restart at every sequence: no padding, and transformers keeps attention
+    within each sequence (a block-diagonal mask from the position ids; the
+    varlen kernel with flash attention)."""
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        batch: dict[str, Any] = {}
+        for key in features[0]:
+            values = [x for f in features for x in f[key]]
+            dtype = torch.float32 if values and isinstance(values[0], float) else torch.long
+            batch[key] = torch.tensor(values, dtype=dtype)[None]
+        batch["position_ids"] = torch.cat([torch.arange(len(f["input_ids"])) for f in features])[None]
+        batch["use_cache"] = False  # with a KV cache transformers ignores the packing in the position ids
+        return batch
+
+
+def collator(params: TrainParams, pad_id: int) -> PadCollator | PackCollator:
+    return PackCollator() if params.packing else PadCollator(pad_id)
+
+
+def world_size() -> int:
+    """Processes of this run (torchrun sets WORLD_SIZE; 1 without it)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def load_device(params: TrainParams) -> str | None:
+    """Where a trainer loads its models: the CPU under FSDP (each process then
+    keeps its shards on its own GPU), else this process's device."""
+    return "cpu" if params.fsdp is not None and world_size() > 1 else None
+
+
+def frozen_dtype(params: TrainParams) -> str:
+    """dtype of the models a trainer only runs forward (pi_ref, the live teacher)."""
+    return "bfloat16" if params.bf16 else "float32"
+
+
+def accumulation(params: TrainParams, processes: int) -> tuple[int, int]:
+    """(micro-batch per process, accumulation steps) that make up the global
+    ``batch_size`` on ``processes`` processes."""
+    micro = params.micro_batch_size or max(1, params.batch_size // processes)
+    if params.batch_size % (micro * processes):
+        raise ValueError(f"batch_size {params.batch_size} is not a multiple of micro_batch_size {micro} "
+                         f"x {processes} processes")
+    return micro, params.batch_size // (micro * processes)
+
+
 def checkpoint_dir(root: Path | str, key: dict[str, Any]) -> Path:
     """A checkpoint directory that belongs to exactly one (config, inputs)
     combination, so a rerun with other settings never resumes a stale run."""
@@ -65,10 +113,15 @@ _CHECKPOINTING = next(name for name in ("activation_checkpointing", "gradient_ch
 
 
 def training_arguments(params: TrainParams, output_dir: Path, **overrides) -> TrainingArguments:
+    processes = world_size()
+    micro, steps = accumulation(params, processes)
+    fsdp = {"fsdp": True, "fsdp_config": params.fsdp} if params.fsdp is not None and processes > 1 else {}
+    # without CUDA, accelerate sets up multi-process (gloo) training only when told to use the CPU
+    cpu = {"use_cpu": True} if processes > 1 and not torch.cuda.is_available() else {}
     return TrainingArguments(
         output_dir=str(output_dir),
-        per_device_train_batch_size=params.batch_size,
-        gradient_accumulation_steps=params.gradient_accumulation_steps,
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=steps,
         learning_rate=params.learning_rate,
         optim=params.optim,
         lr_scheduler_type=params.lr_scheduler_type,
@@ -90,6 +143,9 @@ def training_arguments(params: TrainParams, output_dir: Path, **overrides) -> Tr
         report_to="none",
         remove_unused_columns=False,
         dataloader_pin_memory=torch.cuda.is_available(),
+        ddp_find_unused_parameters=False,  # every parameter takes part in every step
+        **fsdp,
+        **cpu,
         **overrides,
     )
 
@@ -109,24 +165,43 @@ def last_complete_checkpoint(output_dir: Path) -> str | None:
 
 
 def train_with_resume(trainer: Trainer) -> None:
-    last = last_complete_checkpoint(Path(trainer.args.output_dir))
-    if last:
-        print(f"resuming from {last}", flush=True)
+    output_dir = Path(trainer.args.output_dir)
+    if trainer.is_world_process_zero():
+        last_complete_checkpoint(output_dir)  # removes a partial checkpoint once, before any process reads
+    trainer.accelerator.wait_for_everyone()
+    last = last_complete_checkpoint(output_dir)
+    if trainer.is_world_process_zero():
+        args = trainer.args
+        mode = "FSDP" if trainer.is_fsdp_enabled else "DDP" if args.world_size > 1 else "one process"
+        print(f"{mode}: {args.world_size} x micro-batch {args.per_device_train_batch_size} x "
+              f"{args.gradient_accumulation_steps} accumulation steps per optimiser step"
+              + (f"; resuming from {last}" if last else ""), flush=True)
     trainer.train(resume_from_checkpoint=last)
 
 
 def save_final(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, out: Path | str,
                provenance: dict[str, Any]) -> None:
     """Write model, tokenizer, provenance and training log to ``out`` at once,
-    then drop the run's checkpoints (the final model supersedes them)."""
-    with atomic_path(out, is_dir=True) as tmp:
-        trainer.save_model(str(tmp))
-        tokenizer.save_pretrained(tmp)
-        (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, default=str) + "\n")
-        with open(tmp / TRAIN_LOG_FILE, "w") as log:
-            for entry in trainer.state.log_history:
-                log.write(json.dumps(entry) + "\n")
-    shutil.rmtree(trainer.args.output_dir, ignore_errors=True)
+    then drop the run's checkpoints (the final model supersedes them). Every
+    process of a distributed run calls it (FSDP gathers the full weights);
+    the main process writes."""
+    out = Path(out)
+    staging = out.with_name(f".{out.name}.partial")
+    if trainer.is_world_process_zero():
+        shutil.rmtree(staging, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(staging))
+    if trainer.is_world_process_zero():
+        with atomic_path(out, is_dir=True) as tmp:
+            tmp.rmdir()
+            os.replace(staging, tmp)
+            tokenizer.save_pretrained(tmp)
+            (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, default=str) + "\n")
+            with open(tmp / TRAIN_LOG_FILE, "w") as log:
+                for entry in trainer.state.log_history:
+                    log.write(json.dumps(entry) + "\n")
+        shutil.rmtree(trainer.args.output_dir, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
 
 
 def params_record(params: Any) -> dict[str, Any]:

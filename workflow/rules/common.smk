@@ -15,7 +15,7 @@ os.environ.update(PYTHONPATH=os.pathsep.join(filter(None, [str(SRC), os.environ.
 # Every module a stage imports from the package; listed as inputs so that an
 # edit of the code reruns the stage (Snakemake does not see it otherwise).
 SHARED_CODE = ["__init__.py", "artifacts.py", "hparams.py", "provenance.py", "modeling.py"]
-TRAIN_CODE = ["training.py"]
+TRAIN_CODE = ["training.py", "launch.py"]
 BACKEND_CODE = ["backends/__init__.py", "backends/base.py", "backends/hf.py", "backends/vllm.py"]
 
 
@@ -28,23 +28,40 @@ def js(obj):
     return shlex.quote(json.dumps(obj, sort_keys=True))
 
 
+# data preparation, tokenizer and report: one core and no GPU, whatever `default` says
+LIGHT = {"gpus": 0, "cpus": 1, "mem_mb": 4000, "runtime": 60}
+
+
 def res(stage):
-    """Resources of a stage: the config's `resources.default` updated by `resources.<stage>`."""
-    return {**config["resources"]["default"], **config["resources"].get(stage, {})}
+    """Resources of a kind of rule: the config's `resources.default` updated by
+    `resources.<kind>`; the `light` kind starts from LIGHT instead."""
+    base = LIGHT if stage == "light" else config["resources"]["default"]
+    return {**base, **config["resources"].get(stage, {})}
 
 
 def stage_resources(stage):
     r = res(stage)
+    nodes = r.get("nodes", 1)
     out = {"mem_mb": r["mem_mb"], "runtime": r["runtime"], "cpus_per_task": r["cpus"]}
     if r["gpus"]:
-        out["gpu"] = r["gpus"]
+        out["gpu"] = r["gpus"] * nodes  # the SLURM plugin asks for --gpus (per job); config gpus are per node
+    if nodes > 1:
+        out["nodes"] = nodes
     return out
+
+
+def launch(stage):
+    """How a training stage starts its module: one process, or torchrun with one
+    process per GPU (or `processes`), across the job's nodes with srun."""
+    r = res(stage)
+    processes = r.get("processes") or r["gpus"] or 1
+    return f"python -m lightning_opd.launch --nproc-per-node {processes} --nnodes {r.get('nodes', 1)}"
 
 
 def devices(stage):
     """Devices a stage holds, for device-hours: GPUs if it has any, else CPU cores."""
     r = res(stage)
-    return r["gpus"] or r["cpus"]
+    return (r["gpus"] or r["cpus"]) * r.get("nodes", 1)
 
 
 def bench(stage, pattern=""):
@@ -122,20 +139,16 @@ def opd_params(w):
 
 
 # ---- the report's manifest: models, their evaluations and the stages that made them
-SINGLE_CORE_STAGES = {"task_data", "tokenizer", "report"}  # rules with `threads: 1`
-
-
 def stage_entry(stage, pattern):
-    held = 1 if stage in SINGLE_CORE_STAGES else devices(stage_kind(stage))
-    return {"stage": stage, "benchmark": bench(stage, pattern), "devices": held}
+    return {"stage": stage, "benchmark": bench(stage, pattern), "devices": devices(stage_kind(stage))}
 
 
 def stage_kind(stage):
     """Which `resources` entry a rule uses."""
     return {"pretrain_teacher": "pretrain", "pretrain_student_base": "pretrain", "sft_data": "generate",
             "rollouts": "generate", "teacher_cache": "generate", "sft": "train", "lightning_opd": "train",
-            "standard_opd": "train",
-            "evaluate": "evaluate"}.get(stage, "default")
+            "standard_opd": "train", "evaluate": "evaluate", "task_data": "light", "prepare_data": "light",
+            "tokenizer": "light", "report": "light"}.get(stage, "default")
 
 
 def report_manifest():

@@ -23,7 +23,9 @@ if "data" in config:
             logfile("prepare_data", "{split}"),
         benchmark:
             bench("prepare_data", "{split}")
-        threads: 1
+        threads: res("light")["cpus"]
+        resources:
+            **stage_resources("light"),
         conda:
             "../../envs/train.yaml"
         shell:
@@ -46,7 +48,9 @@ else:
             logfile("task_data"),
         benchmark:
             bench("task_data")
-        threads: 1
+        threads: res("light")["cpus"]
+        resources:
+            **stage_resources("light"),
         conda:
             "../../envs/gen.yaml"
         shell:
@@ -65,7 +69,9 @@ rule tokenizer:
         logfile("tokenizer"),
     benchmark:
         bench("tokenizer")
-    threads: 1
+    threads: res("light")["cpus"]
+    resources:
+        **stage_resources("light"),
     conda:
         "../../envs/train.yaml"
     shell:

@@ -14,6 +14,7 @@ rule pretrain_teacher:
         arch=lambda w: js(config["teachers"][w.teacher]["build"]["arch"]),
         train=lambda w: js(config["teachers"][w.teacher]["build"]["train"]),
         ckpt=f"{R}/checkpoints/pretrain_teacher",
+        launch=launch("pretrain"),
     log:
         logfile("pretrain_teacher", "{teacher}"),
     benchmark:
@@ -24,7 +25,7 @@ rule pretrain_teacher:
     conda:
         "../../envs/train.yaml"
     shell:
-        "python -m lightning_opd.pretrain --tokenizer {input.tokenizer} --task-file {input.task} "
+        "{params.launch} lightning_opd.pretrain --tokenizer {input.tokenizer} --task-file {input.task} "
         "--corpus solutions --style {params.style} --arch {params.arch} --train {params.train} "
         "--label {wildcards.teacher} --out {output} --checkpoint-root {params.ckpt} 2>&1 | tee {log}"
 
@@ -41,6 +42,7 @@ rule pretrain_student_base:
         arch=js(config["student_base"].get("build", {}).get("arch")),
         train=js(config["student_base"].get("build", {}).get("train")),
         ckpt=f"{R}/checkpoints/pretrain_student_base",
+        launch=launch("pretrain"),
     log:
         logfile("pretrain_student_base"),
     benchmark:
@@ -51,6 +53,6 @@ rule pretrain_student_base:
     conda:
         "../../envs/train.yaml"
     shell:
-        "python -m lightning_opd.pretrain --tokenizer {input.tokenizer} --task-file {input.task} "
+        "{params.launch} lightning_opd.pretrain --tokenizer {input.tokenizer} --task-file {input.task} "
         "--corpus {params.corpus} --arch {params.arch} --train {params.train} "
         "--label student_base --out {output} --checkpoint-root {params.ckpt} 2>&1 | tee {log}"

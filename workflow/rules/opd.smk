@@ -71,6 +71,7 @@ rule lightning_opd:
     params:
         opd=opd_params,
         ckpt=f"{R}/checkpoints/lightning_opd",
+        launch=launch("train"),
         drift_n=config["opd_drift"]["n_prompts"],
         drift_tokens=config["opd_drift"]["max_new_tokens"],
     log:
@@ -83,7 +84,7 @@ rule lightning_opd:
     conda:
         "../../envs/train.yaml"
     shell:
-        "python -m lightning_opd.lightning_opd --init {input.init} --cache {input.cache} --opd {params.opd} "
+        "{params.launch} lightning_opd.lightning_opd --init {input.init} --cache {input.cache} --opd {params.opd} "
         "--out {output} --checkpoint-root {params.ckpt} --drift-prompts {input.drift_prompts} "
         "--drift-n {params.drift_n} --drift-max-new-tokens {params.drift_tokens} 2>&1 | tee {log}"
 
@@ -103,6 +104,7 @@ rule standard_opd:
         sampling=js(config["standard_opd"]["sampling"]),
         template=lambda w: shlex.quote(config["prompt_template"]),
         ckpt=f"{R}/checkpoints/standard_opd",
+        launch=launch("train"),
         drift_n=config["opd_drift"]["n_prompts"],
         drift_tokens=config["opd_drift"]["max_new_tokens"],
     log:
@@ -115,7 +117,7 @@ rule standard_opd:
     conda:
         "../../envs/train.yaml"
     shell:
-        "python -m lightning_opd.standard_opd --init {input.init} --teacher {params.teacher} "
+        "{params.launch} lightning_opd.standard_opd --init {input.init} --teacher {params.teacher} "
         "--teacher-label {wildcards.opd_teacher} --prompts {input.prompts} --opd {params.opd} "
         "--sampling {params.sampling} --prompt-template {params.template} --out {output} "
         "--checkpoint-root {params.ckpt} --drift-prompts {input.drift_prompts} --drift-n {params.drift_n} "

@@ -22,7 +22,9 @@ rule report:
         logfile("report"),
     benchmark:
         bench("report")
-    threads: 1
+    threads: res("light")["cpus"]
+    resources:
+        **stage_resources("light"),
     conda:
         "../../envs/report.yaml"
     shell:

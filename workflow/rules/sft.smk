@@ -41,6 +41,7 @@ rule sft:
         train=js(config["sft"]["train"]),
         keep_unfinished="--keep-unfinished" if config["sft"]["keep_unfinished"] else "",
         ckpt=f"{R}/checkpoints/sft",
+        launch=launch("train"),
     log:
         logfile("sft", "{sft_teacher}"),
     benchmark:
@@ -51,5 +52,5 @@ rule sft:
     conda:
         "../../envs/train.yaml"
     shell:
-        "python -m lightning_opd.sft --base {params.base} --sft-data {input.sft_data} --train {params.train} {params.keep_unfinished} "
+        "{params.launch} lightning_opd.sft --base {params.base} --sft-data {input.sft_data} --train {params.train} {params.keep_unfinished} "
         "--out {output} --checkpoint-root {params.ckpt} 2>&1 | tee {log}"

@@ -28,9 +28,11 @@ def _length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int
 
 @torch.no_grad()
 def sample_with(model, prompts: list[list[int]], params: SamplingParams, stop_ids: set[int], pad_id: int,
-                progress: bool = True) -> list[list[GenerationResult]]:
+                progress: bool = True, synced: bool = False) -> list[list[GenerationResult]]:
     """``params.n`` samples per prompt from a loaded model (also the live
-    student of standard OPD), each cut after its first stop token."""
+    student of standard OPD), each cut after its first stop token. ``synced``:
+    the model is sharded over processes (FSDP), which must then run the same
+    number of forward passes until every one of them has finished."""
     torch.manual_seed(params.seed)
     results: list[list[GenerationResult]] = [[] for _ in prompts]
     batches = _length_sorted_batches([len(p) for p in prompts], max(1, params.batch_size // params.n))
@@ -46,7 +48,7 @@ def sample_with(model, prompts: list[list[int]], params: SamplingParams, stop_id
             do_sample=params.temperature > 0, temperature=params.temperature or None,
             top_p=params.top_p if params.temperature > 0 else None, top_k=None,
             max_new_tokens=params.max_new_tokens, num_return_sequences=params.n,
-            eos_token_id=sorted(stop_ids), pad_token_id=pad_id,
+            eos_token_id=sorted(stop_ids), pad_token_id=pad_id, synced_gpus=synced,
         )[:, width:].tolist()
         for row, sequence in enumerate(output):
             results[batch[row // params.n]].append(_trim(sequence, stop_ids))

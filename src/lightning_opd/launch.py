@@ -1,0 +1,60 @@
+"""Start a training module on the processes of its job: as is for one
+process, under torchrun for several on one node, and under `srun` + torchrun
+(one launcher per node, c10d rendezvous on the first node) across the nodes
+of a SLURM job. The trainers themselves only see torchrun's environment.
+
+    python -m lightning_opd.launch --nproc-per-node 8 lightning_opd.sft --base ...
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+RENDEZVOUS_PORT = 29511
+
+
+def first_node(nodelist: str) -> str:
+    """The first host name of a SLURM node list such as ``gpu[03-05,07]``."""
+    result = subprocess.run(["scontrol", "show", "hostnames", nodelist], check=False, capture_output=True, text=True)
+    hosts = result.stdout.split()
+    if result.returncode or not hosts:
+        raise RuntimeError(f"scontrol could not expand the node list {nodelist!r}: {result.stderr.strip()}")
+    return hosts[0]
+
+
+def command(module: str, args: list[str], nproc_per_node: int, nnodes: int, env: dict[str, str]) -> list[str]:
+    python = [sys.executable, "-m"]
+    if nproc_per_node * nnodes == 1:
+        return [*python, module, *args]
+    torchrun = [*python, "torch.distributed.run", f"--nproc-per-node={nproc_per_node}"]
+    if nnodes == 1:
+        return [*torchrun, "--standalone", "-m", module, *args]
+    if "SLURM_JOB_ID" not in env:
+        raise RuntimeError(f"training on {nnodes} nodes needs a SLURM job (it starts one launcher per node with srun)")
+    if int(env.get("SLURM_NNODES", "1")) != nnodes:
+        raise RuntimeError(f"the config asks for {nnodes} nodes but this SLURM job has {env.get('SLURM_NNODES', 1)}")
+    head = first_node(env["SLURM_JOB_NODELIST"])
+    # --overlap: the job step that runs this launcher already holds the allocation
+    return ["srun", "--overlap", f"--nodes={nnodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1", *torchrun,
+            f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={head}:{RENDEZVOUS_PORT}",
+            f"--rdzv-id={env['SLURM_JOB_ID']}", "-m", module, *args]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nproc-per-node", type=int, default=1, help="training processes per node (GPUs per node)")
+    parser.add_argument("--nnodes", type=int, default=1, help="nodes of the job")
+    parser.add_argument("module", help="the training module, e.g. lightning_opd.sft")
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="its arguments")
+    args = parser.parse_args(argv)
+    if args.nproc_per_node < 1 or args.nnodes < 1:
+        parser.error("--nproc-per-node and --nnodes must be at least 1")
+    cmd = command(args.module, args.args, args.nproc_per_node, args.nnodes, dict(os.environ))
+    print("launch:", " ".join(cmd), flush=True)
+    os.execvp(cmd[0], cmd)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""Multi-process training for real on CPU: two processes (torchrun, gloo)
+on the same global batch train the same model as one process, for Lightning
+OPD (our loss, normalised over the whole optimiser step) and for SFT (the
+model's own loss), with padding, packing and gradient accumulation."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from safetensors.torch import load_file
+
+from lightning_opd import launch
+from lightning_opd.artifacts import METADATA_KEY, write_table
+from lightning_opd.hparams import TrainParams
+from lightning_opd.training import accumulation, read_train_log
+
+# plain SGD: the update is the gradient itself, so equal updates mean equal gradients
+# (Adam's first steps turn float noise on near-zero gradients into +-lr)
+STEPS = {"max_steps": 3, "batch_size": 4, "learning_rate": 0.05, "warmup_ratio": 0.0, "optim": "sgd",
+         "save_steps": 100, "logging_steps": 1}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def launch_module(nproc: int, module: str, *args: str) -> str:
+    result = subprocess.run([sys.executable, "-m", "lightning_opd.launch", "--nproc-per-node", str(nproc), module,
+                             *args], env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def max_weight_diff(a: Path, b: Path) -> float:
+    x, y = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert x.keys() == y.keys()
+    return max((x[k].float() - y[k].float()).abs().max().item() for k in x)
+
+
+def step_logs(model_dir: Path) -> list[float]:
+    """Loss and gradient norm of every step, as logged (averaged over processes)."""
+    return [e[key] for e in read_train_log(model_dir) if "loss" in e for key in ("loss", "grad_norm")]
+
+
+@pytest.fixture(scope="module")
+def uneven_cache(world, tmp_path_factory) -> Path:
+    """The teacher cache with responses cut to different lengths (2..12
+    tokens), so a per-process mean of the loss would differ from the global one."""
+    table = pq.read_table(world["cache_A"])
+    rows = table.to_pylist()
+    for i, row in enumerate(rows):
+        keep = 2 + (i * 7) % 11
+        row["response_ids"], row["teacher_logprobs"] = row["response_ids"][:keep], row["teacher_logprobs"][:keep]
+    assert len({len(r["response_ids"]) for r in rows}) > 4 and len(rows) == 12  # 3 full batches of 4
+    path = tmp_path_factory.mktemp("uneven") / "cache.parquet"
+    write_table(path, rows, table.schema.remove_metadata(), json.loads(table.schema.metadata[METADATA_KEY]))
+    return path
+
+
+def lightning_opd(world, cache: Path, out: Path, nproc: int, **opd) -> str:
+    return launch_module(nproc, "lightning_opd.lightning_opd", "--init", str(world["sft_A"]), "--cache", str(cache),
+                         "--opd", json.dumps({**STEPS, "tau": 1.0, **opd}), "--out", str(out),
+                         "--checkpoint-root", str(out.parent / f"{out.name}-ckpt"), "--drift-n", "0")
+
+
+@pytest.fixture(scope="module")
+def one_process_opd(world, uneven_cache, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("one") / "model"
+    assert "one process: 1 x micro-batch 4 x 1 accumulation" in lightning_opd(world, uneven_cache, out, 1)
+    return out
+
+
+@pytest.mark.parametrize("opd, layout", [
+    ({}, "DDP: 2 x micro-batch 2 x 1 accumulation"),
+    ({"micro_batch_size": 1, "packing": True}, "DDP: 2 x micro-batch 1 x 2 accumulation"),
+], ids=["padded", "packed+accumulation"])
+def test_lightning_opd_on_two_processes_equals_one(world, uneven_cache, one_process_opd, tmp_path, opd, layout):
+    out = tmp_path / "model"
+    assert layout in lightning_opd(world, uneven_cache, out, 2, **opd)
+    moved = max_weight_diff(one_process_opd, world["sft_A"])
+    assert moved > 1e-3  # training changed the model well above the tolerance below
+    assert max_weight_diff(out, one_process_opd) < 1e-6
+    assert step_logs(out) == pytest.approx(step_logs(one_process_opd), rel=1e-4, abs=1e-6)
+
+
+def test_sft_on_two_processes_equals_one(world, tmp_path):
+    outs = {}
+    for nproc in (1, 2):
+        outs[nproc] = tmp_path / f"sft-{nproc}"
+        launch_module(nproc, "lightning_opd.sft", "--base", str(world["student_base"]), "--sft-data",
+                      str(world["root"] / "sft_data-A.parquet"), "--keep-unfinished",
+                      "--train", json.dumps({**STEPS, "micro_batch_size": 1, "packing": nproc == 2}),
+                      "--out", str(outs[nproc]), "--checkpoint-root", str(tmp_path / f"ckpt-{nproc}"))
+    assert max_weight_diff(outs[1], world["student_base"]) > 1e-3
+    assert max_weight_diff(outs[1], outs[2]) < 1e-6
+    assert step_logs(outs[2]) == pytest.approx(step_logs(outs[1]), rel=1e-4)
+
+
+def test_accumulation_makes_up_the_global_batch():
+    assert accumulation(TrainParams(batch_size=256, micro_batch_size=4), 8) == (4, 8)
+    assert accumulation(TrainParams(batch_size=64), 1) == (64, 1)
+    assert accumulation(TrainParams(batch_size=64), 2) == (32, 1)
+    with pytest.raises(ValueError, match="batch_size 256 is not a multiple of micro_batch_size 3 x 8 processes"):
+        accumulation(TrainParams(batch_size=256, micro_batch_size=3), 8)
+
+
+def test_launch_command():
+    python = [sys.executable, "-m"]
+    assert launch.command("lightning_opd.sft", ["--x", "1"], 1, 1, {}) == [*python, "lightning_opd.sft", "--x", "1"]
+    assert launch.command("m", [], 8, 1, {}) == [*python, "torch.distributed.run", "--nproc-per-node=8",
+                                                 "--standalone", "-m", "m"]
+    with pytest.raises(RuntimeError, match="needs a SLURM job"):
+        launch.command("m", [], 8, 2, {})
+    with pytest.raises(RuntimeError, match="asks for 2 nodes but this SLURM job has 1"):
+        launch.command("m", [], 8, 2, {"SLURM_JOB_ID": "7", "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "n1"})
+
+
+def test_sharded_frozen_model_scores_and_samples_like_the_whole_one(world):
+    # the live teacher and pi_ref under FSDP: sharded with FSDP2 (gloo on CPU)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone",
+                             str(Path(__file__).with_name("check_sharded_frozen.py")), str(world["teacher_A"]),
+                             str(world["rollouts"])], env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count("sharded scoring and sampling match the whole model") == 2
