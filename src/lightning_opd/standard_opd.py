@@ -55,6 +55,9 @@ class OnlineOPDTrainer(OPDTrainer):
         with torch.no_grad():
             teacher_logprobs, _ = response_logprobs(self.teacher, batch)
         batch["teacher_logprobs"] = torch.nn.functional.pad(teacher_logprobs, (1, 0))  # align with token positions
+        # The Trainer cannot count the response tokens of an optimiser step before they are sampled
+        # (num_items_in_batch is None): the loss is this micro-batch's token mean, averaged over the
+        # micro-batches and processes of the step.
         return super().compute_loss(model, batch, return_outputs, num_items_in_batch)
 
 
