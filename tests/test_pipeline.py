@@ -139,6 +139,15 @@ def test_tiny_run_cache_records_teachers_and_sampling(tiny_run):
     assert meta["rollouts"]["sampling"]["temperature"] == 0.7 and meta["score_temperature"] == 1.0
 
 
+def test_training_rules_start_the_processes_of_the_config(tiny_run):
+    work, _ = tiny_run
+    logs = work / "results/tiny/logs"
+    for stage in ("sft", "lightning_opd", "standard_opd"):  # resources.train.processes: 2 in tiny.yaml
+        log = "".join(path.read_text() for path in (logs / stage).glob("*.log"))
+        assert "torch.distributed.run --nproc-per-node=2" in log and "DDP: 2 x micro-batch 4" in log, stage
+    assert "one process: 1 x micro-batch 16" in (logs / "pretrain_teacher/A.log").read_text()
+
+
 def test_second_run_does_nothing(tiny_run):
     work, config = tiny_run
     assert planned_jobs(snakemake("-n", *config, cwd=work).stdout) == {}
