@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 from lightning_opd import launch
 from lightning_opd.artifacts import METADATA_KEY, write_table
 from lightning_opd.hparams import TrainParams
-from lightning_opd.training import accumulation, read_train_log
+from lightning_opd.provenance import read_train_log
+from lightning_opd.training import accumulation
 
 # plain SGD: the update is the gradient itself, so equal updates mean equal gradients
 # (Adam's first steps turn float noise on near-zero gradients into +-lr)
@@ -75,7 +76,8 @@ def one_process_opd(world, uneven_cache, tmp_path_factory) -> Path:
 @pytest.mark.parametrize("opd, layout", [
     ({}, "DDP: 2 x micro-batch 2 x 1 accumulation"),
     ({"micro_batch_size": 1, "packing": True}, "DDP: 2 x micro-batch 1 x 2 accumulation"),
-], ids=["padded", "packed+accumulation"])
+    ({"packing": True, "gradient_checkpointing": True}, "DDP: 2 x micro-batch 2 x 1 accumulation"),
+], ids=["padded", "packed+accumulation", "packed+checkpointing"])
 def test_lightning_opd_on_two_processes_equals_one(world, uneven_cache, one_process_opd, tmp_path, opd, layout):
     out = tmp_path / "model"
     assert layout in lightning_opd(world, uneven_cache, out, 2, **opd)

@@ -1,5 +1,5 @@
-"""Fingerprints of models, tokenizers and files, and the provenance record
-that every model directory this pipeline writes carries.
+"""Fingerprints of models, tokenizers and files, and the records that every
+model directory this pipeline writes carries (provenance, training log).
 
 A fingerprint names content, not a path: the same weights copied elsewhere
 keep their fingerprint, and retrained weights get a new one.
@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 PROVENANCE_FILE = "provenance.json"
+TRAIN_LOG_FILE = "train_log.jsonl"
 _FINGERPRINT_CACHE = ".fingerprint.json"
 _MODEL_FILE_PATTERNS = ("config.json", "*.safetensors", "*.bin", "tokenizer.json", "tokenizer_config.json")
 
@@ -75,6 +76,12 @@ def read_model_provenance(name_or_path: str | Path) -> dict[str, Any]:
     """The provenance a pipeline-written model carries; {} for outside models."""
     record = Path(name_or_path) / PROVENANCE_FILE
     return json.loads(record.read_text()) if record.is_file() else {}
+
+
+def read_train_log(model_dir: str | Path) -> list[dict[str, Any]]:
+    """The Trainer's log history that a model trained here carries, one entry per logging step."""
+    path = Path(model_dir) / TRAIN_LOG_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def describe_model(name_or_path: str | Path) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from typing import Any
 import pandas as pd
 
 from lightning_opd.artifacts import atomic_path
-from lightning_opd.provenance import read_model_provenance
+from lightning_opd.provenance import read_model_provenance, read_train_log
 
 
 def benchmark_seconds(path: Path | str) -> float:
@@ -139,8 +139,6 @@ def plot_training_curves(manifest: dict[str, Any], out: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from lightning_opd.training import read_train_log
 
     panels = [("advantage", "reward proxy: mean log pi_T - log pi_theta"),
               ("reverse_kl", "per-token reverse KL to teacher (train batch)"),

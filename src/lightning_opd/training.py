@@ -18,9 +18,8 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from lightning_opd.artifacts import atomic_path
 from lightning_opd.hparams import TrainParams
-from lightning_opd.provenance import PROVENANCE_FILE
+from lightning_opd.provenance import PROVENANCE_FILE, TRAIN_LOG_FILE
 
-TRAIN_LOG_FILE = "train_log.jsonl"
 IGNORE_INDEX = -100
 
 
@@ -206,8 +205,3 @@ def save_final(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, out: Path |
 
 def params_record(params: Any) -> dict[str, Any]:
     return dataclasses.asdict(params) if dataclasses.is_dataclass(params) else dict(params)
-
-
-def read_train_log(model_dir: Path | str) -> list[dict[str, Any]]:
-    path = Path(model_dir) / TRAIN_LOG_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
