@@ -172,7 +172,10 @@ def report_manifest():
                            "seed": seed, "model_dir": f"{R}/models/{label}", "cost": cost[method]})
     for m in models:
         m["eval"] = f"{R}/eval/{m['label']}.json"
-    stages = [stage_entry("task_data", "")]
+    if "data" in config:
+        stages = [stage_entry("prepare_data", split) for split in ("sft", "opd", "eval")]
+    else:
+        stages = [stage_entry("task_data", "")]
     if "build" in config["tokenizer"]:
         stages.append(stage_entry("tokenizer", ""))
     stages += [entry for m in models for entry in m["cost"] if entry not in stages]

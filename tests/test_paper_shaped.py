@@ -1,0 +1,116 @@
+"""The paper's DAG for real on CPU: config/paper/qwen3-8b.yaml with every hub
+id swapped for a local path (tiny models; data files in the columns of
+OpenThoughts3, DAPO-Math-17k and AIME 2024), the hf backends and tiny
+hyperparameters; everything else (dataset preparation, path models, the
+aime24 task, standard OPD beside Lightning OPD, the report) as configured."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from lightning_opd.artifacts import TASK_SCHEMA, read_cache, read_table
+from lightning_opd.backends import get_backend
+from lightning_opd.provenance import read_model_provenance
+from test_pipeline import REPO, planned_jobs, snakemake, write_yaml
+
+TINY_TRAIN = {"max_steps": 2, "epochs": 1, "bf16": False, "fsdp": None, "save_steps": 100, "logging_steps": 1}
+
+
+def hub_shaped_files(world, root) -> dict[str, dict]:
+    """The three datasets in their hub columns, written from the tiny task's problems."""
+    def problems(split):
+        return read_table(world["data"] / f"{split}.parquet", TASK_SCHEMA)[0].to_pylist()
+
+    openthoughts = root / "openthoughts3.jsonl"
+    openthoughts.write_text("".join(json.dumps({"conversations": [
+        {"from": "human", "value": p["problem"]}, {"from": "gpt", "value": p["solution"]}]}) + "\n"
+        for p in problems("sft")))
+    dapo = root / "dapo_math_17k.parquet"
+    pq.write_table(pa.Table.from_pylist([{"prompt": [{"role": "user", "content": p["problem"]}],
+                                          "reward_model": {"ground_truth": p["answer"], "style": "rule"}}
+                                         for p in problems("opd")]), dapo)
+    aime = root / "aime_2024.parquet"
+    pq.write_table(pa.Table.from_pylist([{"ID": f"2024-I-{i + 1}", "Problem": p["problem"], "Solution": "",
+                                          "Answer": int(p["answer"])} for i, p in enumerate(problems("eval"))]),
+                   aime)
+    return {"sft": {"source": str(openthoughts), "split": "train", "problem_field": "conversations.0.value"},
+            "opd": {"source": str(dapo), "split": "train", "problem_field": "prompt.0.content",
+                    "answer_field": "reward_model.ground_truth"},
+            "eval": {"source": str(aime), "split": "train", "problem_field": "Problem", "answer_field": "Answer"}}
+
+
+def merge(base: dict, over: dict) -> dict:
+    return {**base, **{k: merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+                       for k, v in over.items()}}
+
+
+@pytest.fixture(scope="module")
+def paper_run(world, tmp_path_factory):
+    root = tmp_path_factory.mktemp("paper")
+    results = root / "results"
+    local = merge(yaml.safe_load((REPO / "config/paper/qwen3-8b.yaml").read_text()), {
+        "results_dir": str(results),
+        "data": hub_shaped_files(world, root),
+        "tokenizer": {"path": str(world["tokenizer"])},
+        "teachers": {"A": {"path": str(world["teacher_A"])}},
+        "student_base": {"path": str(world["student_base"])},
+        "generation": {"backend": "hf", "backend_options": {}},
+        "sft_data": {"sampling": {"max_new_tokens": 12, "batch_size": 16}},
+        "sft": {"train": {**TINY_TRAIN, "batch_size": 8, "micro_batch_size": 4}, "keep_unfinished": True},
+        "rollouts": {"sampling": {"max_new_tokens": 12, "batch_size": 16}},
+        "teacher_cache": {"backend": "hf", "backend_options": {}},
+        "lightning_opd": {**TINY_TRAIN, "batch_size": 4, "micro_batch_size": 2},
+        "standard_opd": {"sampling": {"n": 2, "max_new_tokens": 12, "batch_size": 16}},
+        "opd_drift": {"n_prompts": 4, "max_new_tokens": 12},
+        "eval": {"k": 2, "max_gen_toks": 16, "backend": "hf", "backend_options": {}, "batch_size": 16},
+        "resources": {"default": {"gpus": 0, "cpus": 2, "mem_mb": 4000, "runtime": 60}},
+    })
+    for section in ("generation", "teacher_cache", "eval"):
+        local[section]["backend_options"] = {}  # the paper's are vLLM's; a merged override could not drop them
+    config_file = write_yaml(root / "qwen3-8b-local.yaml", local)
+    work = root / "repo"
+    work.mkdir()
+    for item in ("Snakefile", "workflow", "src", "config", "envs"):
+        shutil.copytree(REPO / item, work / item) if (REPO / item).is_dir() else shutil.copy(REPO / item, work)
+    config = ["--configfile", str(config_file)]
+    snakemake(*config, cwd=work)
+    return results / "qwen3-8b", config, work
+
+
+def test_paper_dag_runs_from_local_files(paper_run, world):
+    out, _, _ = paper_run
+    eval_set = read_table(out / "data/eval.parquet", TASK_SCHEMA)[0]
+    assert eval_set.column("answer").to_pylist() == read_table(world["data"] / "eval.parquet",
+                                                               TASK_SCHEMA)[0].column("answer").to_pylist()
+    _, meta = read_cache(out / "cache/sft-A_teacher-A.parquet")
+    assert meta["teacher"]["path"] == str(world["teacher_A"]) and meta["teacher"]["label"] == "A"
+    assert read_model_provenance(out / "models/sft-A")["sft_teacher"]["label"] == "A"
+    for label in ("teacher-A", "student_base", "sft-A", "lightning-sft-A_teacher-A_seed-0",
+                  "standard-sft-A_teacher-A_seed-0"):
+        summary = json.loads((out / f"eval/{label}.json").read_text())
+        assert summary["task"] == "aime24" and summary["k"] == 2 and summary["n_problems"] == eval_set.num_rows
+    table = pd.read_csv(out / "report/table.csv")
+    assert table["model"].tolist() == ["teacher A", "student base", "SFT (pi_ref) (SFT data: A)",
+                                       "standard OPD (SFT data: A, OPD teacher: A)",
+                                       "Lightning OPD (SFT data: A, OPD teacher: A)"]
+    stages = set(pd.read_csv(out / "report/stage_costs.csv")["stage"])
+    assert {"prepare_data", "sft_data", "sft", "rollouts", "teacher_cache", "lightning_opd", "standard_opd",
+            "evaluate"} <= stages
+    assert not {"task_data", "tokenizer", "pretrain_teacher", "pretrain_student_base"} & stages
+
+
+def test_paper_dag_second_run_does_nothing(paper_run):
+    _, config, work = paper_run
+    assert planned_jobs(snakemake("-n", *config, cwd=work).stdout) == {}
+
+
+def test_backend_refuses_options_of_the_other_backend(world):
+    with pytest.raises(ValueError, match=r"backend 'hf' does not take the option\(s\) \['gpu_memory_utilization', "
+                                         r"'tensor_parallel_size'\]"):
+        get_backend("hf", str(world["teacher_A"]), tensor_parallel_size=8, gpu_memory_utilization=0.9)
