@@ -6,7 +6,6 @@ aime24 task, standard OPD beside Lightning OPD, the report) as configured."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import pandas as pd
 import pyarrow as pa
@@ -17,7 +16,7 @@ import yaml
 from lightning_opd.artifacts import TASK_SCHEMA, read_cache, read_table
 from lightning_opd.backends import get_backend
 from lightning_opd.provenance import read_model_provenance
-from test_pipeline import REPO, planned_jobs, snakemake, write_yaml
+from test_pipeline import REPO, copy_repo, merge, planned_jobs, snakemake, write_yaml
 
 TINY_TRAIN = {"max_steps": 2, "epochs": 1, "bf16": False, "fsdp": None, "save_steps": 100, "logging_steps": 1}
 
@@ -45,11 +44,6 @@ def hub_shaped_files(world, root) -> dict[str, dict]:
             "eval": {"source": str(aime), "split": "train", "problem_field": "Problem", "answer_field": "Answer"}}
 
 
-def merge(base: dict, over: dict) -> dict:
-    return {**base, **{k: merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
-                       for k, v in over.items()}}
-
-
 @pytest.fixture(scope="module")
 def paper_run(world, tmp_path_factory):
     root = tmp_path_factory.mktemp("paper")
@@ -74,10 +68,7 @@ def paper_run(world, tmp_path_factory):
     for section in ("generation", "teacher_cache", "eval"):
         local[section]["backend_options"] = {}  # the paper's are vLLM's; a merged override could not drop them
     config_file = write_yaml(root / "qwen3-8b-local.yaml", local)
-    work = root / "repo"
-    work.mkdir()
-    for item in ("Snakefile", "workflow", "src", "config", "envs"):
-        shutil.copytree(REPO / item, work / item) if (REPO / item).is_dir() else shutil.copy(REPO / item, work)
+    work = copy_repo(root / "repo")
     config = ["--configfile", str(config_file)]
     snakemake(*config, cwd=work)
     return results / "qwen3-8b", config, work

@@ -47,6 +47,20 @@ def write_yaml(path: Path, data: dict) -> Path:
     return path
 
 
+def copy_repo(work: Path, *extra: str) -> Path:
+    """What a pipeline run needs of this repository, and ``extra`` paths, copied into ``work``."""
+    work.mkdir(parents=True, exist_ok=True)
+    for item in ("Snakefile", "workflow", "src", "config", "envs", *extra):
+        (shutil.copytree if (REPO / item).is_dir() else shutil.copy)(REPO / item, work / item)
+    return work
+
+
+def merge(base: dict, over: dict) -> dict:
+    """``over`` merged key by key into ``base``, as Snakemake merges --configfile files."""
+    return {**base, **{k: merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+                       for k, v in over.items()}}
+
+
 def default_config() -> dict:
     return yaml.safe_load((REPO / "config/default.yaml").read_text())
 
@@ -99,9 +113,7 @@ def test_bad_config_stops_snakemake_before_any_job(tmp_path):
 # ---- one reduced run, end to end, in a copy of the repository -------------------------------
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    work = tmp_path_factory.mktemp("repo")
-    for item in ("Snakefile", "workflow", "src", "config", "envs", "tests/configs"):
-        (shutil.copytree if (REPO / item).is_dir() else shutil.copy)(REPO / item, work / item)
+    work = copy_repo(tmp_path_factory.mktemp("repo"), "tests/configs")
     config = ["--configfile", "tests/configs/tiny.yaml"]
     snakemake(*config, cwd=work)
     return work, config

@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from test_pipeline import copy_repo, merge, planned_jobs
+
 if not os.environ.get("LOPD_SLURM_TEST"):
     pytest.skip("starts a SLURM cluster on this machine: run it with `make test-slurm`", allow_module_level=True)
 _missing = [b for b in ("munged", "mariadbd", "slurmdbd", "slurmctld", "slurmd", "sbatch", "sacct", "sacctmgr")
@@ -65,18 +67,10 @@ def slurm_cluster():
 
 
 def merged_config() -> dict:
-    def merge(base: dict, over: dict) -> dict:
-        return {**base, **{k: merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
-                           for k, v in over.items()}}
     config = yaml.safe_load((REPO / "config/default.yaml").read_text())
     for path in CONFIGS:
         config = merge(config, yaml.safe_load((REPO / path).read_text()))
     return config
-
-
-def planned_jobs(output: str) -> dict[str, int]:
-    table = output.split("Job stats:")[1].split("total")[0]
-    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", table, re.MULTILINE)}
 
 
 def minutes(timelimit: str) -> int:
@@ -106,9 +100,7 @@ def cluster_defaults() -> dict:
 @pytest.fixture(scope="module")
 def slurm_run(slurm_cluster, tmp_path_factory):
     """The README's `snakemake --profile slurm`, from the root of a copy of the repository."""
-    work = tmp_path_factory.mktemp("repo")
-    for item in ("Snakefile", "workflow", "src", "config", "envs", "profiles", "tests/configs"):
-        (shutil.copytree if (REPO / item).is_dir() else shutil.copy)(REPO / item, work / item)
+    work = copy_repo(tmp_path_factory.mktemp("repo"), "profiles", "tests/configs")
     shutil.copy(REPO / "slurm", work / "slurm", follow_symlinks=False)  # the link to profiles/slurm
     snakemake = [str(VENV_BIN / "snakemake"), "--profile", "slurm", "--configfile", *CONFIGS]
     planned = planned_jobs(run(*snakemake, "-n", TARGET, cwd=work).stdout)

@@ -65,11 +65,13 @@ class OPDTrainer(Trainer):
     def __init__(self, *args, tau: float | None = None, reference=None, drift_batch=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.tau = tau
-        if reference is not None and self.is_fsdp_enabled:
-            reference = shard_frozen(reference)
-        self.reference = reference.eval() if reference is not None else None
+        self.reference = self.frozen(reference) if reference is not None else None
         self.drift_batch = drift_batch
         self._metrics: dict[str, list[float]] = defaultdict(list)
+
+    def frozen(self, model):
+        """A model this trainer only runs forward, sharded like the trained one under FSDP."""
+        return (shard_frozen(model) if self.is_fsdp_enabled else model).eval()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         student, mask = response_logprobs(model, inputs)

@@ -19,7 +19,7 @@ from lightning_opd.backends.hf import sample_with
 from lightning_opd.hparams import OPDParams, SamplingParams, from_dict, parse_hparams
 from lightning_opd.modeling import DEFAULT_PROMPT_TEMPLATE, load_model, load_tokenizer, prompt_ids, stop_token_ids
 from lightning_opd.opd_trainer import (OPDTrainer, add_output_arguments, drift_reference, opd_example,
-                                       response_logprobs, shard_frozen)
+                                       response_logprobs)
 from lightning_opd.provenance import (check_teacher_consistency, describe_model, file_sha256, sft_teacher_of,
                                       tokenizer_fingerprint)
 from lightning_opd.training import (PadCollator, checkpoint_dir, collator, frozen_dtype, load_device, params_record,
@@ -33,7 +33,7 @@ class OnlineOPDTrainer(OPDTrainer):
     def __init__(self, *args, teacher, sampling: SamplingParams, pad_id: int, stop_ids: set[int],
                  batcher=None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.teacher = (shard_frozen(teacher) if self.is_fsdp_enabled else teacher).eval()
+        self.teacher = self.frozen(teacher)
         self.sampling = sampling
         self.batcher = batcher or PadCollator(pad_id)  # padding (or packing) of the sampled sequences
         self.pad_id, self.stop_ids = pad_id, stop_ids

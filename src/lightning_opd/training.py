@@ -78,10 +78,15 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def uses_fsdp(params: TrainParams) -> bool:
+    """FSDP is configured and there is more than one process to shard over."""
+    return params.fsdp is not None and world_size() > 1
+
+
 def load_device(params: TrainParams) -> str | None:
     """Where a trainer loads its models: the CPU under FSDP (each process then
     keeps its shards on its own GPU), else this process's device."""
-    return "cpu" if params.fsdp is not None and world_size() > 1 else None
+    return "cpu" if uses_fsdp(params) else None
 
 
 def frozen_dtype(params: TrainParams) -> str:
@@ -114,7 +119,7 @@ _CHECKPOINTING = next(name for name in ("activation_checkpointing", "gradient_ch
 def training_arguments(params: TrainParams, output_dir: Path, **overrides) -> TrainingArguments:
     processes = world_size()
     micro, steps = accumulation(params, processes)
-    fsdp = {"fsdp": True, "fsdp_config": params.fsdp} if params.fsdp is not None and processes > 1 else {}
+    fsdp = {"fsdp": True, "fsdp_config": params.fsdp} if uses_fsdp(params) else {}
     # without CUDA, accelerate sets up multi-process (gloo) training only when told to use the CPU
     cpu = {"use_cpu": True} if processes > 1 and not torch.cuda.is_available() else {}
     return TrainingArguments(
