@@ -185,7 +185,7 @@ def test_eval_task_can_be_a_yaml_path_and_a_missing_one_is_named(tmp_path):
 
 @pytest.mark.parametrize("task, message", [("aime 24", "does not match"), (24, "24 is not of type 'string'")])
 def test_schema_rejects_a_bad_eval_task(task, message):
-    config = yaml.safe_load((REPO / "config/default.yaml").read_text())
+    config = yaml.safe_load((REPO / "config/config.yaml").read_text())
     config["eval"]["task"] = task
     with pytest.raises(WorkflowError, match=re.escape(message)):
         validate(config, str(REPO / "workflow/schemas/config.schema.yaml"))

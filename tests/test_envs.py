@@ -1,4 +1,4 @@
-"""The conda envs of envs/ are complete for the rules that use them: every
+"""The conda envs of workflow/envs/ are complete for the rules that use them: every
 third-party package that the modules a rule runs import (directly, also
 inside functions, through the package's own modules) is listed in that
 rule's env. `--sdm conda` itself cannot run here (no conda channel is
@@ -27,7 +27,7 @@ def normalise(name: str) -> str:
 
 
 def env_packages(env: str) -> set[str]:
-    spec = yaml.safe_load((REPO / "envs" / f"{env}.yaml").read_text())
+    spec = yaml.safe_load((REPO / "workflow/envs" / f"{env}.yaml").read_text())
     names = set()
     for dep in spec["dependencies"]:
         for item in dep["pip"] if isinstance(dep, dict) else [dep]:
@@ -65,7 +65,7 @@ def rules_envs_modules() -> list[tuple[str, str, set[str]]]:
     out = []
     for smk in sorted((REPO / "workflow/rules").glob("*.smk")):
         for name, body in re.findall(r"^ *rule (\w+):\n(.*?)(?=^ *rule \w+:|\Z)", smk.read_text(), re.S | re.M):
-            env = re.search(r'"\.\./\.\./envs/(\w+)\.yaml"', body)
+            env = re.search(r'"\.\./envs/(\w+)\.yaml"', body)
             modules = set(re.findall(r"lightning_opd\.(\w+)", body.split("shell:")[-1]))
             if env and modules:
                 out.append((name, env.group(1), modules))
@@ -83,7 +83,7 @@ def test_env_lists_what_the_rule_imports(rule, env, modules):
     needed = {distribution(name) for module in modules for name in module_imports(module)}
     listed = env_packages(env)
     missing = sorted(d for d in needed - listed if d not in OPTIONAL)
-    assert not missing, f"rule {rule} runs {sorted(modules)} with envs/{env}.yaml, which lacks {missing}"
+    assert not missing, f"rule {rule} runs {sorted(modules)} with workflow/envs/{env}.yaml, which lacks {missing}"
 
 
 def test_the_vllm_backend_env_has_vllm():

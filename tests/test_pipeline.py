@@ -50,7 +50,7 @@ def write_yaml(path: Path, data: dict) -> Path:
 def copy_repo(work: Path, *extra: str) -> Path:
     """What a pipeline run needs of this repository, and ``extra`` paths, copied into ``work``."""
     work.mkdir(parents=True, exist_ok=True)
-    for item in ("Snakefile", "workflow", "src", "config", "envs", *extra):
+    for item in ("workflow", "src", "config", *extra):
         (shutil.copytree if (REPO / item).is_dir() else shutil.copy)(REPO / item, work / item)
     return work
 
@@ -62,7 +62,7 @@ def merge(base: dict, over: dict) -> dict:
 
 
 def default_config() -> dict:
-    return yaml.safe_load((REPO / "config/default.yaml").read_text())
+    return yaml.safe_load((REPO / "config/config.yaml").read_text())
 
 
 def test_default_dag_dry_run(tmp_path):

@@ -67,7 +67,7 @@ def slurm_cluster():
 
 
 def merged_config() -> dict:
-    config = yaml.safe_load((REPO / "config/default.yaml").read_text())
+    config = yaml.safe_load((REPO / "config/config.yaml").read_text())
     for path in CONFIGS:
         config = merge(config, yaml.safe_load((REPO / path).read_text()))
     return config

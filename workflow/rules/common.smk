@@ -6,7 +6,7 @@ import shlex
 from pathlib import Path
 
 R = f"{config['results_dir']}/{config['experiment']}"
-SRC = Path(workflow.basedir) / "src"
+SRC = Path(workflow.basedir).parent / "src"
 PKG = SRC / "lightning_opd"
 # Jobs run `python -m lightning_opd.<stage>` from this checkout, with or
 # without `pip install -e .`, locally, in conda envs and in SLURM jobs alike.

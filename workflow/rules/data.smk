@@ -27,7 +27,7 @@ if "data" in config:
         resources:
             **stage_resources("light"),
         conda:
-            "../../envs/train.yaml"
+            "../envs/train.yaml"
         shell:
             "python -m lightning_opd.prepare_data --source {params.source} --split {params.hf_split} "
             "--problem-field {params.problem} {params.answer} {params.limit} --name {wildcards.split} "
@@ -52,7 +52,7 @@ else:
         resources:
             **stage_resources("light"),
         conda:
-            "../../envs/gen.yaml"
+            "../envs/gen.yaml"
         shell:
             "python -m lightning_opd.task_data --out-dir {params.out_dir} --hparams {params.task} > {log} 2>&1"
 
@@ -73,7 +73,7 @@ rule tokenizer:
     resources:
         **stage_resources("light"),
     conda:
-        "../../envs/train.yaml"
+        "../envs/train.yaml"
     shell:
         "python -m lightning_opd.build_tokenizer --task-files {input.task} "
         "--vocab-size {params.vocab_size} --out {output} > {log} 2>&1"

@@ -42,7 +42,7 @@ rule evaluate:
     resources:
         **stage_resources("evaluate"),
     conda:
-        "../../envs/eval.yaml"
+        "../envs/eval.yaml"
     shell:
         "python -m lightning_opd.evaluate --model {params.model} --eval-file {input.eval_file} "
         "--out {output.summary} --k {params.k} --temperature {params.temperature} --top-p {params.top_p} "

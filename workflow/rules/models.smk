@@ -23,7 +23,7 @@ rule pretrain_teacher:
     resources:
         **stage_resources("pretrain"),
     conda:
-        "../../envs/train.yaml"
+        "../envs/train.yaml"
     shell:
         "{params.launch} lightning_opd.pretrain --tokenizer {input.tokenizer} --task-file {input.task} "
         "--corpus solutions --style {params.style} --arch {params.arch} --train {params.train} "
@@ -51,7 +51,7 @@ rule pretrain_student_base:
     resources:
         **stage_resources("pretrain"),
     conda:
-        "../../envs/train.yaml"
+        "../envs/train.yaml"
     shell:
         "{params.launch} lightning_opd.pretrain --tokenizer {input.tokenizer} --task-file {input.task} "
         "--corpus {params.corpus} --arch {params.arch} --train {params.train} "

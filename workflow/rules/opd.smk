@@ -23,7 +23,7 @@ rule rollouts:
     resources:
         **stage_resources("generate"),
     conda:
-        "../../envs/gen.yaml"
+        "../envs/gen.yaml"
     shell:
         "python -m lightning_opd.generate --model {input.policy} --prompts {input.prompts} --out {output} "
         "--label sft-{wildcards.sft_teacher} --backend {params.backend} "
@@ -52,7 +52,7 @@ rule teacher_cache:
     resources:
         **stage_resources("generate"),
     conda:
-        "../../envs/gen.yaml"
+        "../envs/gen.yaml"
     shell:
         "python -m lightning_opd.teacher_cache --teacher {params.model} --rollouts {input.rollouts} "
         "--out {output} --label {wildcards.opd_teacher} --backend {params.backend} "
@@ -82,7 +82,7 @@ rule lightning_opd:
     resources:
         **stage_resources("train"),
     conda:
-        "../../envs/train.yaml"
+        "../envs/train.yaml"
     shell:
         "{params.launch} lightning_opd.lightning_opd --init {input.init} --cache {input.cache} --opd {params.opd} "
         "--out {output} --checkpoint-root {params.ckpt} --drift-prompts {input.drift_prompts} "
@@ -115,7 +115,7 @@ rule standard_opd:
     resources:
         **stage_resources("train"),
     conda:
-        "../../envs/train.yaml"
+        "../envs/train.yaml"
     shell:
         "{params.launch} lightning_opd.standard_opd --init {input.init} --teacher {params.teacher} "
         "--teacher-label {wildcards.opd_teacher} --prompts {input.prompts} --opd {params.opd} "

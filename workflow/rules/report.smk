@@ -26,7 +26,7 @@ rule report:
     resources:
         **stage_resources("light"),
     conda:
-        "../../envs/report.yaml"
+        "../envs/report.yaml"
     shell:
         "python -m lightning_opd.report --manifest {params.manifest} --out-dir {params.out_dir} > {log} 2>&1 "
         "&& cat {output.table_md}"

@@ -22,7 +22,7 @@ rule sft_data:
     resources:
         **stage_resources("generate"),
     conda:
-        "../../envs/gen.yaml"
+        "../envs/gen.yaml"
     shell:
         "python -m lightning_opd.generate --model {params.model} --prompts {input.prompts} --out {output} "
         "--label {wildcards.teacher} --backend {params.backend} --backend-options {params.backend_options} "
@@ -50,7 +50,7 @@ rule sft:
     resources:
         **stage_resources("train"),
     conda:
-        "../../envs/train.yaml"
+        "../envs/train.yaml"
     shell:
         "{params.launch} lightning_opd.sft --base {params.base} --sft-data {input.sft_data} --train {params.train} {params.keep_unfinished} "
         "--out {output} --checkpoint-root {params.ckpt} 2>&1 | tee {log}"
