@@ -8,7 +8,7 @@ import sys
 import pyarrow.parquet as pq
 import torch
 
-from lightning_opd.backends.hf import sample_with
+from lightning_opd.sampling import sample_with
 from lightning_opd.hparams import SamplingParams
 from lightning_opd.modeling import load_model
 from lightning_opd.opd_trainer import response_logprobs, shard_frozen

@@ -1,7 +1,12 @@
 """Typed hyperparameters of every stage, parsed from the JSON the rules pass.
 
 The Snakemake config schema already validates the config; these dataclasses
-make each module usable on its own with the same checks and defaults.
+make each module usable on its own with the same checks and defaults. Their
+defaults are those of the embedded config (config/config.yaml), one section
+each: `task`, `teachers.A.build.arch`, `sft_data.sampling`, `sft.train`,
+`lightning_opd` (a test holds them equal); other sections of the config
+that use a dataclass (the student's arch, the rollouts' sampling, ...) are
+overrides of these defaults.
 """
 from __future__ import annotations
 
@@ -15,12 +20,12 @@ T = TypeVar("T")
 @dataclasses.dataclass
 class TaskParams:
     seed: int = 0
-    n_teacher: int = 3000
+    n_teacher: int = 4000
     n_sft: int = 800
     n_opd: int = 512
     n_eval: int = 200
-    min_operands: int = 3
-    max_operands: int = 5
+    min_operands: int = 2
+    max_operands: int = 4
     max_operand: int = 9
 
 
@@ -37,7 +42,7 @@ class ArchParams:
 
 @dataclasses.dataclass
 class TrainParams:
-    learning_rate: float = 1e-3
+    learning_rate: float = 2e-3
     optim: str = "adamw_torch"  # any transformers optimizer name
     lr_scheduler_type: str = "cosine"
     warmup_ratio: float = 0.05
@@ -53,7 +58,7 @@ class TrainParams:
     micro_batch_size: int | None = None
     # concatenate each micro-batch into one row (no padding; attention stays within each sequence)
     packing: bool = False
-    epochs: float = 1.0
+    epochs: float = 8.0
     max_steps: int = -1
     seed: int = 0
     bf16: bool = False
@@ -61,8 +66,8 @@ class TrainParams:
     # FSDP for multi-process runs: transformers' fsdp_config (version, reshard_after_forward,
     # activation_checkpointing, cpu_offload, ...); None: DDP (each process holds the whole model)
     fsdp: dict[str, Any] | None = None
-    save_steps: int = 50
-    logging_steps: int = 5
+    save_steps: int = 100
+    logging_steps: int = 25
 
 
 @dataclasses.dataclass
@@ -72,14 +77,33 @@ class SamplingParams:
     max_new_tokens: int = 128
     n: int = 1
     seed: int = 0
-    batch_size: int = 128
+    batch_size: int = 256
 
 
 @dataclasses.dataclass
 class OPDParams(TrainParams):
+    # the paper's optimiser (Adam 0.9/0.98, weight decay 0.1, constant lr) with an lr for the tiny models
+    learning_rate: float = 1e-5
+    lr_scheduler_type: str = "constant"
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.1
+    adam_beta2: float = 0.98
+    batch_size: int = 64
+    epochs: float = 2.0
+    save_steps: int = 4
+    logging_steps: int = 2
     # None turns the advantage clipping of Algorithm 1 off (as in the public code).
-    tau: float | None = None
+    tau: float | None = 1.0
     allow_teacher_mismatch: bool = False
+
+
+@dataclasses.dataclass
+class TrackingParams:
+    """Where a trainer reports its logs (transformers' ``report_to``)."""
+    report_to: list[str] = dataclasses.field(default_factory=list)  # e.g. ["tensorboard", "wandb", "mlflow"]
+    project: str | None = None  # the W&B project / MLflow experiment / Trackio project
+    run_name: str | None = None
+    log_dir: str | None = None  # TensorBoard's event files (and W&B's local run files) go here
 
 
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "hparams") -> T:

@@ -2,17 +2,11 @@
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
 
 import numpy as np
 
 from lightning_opd.hparams import SamplingParams
-
-
-@dataclass
-class GenerationResult:
-    response_ids: list[int]
-    finished: bool  # ended with an end-of-sequence token rather than the length limit
+from lightning_opd.sampling import GenerationResult
 
 
 class Backend(abc.ABC):

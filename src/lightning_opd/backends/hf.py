@@ -9,6 +9,7 @@ from tqdm import tqdm
 from lightning_opd.backends.base import Backend, GenerationResult
 from lightning_opd.hparams import SamplingParams
 from lightning_opd.modeling import load_model, load_tokenizer, stop_token_ids
+from lightning_opd.sampling import length_sorted_batches, sample_with
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -19,47 +20,6 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
         logits = logits / temperature
     picked = torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(logits, dim=-1)
-
-
-def _length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-@torch.no_grad()
-def sample_with(model, prompts: list[list[int]], params: SamplingParams, stop_ids: set[int], pad_id: int,
-                progress: bool = True, synced: bool = False) -> list[list[GenerationResult]]:
-    """``params.n`` samples per prompt from a loaded model (also the live
-    student of standard OPD), each cut after its first stop token. ``synced``:
-    the model is sharded over processes (FSDP), which must then run the same
-    number of forward passes until every one of them has finished."""
-    torch.manual_seed(params.seed)
-    results: list[list[GenerationResult]] = [[] for _ in prompts]
-    batches = _length_sorted_batches([len(p) for p in prompts], max(1, params.batch_size // params.n))
-    for batch in tqdm(batches, desc="generate", unit="batch", disable=not progress):
-        width = max(len(prompts[i]) for i in batch)
-        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        attention = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, i in enumerate(batch):  # left padding: every prompt ends at the same column
-            input_ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
-            attention[row, width - len(prompts[i]):] = 1
-        output = model.generate(
-            input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device),
-            do_sample=params.temperature > 0, temperature=params.temperature or None,
-            top_p=params.top_p if params.temperature > 0 else None, top_k=None,
-            max_new_tokens=params.max_new_tokens, num_return_sequences=params.n,
-            eos_token_id=sorted(stop_ids), pad_token_id=pad_id, synced_gpus=synced,
-        )[:, width:].tolist()
-        for row, sequence in enumerate(output):
-            results[batch[row // params.n]].append(_trim(sequence, stop_ids))
-    return results
-
-
-def _trim(sequence: list[int], stop_ids: set[int]) -> GenerationResult:
-    for position, token in enumerate(sequence):
-        if token in stop_ids:
-            return GenerationResult(sequence[:position + 1], True)
-    return GenerationResult(sequence, False)
 
 
 class HFBackend(Backend):
@@ -79,7 +39,7 @@ class HFBackend(Backend):
               temperature: float = 1.0) -> list[np.ndarray]:
         scores: list[np.ndarray] = [np.zeros(0, np.float32)] * len(prompts)
         lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
-        for batch in tqdm(_length_sorted_batches(lengths, self.batch_size), desc="score", unit="batch"):
+        for batch in tqdm(length_sorted_batches(lengths, self.batch_size), desc="score", unit="batch"):
             width = max(lengths[i] for i in batch)
             input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
             attention = torch.zeros((len(batch), width), dtype=torch.long)
