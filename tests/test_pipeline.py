@@ -160,6 +160,38 @@ def test_training_rules_start_the_processes_of_the_config(tiny_run):
     assert "one process: 1 x micro-batch 16" in (logs / "pretrain_teacher/A.log").read_text()
 
 
+def test_tiny_run_reports_every_trainer_to_tensorboard(tiny_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    results = tiny_run[0] / "results/tiny"
+    for stage, label in [("pretrain_teacher", "teacher-A"), ("pretrain_student_base", "student_base"),
+                         ("sft", "sft-A"), ("lightning_opd", "lightning-sft-A_teacher-A_seed-0"),
+                         ("standard_opd", "standard-sft-A_teacher-A_seed-0")]:
+        events = EventAccumulator(str(results / "tracking" / stage / label))
+        events.Reload()
+        log = [json.loads(line) for line in (results / "models" / label / "train_log.jsonl").read_text().splitlines()]
+        logged = [entry["step"] for entry in log if "loss" in entry]
+        assert logged and [e.step for e in events.Scalars("train/loss")] == logged, stage
+
+
+def test_tiny_run_renders_every_prompt_with_the_chat_template_kwargs(tiny_run):
+    from lightning_opd.modeling import load_tokenizer
+
+    results = tiny_run[0] / "results/tiny"
+    kwargs = {"enable_thinking": False}
+    tokenizer = load_tokenizer(results / "models/tokenizer")
+    for artifact in ("sft_data/teacher-A.parquet", "rollouts/sft-A.parquet"):
+        table = pq.read_table(results / artifact)
+        assert json.loads(table.schema.metadata[METADATA_KEY])["chat_template_kwargs"] == kwargs, artifact
+        assert all(tokenizer.decode(ids).endswith("assistant\n<think>\n\n</think>\n\n")
+                   for ids in table.column("prompt_ids").to_pylist()), artifact
+    cache = json.loads(pq.read_schema(results / "cache/sft-A_teacher-A.parquet").metadata[METADATA_KEY])
+    assert cache["rollouts"]["chat_template_kwargs"] == kwargs
+    for model in ("sft-A", "lightning-sft-A_teacher-A_seed-0", "standard-sft-A_teacher-A_seed-0"):
+        assert json.loads((results / "models" / model / "provenance.json").read_text())["chat_template_kwargs"] == kwargs
+    assert json.loads((results / "eval/sft-A.json").read_text())["chat_template_kwargs"] == kwargs
+
+
 def test_second_run_does_nothing(tiny_run):
     work, config = tiny_run
     assert planned_jobs(snakemake("-n", *config, cwd=work).stdout) == {}

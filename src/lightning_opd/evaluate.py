@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from lightning_opd.artifacts import TASK_SCHEMA, atomic_path, read_table, write_json
+from lightning_opd.modeling import add_chat_template_argument
 from lightning_opd.provenance import describe_model, file_sha256
 
 TASKS_DIR = Path(__file__).parent / "lm_eval_tasks"
@@ -31,26 +32,51 @@ def task_config(task_yaml: Path, eval_file: Path, k: int, temperature: float, to
     return config
 
 
-def lm_eval_model(backend: str, model: str, batch_size: int, seed: int, options: dict) -> tuple[str, dict]:
+def chat_template_model_args(chat_template_kwargs: dict | None, think_end_token: str | int | None) -> dict:
+    """lm-eval's model arguments that render the prompt as every other stage
+    does (`modeling.prompt_ids`): ``enable_thinking`` as its own argument (the
+    vllm model of lm-eval 0.4.13 drops it from ``chat_template_args``), the
+    other template arguments as ``chat_template_args``, and ``think_end_token``,
+    after which lm-eval reads the answer."""
+    kwargs = dict(chat_template_kwargs or {})
+    args: dict = {}
+    if "enable_thinking" in kwargs:
+        args["enable_thinking"] = kwargs.pop("enable_thinking")
+        if args["enable_thinking"] and think_end_token is None:
+            raise ValueError("chat_template_kwargs.enable_thinking is true but eval.think_end_token is not set: "
+                             "lm-eval needs the token that ends the thinking (e.g. \"</think>\" for Qwen3)")
+    if kwargs:
+        args["chat_template_args"] = kwargs
+    if think_end_token is not None:
+        args["think_end_token"] = think_end_token
+    return args
+
+
+def lm_eval_model(backend: str, model: str, batch_size: int, seed: int, options: dict,
+                  chat_template_kwargs: dict | None = None, think_end_token: str | int | None = None
+                  ) -> tuple[str, dict]:
+    template = chat_template_model_args(chat_template_kwargs, think_end_token)
     if backend == "hf":
         from lightning_opd.modeling import pick_device
 
         return "hf", {"pretrained": model, "dtype": options.get("dtype", "float32"), "batch_size": batch_size,
-                      "device": str(pick_device(options.get("device")))}
+                      "device": str(pick_device(options.get("device"))), **template}
     if backend == "vllm":
-        return "vllm", {"pretrained": model, "seed": seed, "batch_size": "auto", **options}
+        return "vllm", {"pretrained": model, "seed": seed, "batch_size": "auto", **options, **template}
     raise ValueError(f"unknown evaluation backend {backend!r}; choose hf or vllm")
 
 
 def evaluate(model: str, eval_file: Path, out: Path, k: int = 4, temperature: float = 0.6, top_p: float = 0.95,
              max_gen_toks: int = 128, backend: str = "hf", batch_size: int = 64, seed: int = 0, label: str = "",
-             task_yaml: Path = DEFAULT_TASK, backend_options: dict | None = None) -> dict:
+             task_yaml: Path = DEFAULT_TASK, backend_options: dict | None = None,
+             chat_template_kwargs: dict | None = None, think_end_token: str | int | None = None) -> dict:
     import lm_eval
     from lm_eval.tasks import TaskManager
 
     read_table(eval_file, TASK_SCHEMA)  # a clear error for a missing or malformed set, before lm-eval starts
     config = task_config(task_yaml, eval_file, k, temperature, top_p, max_gen_toks)
-    model_type, model_args = lm_eval_model(backend, model, batch_size, seed, backend_options or {})
+    model_type, model_args = lm_eval_model(backend, model, batch_size, seed, backend_options or {},
+                                           chat_template_kwargs, think_end_token)
     output = lm_eval.simple_evaluate(
         model=model_type, model_args=model_args, tasks=[config], task_manager=TaskManager(),
         apply_chat_template=True, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
@@ -70,6 +96,8 @@ def evaluate(model: str, eval_file: Path, out: Path, k: int = 4, temperature: fl
         "pass_at_k": metrics["pass_at_k,all_samples"],
         "sampling": {"temperature": temperature, "top_p": top_p, "max_gen_toks": max_gen_toks, "seed": seed},
         "backend": backend,
+        "chat_template_kwargs": chat_template_kwargs or {},
+        "think_end_token": think_end_token,
     }
     with atomic_path(out.with_suffix(".samples.jsonl")) as tmp:
         with open(tmp, "w") as handle:
@@ -96,9 +124,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--label", default="")
     parser.add_argument("--task-yaml", type=Path, default=DEFAULT_TASK)
     parser.add_argument("--backend-options", default="{}", help="JSON of extra lm-eval model_args")
+    add_chat_template_argument(parser)
+    parser.add_argument("--think-end-token", help="lm-eval's think_end_token (text, or a token id)")
     args = parser.parse_args(argv)
     evaluate(args.model, args.eval_file, args.out, args.k, args.temperature, args.top_p, args.max_gen_toks,
-             args.backend, args.batch_size, args.seed, args.label, args.task_yaml, json.loads(args.backend_options))
+             args.backend, args.batch_size, args.seed, args.label, args.task_yaml, json.loads(args.backend_options),
+             args.chat_template_kwargs, args.think_end_token)
 
 
 if __name__ == "__main__":

@@ -11,17 +11,17 @@ from pathlib import Path
 from lightning_opd.artifacts import SAMPLES_SCHEMA, TASK_SCHEMA, read_table, write_table
 from lightning_opd.backends import BACKENDS, get_backend
 from lightning_opd.hparams import SamplingParams, parse_hparams
-from lightning_opd.modeling import DEFAULT_PROMPT_TEMPLATE, load_tokenizer, prompt_ids
+from lightning_opd.modeling import DEFAULT_PROMPT_TEMPLATE, add_chat_template_argument, load_tokenizer, prompt_ids
 from lightning_opd.provenance import describe_model, file_sha256, tokenizer_fingerprint
 
 
 def sample(model: str, prompts_path: Path, out: Path, params: SamplingParams, backend: str = "hf",
            label: str = "", prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
-           backend_options: dict | None = None) -> None:
+           backend_options: dict | None = None, chat_template_kwargs: dict | None = None) -> None:
     tasks, _ = read_table(prompts_path, TASK_SCHEMA)
     rows = tasks.to_pylist()
     tokenizer = load_tokenizer(model)
-    prompts = [prompt_ids(tokenizer, row["problem"], prompt_template) for row in rows]
+    prompts = [prompt_ids(tokenizer, row["problem"], prompt_template, chat_template_kwargs) for row in rows]
     engine = get_backend(backend, model, **(backend_options or {}))
     samples = engine.generate(prompts, params)
     records = []
@@ -44,6 +44,7 @@ def sample(model: str, prompts_path: Path, out: Path, params: SamplingParams, ba
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "prompts": {"path": str(prompts_path), "sha256": file_sha256(prompts_path)},
         "prompt_template": prompt_template,
+        "chat_template_kwargs": chat_template_kwargs or {},
         "sampling": dataclasses.asdict(params),
         "backend": backend,
     })
@@ -60,10 +61,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sampling", default="{}", help="JSON of SamplingParams fields")
     parser.add_argument("--backend-options", default="{}", help="JSON passed to the backend (dtype, device, ...)")
     parser.add_argument("--prompt-template", default=DEFAULT_PROMPT_TEMPLATE)
+    add_chat_template_argument(parser)
     args = parser.parse_args(argv)
 
     sample(args.model, args.prompts, args.out, parse_hparams(SamplingParams, args.sampling, "--sampling"),
-           args.backend, args.label, args.prompt_template, json.loads(args.backend_options))
+           args.backend, args.label, args.prompt_template, json.loads(args.backend_options), args.chat_template_kwargs)
 
 
 if __name__ == "__main__":

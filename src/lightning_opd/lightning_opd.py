@@ -19,7 +19,7 @@ from lightning_opd.opd_trainer import OPDTrainer, add_output_arguments, drift_re
 from lightning_opd.provenance import (check_same_tokenizer, check_teacher_consistency, describe_model, file_sha256,
                                       sft_teacher_of)
 from lightning_opd.training import (checkpoint_dir, collator, frozen_dtype, load_device, params_record, save_final,
-                                    train_with_resume, training_arguments)
+                                    tracking_params, train_with_resume, training_arguments)
 
 
 def load_checked_cache(cache_path: Path, init: dict, tokenizer, allow_mismatch: bool) -> tuple[list[dict], dict]:
@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     add_output_arguments(parser)
     args = parser.parse_args(argv)
     params = parse_hparams(OPDParams, args.opd, "--opd")
+    tracking = tracking_params(args.tracking)
 
     init = describe_model(args.init)
     tokenizer = load_tokenizer(args.init)
@@ -55,15 +56,16 @@ def main(argv: list[str] | None = None) -> None:
     reference, drift_batch = drift_reference(
         args.init, tokenizer, args.drift_prompts, args.drift_n,
         meta["rollouts"].get("prompt_template") or DEFAULT_PROMPT_TEMPLATE, args.drift_max_new_tokens,
-        frozen_dtype(params))
+        frozen_dtype(params), meta["rollouts"].get("chat_template_kwargs"))
     trainer = OPDTrainer(model=model, tau=params.tau, reference=reference, drift_batch=drift_batch,
-                         args=training_arguments(params, checkpoint_dir(args.checkpoint_root, key)),
+                         args=training_arguments(params, checkpoint_dir(args.checkpoint_root, key), tracking),
                          train_dataset=Dataset.from_list(examples),
                          data_collator=collator(params, tokenizer.pad_token_id))
     train_with_resume(trainer)
     save_final(trainer, tokenizer, args.out, {
         **key, "method": "lightning_opd", "init_model": init, "teacher": meta["teacher"],
         "sft_teacher": sft_teacher_of(init), "teacher_consistent": meta["teacher_consistent"],
+        "chat_template_kwargs": meta["rollouts"].get("chat_template_kwargs", {}),
     })
     print(f"-> {args.out}")
 

@@ -2,8 +2,11 @@
 formatting through the chat template, and the tiny Qwen3 config."""
 from __future__ import annotations
 
+import argparse
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, Qwen3Config
@@ -43,12 +46,31 @@ def stop_token_ids(model, tokenizer: PreTrainedTokenizerBase) -> set[int]:
     return {i for i in (tokenizer.eos_token_id, *eos) if i is not None}
 
 
-def prompt_ids(tokenizer: PreTrainedTokenizerBase, problem: str,
-               template: str = DEFAULT_PROMPT_TEMPLATE) -> list[int]:
-    """Token ids of a user turn holding the problem, ending where the assistant answers."""
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, problem: str, template: str = DEFAULT_PROMPT_TEMPLATE,
+               chat_template_kwargs: dict[str, Any] | None = None) -> list[int]:
+    """Token ids of a user turn holding the problem, ending where the assistant
+    answers; ``chat_template_kwargs`` go to the template (e.g. Qwen3's
+    ``enable_thinking``). Every stage that renders a prompt comes here."""
     messages = [{"role": "user", "content": template.format(problem=problem)}]
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
+                                         **(chat_template_kwargs or {}))
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def add_chat_template_argument(parser) -> None:
+    """``--chat-template-kwargs``: the one argument of every module that renders prompts."""
+    parser.add_argument("--chat-template-kwargs", type=json_object, default={},
+                        help="JSON object of extra chat template arguments, e.g. {\"enable_thinking\": false}")
+
+
+def json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 def tiny_qwen3_config(arch: ArchParams, tokenizer: PreTrainedTokenizerBase) -> Qwen3Config:

@@ -15,7 +15,7 @@ from transformers import Trainer
 
 from lightning_opd.backends.hf import token_logprobs
 from lightning_opd.opd_loss import opd_loss
-from lightning_opd.training import IGNORE_INDEX, supervised_example
+from lightning_opd.training import IGNORE_INDEX, add_tracking_argument, supervised_example
 
 
 def opd_example(prompt: list[int], response: list[int], teacher_logprobs: list[float]) -> dict[str, list]:
@@ -99,30 +99,31 @@ class OPDTrainer(Trainer):
 
 
 def add_output_arguments(parser) -> None:
-    """Arguments both OPD trainers share: where the model and checkpoints go, and drift logging."""
+    """Arguments both OPD trainers share: where the model and checkpoints go, drift logging, tracking."""
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--checkpoint-root", type=Path, required=True)
     parser.add_argument("--drift-prompts", type=Path, help="held-out prompts on which KL(pi_theta || pi_ref) is logged")
     parser.add_argument("--drift-n", type=int, default=64, help="how many of them (0: no drift logging)")
     parser.add_argument("--drift-max-new-tokens", type=int, default=128)
+    add_tracking_argument(parser)
 
 
 def drift_reference(init: str, tokenizer, prompts_path: Path | None, n_prompts: int, prompt_template: str,
-                    max_new_tokens: int, dtype: str = "float32"):
+                    max_new_tokens: int, dtype: str = "float32", chat_template_kwargs: dict | None = None):
     """A frozen copy of pi_ref and a held-out batch (one pi_ref sample per
     prompt, temperature 1) on which `drift_kl` is measured during training;
     (None, None) without prompts or when ``n_prompts`` is 0."""
     if not prompts_path or not n_prompts:
         return None, None
     from lightning_opd.artifacts import TASK_SCHEMA, read_table
-    from lightning_opd.backends.hf import sample_with
+    from lightning_opd.sampling import sample_with
     from lightning_opd.hparams import SamplingParams
     from lightning_opd.modeling import load_model, prompt_ids, stop_token_ids
     from lightning_opd.training import PadCollator
 
     reference = load_model(init, dtype=dtype).eval()  # on this process's device to sample; sharded later under FSDP
     problems = read_table(prompts_path, TASK_SCHEMA)[0].column("problem").to_pylist()[:n_prompts]
-    prompts = [prompt_ids(tokenizer, p, prompt_template) for p in problems]
+    prompts = [prompt_ids(tokenizer, p, prompt_template, chat_template_kwargs) for p in problems]
     params = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=max_new_tokens, seed=0, batch_size=len(prompts))
     samples = sample_with(reference, prompts, params, stop_token_ids(reference, tokenizer), tokenizer.pad_token_id,
                           progress=False)

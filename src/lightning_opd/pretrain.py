@@ -15,8 +15,8 @@ from lightning_opd.hparams import ArchParams, TaskParams, TrainParams, parse_hpa
 from lightning_opd.modeling import load_tokenizer, prompt_ids, tiny_qwen3_config
 from lightning_opd.provenance import file_sha256, tokenizer_fingerprint
 from lightning_opd.task import SOLUTION_STYLES, arithmetic_facts
-from lightning_opd.training import (checkpoint_dir, collator, params_record, save_final,
-                                    supervised_example, train_with_resume, training_arguments)
+from lightning_opd.training import (add_tracking_argument, checkpoint_dir, collator, params_record, save_final,
+                                    supervised_example, tracking_params, train_with_resume, training_arguments)
 
 CORPORA = ("solutions", "raw_solutions", "facts")
 
@@ -46,9 +46,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--label", default="")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--checkpoint-root", type=Path, required=True)
+    add_tracking_argument(parser)
     args = parser.parse_args(argv)
     arch = parse_hparams(ArchParams, args.arch, "--arch")
     train = parse_hparams(TrainParams, args.train, "--train")
+    tracking = tracking_params(args.tracking)
 
     tokenizer = load_tokenizer(args.tokenizer)
     examples = corpus_examples(args.corpus, args.style, args.task_file, tokenizer)
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     key = {"stage": "pretrain", "corpus": args.corpus, "style": args.style, "arch": params_record(arch),
            "train": params_record(train), "task": file_sha256(args.task_file),
            "tokenizer": tokenizer_fingerprint(tokenizer)}
-    trainer = Trainer(model=model, args=training_arguments(train, checkpoint_dir(args.checkpoint_root, key)),
+    trainer = Trainer(model=model, args=training_arguments(train, checkpoint_dir(args.checkpoint_root, key), tracking),
                       train_dataset=Dataset.from_list(examples), data_collator=collator(train, tokenizer.pad_token_id))
     train_with_resume(trainer)
     save_final(trainer, tokenizer, args.out, {**key, "label": args.label})

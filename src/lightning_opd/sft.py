@@ -13,8 +13,8 @@ from lightning_opd.artifacts import SAMPLES_SCHEMA, ArtifactError, read_table
 from lightning_opd.hparams import TrainParams, parse_hparams
 from lightning_opd.modeling import load_model, load_tokenizer
 from lightning_opd.provenance import check_same_tokenizer, describe_model, file_sha256
-from lightning_opd.training import (checkpoint_dir, collator, params_record, save_final,
-                                    supervised_example, train_with_resume, training_arguments)
+from lightning_opd.training import (add_tracking_argument, checkpoint_dir, collator, params_record, save_final,
+                                    supervised_example, tracking_params, train_with_resume, training_arguments)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -26,8 +26,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint-root", type=Path, required=True)
     parser.add_argument("--keep-unfinished", action="store_true",
                         help="also train on answers cut at the length limit (dropped by default)")
+    add_tracking_argument(parser)
     args = parser.parse_args(argv)
     train = parse_hparams(TrainParams, args.train, "--train")
+    tracking = tracking_params(args.tracking)
 
     table, meta = read_table(args.sft_data, SAMPLES_SCHEMA)
     tokenizer = load_tokenizer(args.base)
@@ -42,11 +44,12 @@ def main(argv: list[str] | None = None) -> None:
     sft_teacher = {"label": meta.get("label", ""), "fingerprint": meta["model"]["fingerprint"]}
     key = {"stage": "sft", "base": base["fingerprint"], "sft_data": file_sha256(args.sft_data),
            "train": params_record(train)}
-    trainer = Trainer(model=load_model(args.base), args=training_arguments(train, checkpoint_dir(args.checkpoint_root, key)),
+    trainer = Trainer(model=load_model(args.base), args=training_arguments(train, checkpoint_dir(args.checkpoint_root, key), tracking),
                       train_dataset=Dataset.from_list(examples), data_collator=collator(train, tokenizer.pad_token_id))
     train_with_resume(trainer)
     save_final(trainer, tokenizer, args.out, {**key, "base_model": base, "sft_teacher": sft_teacher,
-                                              "sft_sampling": meta.get("sampling")})
+                                              "sft_sampling": meta.get("sampling"),
+                                              "chat_template_kwargs": meta.get("chat_template_kwargs", {})})
     print(f"-> {args.out}")
 
 

@@ -15,15 +15,16 @@ import torch
 from datasets import Dataset
 
 from lightning_opd.artifacts import TASK_SCHEMA, read_table
-from lightning_opd.backends.hf import sample_with
 from lightning_opd.hparams import OPDParams, SamplingParams, from_dict, parse_hparams
-from lightning_opd.modeling import DEFAULT_PROMPT_TEMPLATE, load_model, load_tokenizer, prompt_ids, stop_token_ids
+from lightning_opd.modeling import (DEFAULT_PROMPT_TEMPLATE, add_chat_template_argument, load_model, load_tokenizer,
+                                    prompt_ids, stop_token_ids)
 from lightning_opd.opd_trainer import (OPDTrainer, add_output_arguments, drift_reference, opd_example,
                                        response_logprobs)
 from lightning_opd.provenance import (check_teacher_consistency, describe_model, file_sha256, sft_teacher_of,
                                       tokenizer_fingerprint)
+from lightning_opd.sampling import sample_with
 from lightning_opd.training import (PadCollator, checkpoint_dir, collator, frozen_dtype, load_device, params_record,
-                                    save_final, train_with_resume, training_arguments)
+                                    save_final, tracking_params, train_with_resume, training_arguments)
 
 
 class OnlineOPDTrainer(OPDTrainer):
@@ -61,6 +62,12 @@ class OnlineOPDTrainer(OPDTrainer):
         return super().compute_loss(model, batch, return_outputs, num_items_in_batch)
 
 
+def live_prompts(tokenizer, prompts_path: Path, template: str, chat_template_kwargs: dict) -> list[list[int]]:
+    """The OPD prompts as the live student is asked them."""
+    table, _ = read_table(prompts_path, TASK_SCHEMA)
+    return [prompt_ids(tokenizer, p, template, chat_template_kwargs) for p in table.column("problem").to_pylist()]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--init", required=True, help="pi_ref: the SFT model to start from")
@@ -70,10 +77,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--opd", default="{}", help="JSON of OPDParams fields (as Lightning OPD)")
     parser.add_argument("--sampling", default="{}", help="JSON of SamplingParams for the live rollouts")
     parser.add_argument("--prompt-template", default=DEFAULT_PROMPT_TEMPLATE)
+    add_chat_template_argument(parser)
     add_output_arguments(parser)
     args = parser.parse_args(argv)
     params = parse_hparams(OPDParams, args.opd, "--opd")
     sampling = from_dict(SamplingParams, json.loads(args.sampling), "--sampling")
+    tracking = tracking_params(args.tracking)
 
     init = describe_model(args.init)
     teacher = {**describe_model(args.teacher), "label": args.teacher_label}
@@ -82,24 +91,25 @@ def main(argv: list[str] | None = None) -> None:
         raise ValueError(f"{args.teacher}: the teacher's tokenizer differs from the student's ({args.init}); "
                          "OPD scores the student's token ids with the teacher")
     consistent = check_teacher_consistency(sft_teacher_of(init), teacher, params.allow_teacher_mismatch, args.teacher)
-    table, _ = read_table(args.prompts, TASK_SCHEMA)
-    prompts = [{"prompt_ids": prompt_ids(tokenizer, p, args.prompt_template)} for p in table.column("problem").to_pylist()]
+    prompts = [{"prompt_ids": ids}
+               for ids in live_prompts(tokenizer, args.prompts, args.prompt_template, args.chat_template_kwargs)]
     print(f"standard OPD on {len(prompts)} prompts x {sampling.n} live samples, teacher {args.teacher_label} "
           f"({'consistent' if consistent else 'INCONSISTENT'} with the SFT teacher)")
 
     key = {"stage": "standard_opd", "init": init["fingerprint"], "teacher": teacher["fingerprint"],
-           "prompts": file_sha256(args.prompts), "opd": params_record(params), "sampling": params_record(sampling)}
+           "prompts": file_sha256(args.prompts), "opd": params_record(params), "sampling": params_record(sampling),
+           "prompt_template": args.prompt_template, "chat_template_kwargs": args.chat_template_kwargs}
     model = load_model(args.init, device=load_device(params))
     reference, drift_batch = drift_reference(
         args.init, tokenizer, args.drift_prompts, args.drift_n, args.prompt_template,
-        args.drift_max_new_tokens, frozen_dtype(params))
+        args.drift_max_new_tokens, frozen_dtype(params), args.chat_template_kwargs)
     trainer = OnlineOPDTrainer(
         model=model, tau=params.tau, reference=reference, drift_batch=drift_batch,
         teacher=load_model(args.teacher, dtype=frozen_dtype(params), device=load_device(params)),
         sampling=sampling,
         pad_id=tokenizer.pad_token_id, stop_ids=stop_token_ids(model, tokenizer),
         batcher=collator(params, tokenizer.pad_token_id),
-        args=training_arguments(params, checkpoint_dir(args.checkpoint_root, key)),
+        args=training_arguments(params, checkpoint_dir(args.checkpoint_root, key), tracking),
         train_dataset=Dataset.from_list(prompts),
         data_collator=lambda rows: {"prompt_ids": [r["prompt_ids"] for r in rows]},
     )

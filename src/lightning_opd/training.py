@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from lightning_opd.artifacts import atomic_path
-from lightning_opd.hparams import TrainParams
+from lightning_opd.hparams import TrackingParams, TrainParams, parse_hparams
 from lightning_opd.provenance import PROVENANCE_FILE, TRAIN_LOG_FILE
 
 IGNORE_INDEX = -100
@@ -116,7 +116,35 @@ _CHECKPOINTING = next(name for name in ("activation_checkpointing", "gradient_ch
                       if name in {f.name for f in dataclasses.fields(TrainingArguments)})
 
 
-def training_arguments(params: TrainParams, output_dir: Path, **overrides) -> TrainingArguments:
+def add_tracking_argument(parser) -> None:
+    """The ``--tracking`` argument every trainer takes; read it with `tracking_params`."""
+    parser.add_argument("--tracking", default="{}",
+                        help="JSON of TrackingParams: report_to (transformers' integrations), project, run_name, "
+                             "log_dir")
+
+
+def tracking_params(text: str) -> TrackingParams:
+    return parse_hparams(TrackingParams, text, "--tracking")
+
+
+def tracking_arguments(tracking: TrackingParams) -> dict[str, Any]:
+    """TrainingArguments fields of the tracking. The trackers take their
+    project and TensorBoard directory from the environment (transformers'
+    callbacks read WANDB_PROJECT, MLFLOW_EXPERIMENT_NAME and
+    TENSORBOARD_LOGGING_DIR), so this sets those of this process."""
+    if tracking.project:
+        os.environ.update(WANDB_PROJECT=tracking.project, MLFLOW_EXPERIMENT_NAME=tracking.project)
+    if tracking.log_dir:
+        os.environ["TENSORBOARD_LOGGING_DIR"] = tracking.log_dir
+        os.environ.setdefault("WANDB_DIR", tracking.log_dir)  # W&B's local files beside, not in the working dir
+        if "wandb" in tracking.report_to:
+            Path(tracking.log_dir).mkdir(parents=True, exist_ok=True)  # W&B does not create its directory
+    return {"report_to": list(tracking.report_to) or "none", "run_name": tracking.run_name,
+            **({"project": tracking.project} if tracking.project else {})}
+
+
+def training_arguments(params: TrainParams, output_dir: Path, tracking: TrackingParams | None = None,
+                       **overrides) -> TrainingArguments:
     processes = world_size()
     micro, steps = accumulation(params, processes)
     fsdp = {"fsdp": True, "fsdp_config": params.fsdp} if uses_fsdp(params) else {}
@@ -144,7 +172,7 @@ def training_arguments(params: TrainParams, output_dir: Path, **overrides) -> Tr
         save_steps=params.save_steps,
         save_total_limit=2,
         logging_steps=params.logging_steps,
-        report_to="none",
+        **tracking_arguments(tracking or TrackingParams()),
         remove_unused_columns=False,
         dataloader_pin_memory=torch.cuda.is_available(),
         ddp_find_unused_parameters=False,  # every parameter takes part in every step

@@ -5,6 +5,8 @@ import os
 import shlex
 from pathlib import Path
 
+from snakemake.exceptions import WorkflowError
+
 R = f"{config['results_dir']}/{config['experiment']}"
 SRC = Path(workflow.basedir).parent / "src"
 PKG = SRC / "lightning_opd"
@@ -16,7 +18,7 @@ os.environ.update(PYTHONPATH=os.pathsep.join(filter(None, [str(SRC), os.environ.
 # edit of the code reruns the stage (Snakemake does not see it otherwise).
 SHARED_CODE = ["__init__.py", "artifacts.py", "hparams.py", "provenance.py", "modeling.py"]
 TRAIN_CODE = ["training.py", "launch.py"]
-BACKEND_CODE = ["backends/__init__.py", "backends/base.py", "backends/hf.py", "backends/vllm.py"]
+BACKEND_CODE = ["backends/__init__.py", "backends/base.py", "backends/hf.py", "backends/vllm.py", "sampling.py"]
 
 
 def code(*modules):
@@ -26,6 +28,22 @@ def code(*modules):
 def js(obj):
     """A shell-quoted JSON argument; also a stable params value for rerun checks."""
     return shlex.quote(json.dumps(obj, sort_keys=True))
+
+
+def tracking(stage, label):
+    """The --tracking argument of a training rule: the config's `tracking`,
+    the run named `<experiment>/<label>` unless `tracking.run_name` says
+    otherwise, TensorBoard's event files in an undeclared directory (as the
+    checkpoints) under `tracking/<stage>/<label>`."""
+    t = config["tracking"]
+    template = t.get("run_name") or "{experiment}/{label}"
+    try:
+        run_name = template.format(experiment=config["experiment"], stage=stage, label=label)
+    except (KeyError, IndexError, ValueError) as error:
+        raise WorkflowError(f"tracking.run_name {template!r}: not a template of {{experiment}}, {{stage}} "
+                            f"and {{label}} ({error!r})") from None
+    return js({"report_to": t.get("report_to", []), "project": t.get("project") or config["experiment"],
+               "run_name": run_name, "log_dir": f"{R}/tracking/{stage}/{label}"})
 
 
 # data preparation, tokenizer and report: one core and no GPU, whatever `default` says

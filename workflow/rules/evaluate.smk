@@ -34,6 +34,9 @@ rule evaluate:
         batch_size=config["eval"]["batch_size"],
         seed=config["eval"]["seed"],
         backend_options=js(config["eval"]["backend_options"]),
+        chat_template=js(config["chat_template_kwargs"]),
+        think_end=(f"--think-end-token {shlex.quote(str(config['eval']['think_end_token']))}"
+                   if config["eval"].get("think_end_token") is not None else ""),
     log:
         logfile("evaluate", "{model}"),
     benchmark:
@@ -48,4 +51,5 @@ rule evaluate:
         "--out {output.summary} --k {params.k} --temperature {params.temperature} --top-p {params.top_p} "
         "--max-gen-toks {params.max_gen_toks} --backend {params.backend} --batch-size {params.batch_size} "
         "--seed {params.seed} --label {wildcards.model} --task-yaml {input.task} "
-        "--backend-options {params.backend_options} 2>&1 | tee {log}"
+        "--backend-options {params.backend_options} --chat-template-kwargs {params.chat_template} {params.think_end} "
+        "2>&1 | tee {log}"

@@ -15,6 +15,7 @@ rule pretrain_teacher:
         train=lambda w: js(config["teachers"][w.teacher]["build"]["train"]),
         ckpt=f"{R}/checkpoints/pretrain_teacher",
         launch=launch("pretrain"),
+        tracking=lambda w: tracking("pretrain_teacher", f"teacher-{w.teacher}"),
     log:
         logfile("pretrain_teacher", "{teacher}"),
     benchmark:
@@ -27,7 +28,8 @@ rule pretrain_teacher:
     shell:
         "{params.launch} lightning_opd.pretrain --tokenizer {input.tokenizer} --task-file {input.task} "
         "--corpus solutions --style {params.style} --arch {params.arch} --train {params.train} "
-        "--label {wildcards.teacher} --out {output} --checkpoint-root {params.ckpt} 2>&1 | tee {log}"
+        "--label {wildcards.teacher} --out {output} --checkpoint-root {params.ckpt} --tracking {params.tracking} "
+        "2>&1 | tee {log}"
 
 
 rule pretrain_student_base:
@@ -43,6 +45,7 @@ rule pretrain_student_base:
         train=js(config["student_base"].get("build", {}).get("train")),
         ckpt=f"{R}/checkpoints/pretrain_student_base",
         launch=launch("pretrain"),
+        tracking=tracking("pretrain_student_base", "student_base"),
     log:
         logfile("pretrain_student_base"),
     benchmark:
@@ -55,4 +58,5 @@ rule pretrain_student_base:
     shell:
         "{params.launch} lightning_opd.pretrain --tokenizer {input.tokenizer} --task-file {input.task} "
         "--corpus {params.corpus} --arch {params.arch} --train {params.train} "
-        "--label student_base --out {output} --checkpoint-root {params.ckpt} 2>&1 | tee {log}"
+        "--label student_base --out {output} --checkpoint-root {params.ckpt} --tracking {params.tracking} "
+        "2>&1 | tee {log}"

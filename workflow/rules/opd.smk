@@ -15,6 +15,7 @@ rule rollouts:
         backend_options=js(config["generation"]["backend_options"]),
         sampling=js(config["rollouts"]["sampling"]),
         template=lambda w: shlex.quote(config["prompt_template"]),
+        chat_template=js(config["chat_template_kwargs"]),
     log:
         logfile("rollouts", "{sft_teacher}"),
     benchmark:
@@ -28,7 +29,7 @@ rule rollouts:
         "python -m lightning_opd.generate --model {input.policy} --prompts {input.prompts} --out {output} "
         "--label sft-{wildcards.sft_teacher} --backend {params.backend} "
         "--backend-options {params.backend_options} --sampling {params.sampling} "
-        "--prompt-template {params.template} 2>&1 | tee {log}"
+        "--prompt-template {params.template} --chat-template-kwargs {params.chat_template} 2>&1 | tee {log}"
 
 
 rule teacher_cache:
@@ -65,13 +66,14 @@ rule lightning_opd:
         init=f"{R}/models/sft-{{sft_teacher}}",
         cache=f"{R}/cache/sft-{{sft_teacher}}_teacher-{{opd_teacher}}.parquet",
         drift_prompts=f"{R}/data/eval.parquet",
-        code=code("lightning_opd.py", "opd_trainer.py", "opd_loss.py", "backends/hf.py", *TRAIN_CODE),
+        code=code("lightning_opd.py", "opd_trainer.py", "opd_loss.py", "backends/hf.py", "sampling.py", *TRAIN_CODE),
     output:
         directory(f"{R}/models/lightning-sft-{{sft_teacher}}_teacher-{{opd_teacher}}_seed-{{seed}}"),
     params:
         opd=opd_params,
         ckpt=f"{R}/checkpoints/lightning_opd",
         launch=launch("train"),
+        tracking=lambda w: tracking("lightning_opd", opd_label("lightning", w.sft_teacher, w.opd_teacher, w.seed)),
         drift_n=config["opd_drift"]["n_prompts"],
         drift_tokens=config["opd_drift"]["max_new_tokens"],
     log:
@@ -86,7 +88,8 @@ rule lightning_opd:
     shell:
         "{params.launch} lightning_opd.lightning_opd --init {input.init} --cache {input.cache} --opd {params.opd} "
         "--out {output} --checkpoint-root {params.ckpt} --drift-prompts {input.drift_prompts} "
-        "--drift-n {params.drift_n} --drift-max-new-tokens {params.drift_tokens} 2>&1 | tee {log}"
+        "--drift-n {params.drift_n} --drift-max-new-tokens {params.drift_tokens} --tracking {params.tracking} "
+        "2>&1 | tee {log}"
 
 
 rule standard_opd:
@@ -95,7 +98,7 @@ rule standard_opd:
         teacher=lambda w: built(teacher_path(w.opd_teacher)),
         prompts=f"{R}/data/opd.parquet",
         drift_prompts=f"{R}/data/eval.parquet",
-        code=code("standard_opd.py", "opd_trainer.py", "opd_loss.py", "backends/hf.py", *TRAIN_CODE),
+        code=code("standard_opd.py", "opd_trainer.py", "opd_loss.py", "backends/hf.py", "sampling.py", *TRAIN_CODE),
     output:
         directory(f"{R}/models/standard-sft-{{sft_teacher}}_teacher-{{opd_teacher}}_seed-{{seed}}"),
     params:
@@ -103,8 +106,10 @@ rule standard_opd:
         opd=opd_params,
         sampling=js(config["standard_opd"]["sampling"]),
         template=lambda w: shlex.quote(config["prompt_template"]),
+        chat_template=js(config["chat_template_kwargs"]),
         ckpt=f"{R}/checkpoints/standard_opd",
         launch=launch("train"),
+        tracking=lambda w: tracking("standard_opd", opd_label("standard", w.sft_teacher, w.opd_teacher, w.seed)),
         drift_n=config["opd_drift"]["n_prompts"],
         drift_tokens=config["opd_drift"]["max_new_tokens"],
     log:
@@ -119,6 +124,7 @@ rule standard_opd:
     shell:
         "{params.launch} lightning_opd.standard_opd --init {input.init} --teacher {params.teacher} "
         "--teacher-label {wildcards.opd_teacher} --prompts {input.prompts} --opd {params.opd} "
-        "--sampling {params.sampling} --prompt-template {params.template} --out {output} "
+        "--sampling {params.sampling} --prompt-template {params.template} "
+        "--chat-template-kwargs {params.chat_template} --out {output} "
         "--checkpoint-root {params.ckpt} --drift-prompts {input.drift_prompts} --drift-n {params.drift_n} "
-        "--drift-max-new-tokens {params.drift_tokens} 2>&1 | tee {log}"
+        "--drift-max-new-tokens {params.drift_tokens} --tracking {params.tracking} 2>&1 | tee {log}"

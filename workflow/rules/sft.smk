@@ -14,6 +14,7 @@ rule sft_data:
         backend_options=js(config["generation"]["backend_options"]),
         sampling=js(config["sft_data"]["sampling"]),
         template=lambda w: shlex.quote(config["prompt_template"]),
+        chat_template=js(config["chat_template_kwargs"]),
     log:
         logfile("sft_data", "{teacher}"),
     benchmark:
@@ -26,7 +27,8 @@ rule sft_data:
     shell:
         "python -m lightning_opd.generate --model {params.model} --prompts {input.prompts} --out {output} "
         "--label {wildcards.teacher} --backend {params.backend} --backend-options {params.backend_options} "
-        "--sampling {params.sampling} --prompt-template {params.template} 2>&1 | tee {log}"
+        "--sampling {params.sampling} --prompt-template {params.template} "
+        "--chat-template-kwargs {params.chat_template} 2>&1 | tee {log}"
 
 
 rule sft:
@@ -42,6 +44,7 @@ rule sft:
         keep_unfinished="--keep-unfinished" if config["sft"]["keep_unfinished"] else "",
         ckpt=f"{R}/checkpoints/sft",
         launch=launch("train"),
+        tracking=lambda w: tracking("sft", f"sft-{w.sft_teacher}"),
     log:
         logfile("sft", "{sft_teacher}"),
     benchmark:
@@ -53,4 +56,4 @@ rule sft:
         "../envs/train.yaml"
     shell:
         "{params.launch} lightning_opd.sft --base {params.base} --sft-data {input.sft_data} --train {params.train} {params.keep_unfinished} "
-        "--out {output} --checkpoint-root {params.ckpt} 2>&1 | tee {log}"
+        "--out {output} --checkpoint-root {params.ckpt} --tracking {params.tracking} 2>&1 | tee {log}"
