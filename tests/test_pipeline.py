@@ -188,7 +188,8 @@ def test_tiny_run_renders_every_prompt_with_the_chat_template_kwargs(tiny_run):
     cache = json.loads(pq.read_schema(results / "cache/sft-A_teacher-A.parquet").metadata[METADATA_KEY])
     assert cache["rollouts"]["chat_template_kwargs"] == kwargs
     for model in ("sft-A", "lightning-sft-A_teacher-A_seed-0", "standard-sft-A_teacher-A_seed-0"):
-        assert json.loads((results / "models" / model / "provenance.json").read_text())["chat_template_kwargs"] == kwargs
+        provenance = json.loads((results / "models" / model / "provenance.json").read_text())
+        assert provenance["chat_template_kwargs"] == kwargs, model
     assert json.loads((results / "eval/sft-A.json").read_text())["chat_template_kwargs"] == kwargs
 
 

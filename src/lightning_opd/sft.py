@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> None:
     sft_teacher = {"label": meta.get("label", ""), "fingerprint": meta["model"]["fingerprint"]}
     key = {"stage": "sft", "base": base["fingerprint"], "sft_data": file_sha256(args.sft_data),
            "train": params_record(train)}
-    trainer = Trainer(model=load_model(args.base), args=training_arguments(train, checkpoint_dir(args.checkpoint_root, key), tracking),
+    arguments = training_arguments(train, checkpoint_dir(args.checkpoint_root, key), tracking)
+    trainer = Trainer(model=load_model(args.base), args=arguments,
                       train_dataset=Dataset.from_list(examples), data_collator=collator(train, tokenizer.pad_token_id))
     train_with_resume(trainer)
     save_final(trainer, tokenizer, args.out, {**key, "base_model": base, "sft_teacher": sft_teacher,
