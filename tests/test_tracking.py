@@ -78,7 +78,7 @@ def test_wandb_offline_run_holds_the_history(world, tmp_path, clean_env):
     log_dir = tmp_path / "tracking/sft/sft-A"
     train_sft(world, tmp_path, {"report_to": ["wandb"], "project": "lopd-test", "run_name": "test/sft-A",
                                 "log_dir": str(log_dir)})
-    wandb.finish()  # what the end of the trainer's process does
+    wandb.teardown()  # what the end of the trainer's process does: finish the run, flush and stop W&B's service
     runs = list((log_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1, list(log_dir.rglob("*"))
     records = list(wandb_records(runs[0]))
