@@ -7,7 +7,9 @@ leaves either the complete artifact or nothing at the target path.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import math
 import os
 import shutil
 import uuid
@@ -42,23 +44,76 @@ SAMPLES_SCHEMA = pa.schema([
 CACHE_SCHEMA = SAMPLES_SCHEMA.append(pa.field("teacher_logprobs", pa.list_(pa.float32())))
 
 
+# Provenance that later stages read from an artifact's metadata (dotted paths).
+SAMPLES_METADATA = ("model.path", "model.fingerprint", "tokenizer_fingerprint", "sampling")
+CACHE_METADATA = ("teacher.fingerprint", "tokenizer_fingerprint", "rollout_policy.path",
+                  "rollout_policy.fingerprint", "rollouts", "sft_teacher")
+
+
 class ArtifactError(ValueError):
     """An input artifact is missing, unreadable, or breaks its contract."""
+
+
+def remove_stale_siblings(path: Path) -> None:
+    """Remove the ``.name.tmp-*`` siblings that an interrupted (killed) write of ``path`` left."""
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_DENIED = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def _os_errno(error: BaseException) -> int | None:
+    """The errno behind ``error`` or its causes; torch, safetensors and arrow
+    often wrap it in a message only."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno:
+            return error.errno
+        text = str(error)
+        for code in (*_FULL, *_DENIED):
+            if os.strerror(code) in text or f"os error {code})" in text.lower() or f"errno {code}]" in text.lower():
+                return code
+        if "StorageFull" in text or "file write failed" in text:
+            return errno.ENOSPC
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def write_failure(path: Path | str, error: BaseException) -> OSError | None:
+    """An OSError naming ``path`` and what to do when ``error`` is a full disk
+    or an unwritable location; None for any other error."""
+    code = _os_errno(error)
+    if code in _FULL:
+        hint = "the disk (or quota) is full: free space there or point results_dir at a larger disk, then rerun"
+    elif code in _DENIED:
+        hint = "the location is not writable: make it writable or point results_dir elsewhere, then rerun"
+    else:
+        return None
+    return OSError(code, f"{path}: cannot write ({os.strerror(code)}); {hint}")
 
 
 @contextlib.contextmanager
 def atomic_path(path: Path | str, is_dir: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of ``path``; move it into place only on success."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    if is_dir:
-        tmp.mkdir()
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_siblings(path)  # one job writes a path at a time: older siblings are leftovers of a kill
+        if is_dir:
+            tmp.mkdir()
         yield tmp
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         os.replace(tmp, path)
+    except Exception as error:
+        if failure := write_failure(path, error):
+            raise failure from error
+        raise
     finally:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -68,6 +123,9 @@ def atomic_path(path: Path | str, is_dir: bool = False) -> Iterator[Path]:
 
 def write_table(path: Path | str, rows: list[dict] | pa.Table, schema: pa.Schema, metadata: dict[str, Any]) -> None:
     table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows, schema=schema)
+    if table.num_rows == 0:
+        raise ArtifactError(f"{path}: refusing to write an artifact with no rows; its input gave nothing "
+                            f"to write (check the input file and the config that selects its rows)")
     table = table.cast(schema).replace_schema_metadata({METADATA_KEY: json.dumps(metadata, default=str)})
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
@@ -89,10 +147,30 @@ def read_table(path: Path | str, schema: pa.Schema) -> tuple[pa.Table, dict[str,
              for f in schema if not table.schema.field(f.name).type.equals(f.type)]
     if wrong:
         raise ArtifactError(f"{path}: wrong column types: {'; '.join(wrong)}")
+    if table.num_rows == 0:
+        raise ArtifactError(f"{path}: the artifact has no rows; delete it and rerun the stage that wrote it")
     raw = (table.schema.metadata or {}).get(METADATA_KEY)
     if raw is None:
-        raise ArtifactError(f"{path}: no lightning_opd provenance in the parquet metadata")
-    return table.select(schema.names), json.loads(raw)
+        raise ArtifactError(f"{path}: no lightning_opd provenance in the parquet metadata; this file was not "
+                            "written by the pipeline: delete it and rerun the stage that writes it")
+    try:
+        meta = json.loads(raw)
+    except ValueError as error:
+        raise ArtifactError(f"{path}: the provenance metadata is not valid JSON ({error}); "
+                            "delete the file and rerun the stage that wrote it") from None
+    required = SAMPLES_METADATA if schema.equals(SAMPLES_SCHEMA) else CACHE_METADATA if schema.equals(CACHE_SCHEMA) else ()
+    if missing := [key for key in required if not _has(meta, key)]:
+        raise ArtifactError(f"{path}: the provenance metadata lacks {missing}; the file was written by an older "
+                            "or foreign version: delete it and rerun the stage that wrote it")
+    return table.select(schema.names), meta
+
+
+def _has(meta: Any, dotted: str) -> bool:
+    for part in dotted.split("."):
+        if not isinstance(meta, dict) or part not in meta:
+            return False
+        meta = meta[part]
+    return True
 
 
 def read_cache(path: Path | str) -> tuple[pa.Table, dict[str, Any]]:
@@ -105,7 +183,16 @@ def read_cache(path: Path | str) -> tuple[pa.Table, dict[str, Any]]:
         if scores is None or tokens is None or len(tokens) != len(scores):
             raise ArtifactError(
                 f"{path}: row {row_id!r} has {len(tokens or [])} response tokens but "
-                f"{len(scores or [])} teacher log-probs; the cache does not line up with its token ids"
+                f"{len(scores or [])} teacher log-probs; the cache does not line up with its token ids: "
+                "delete it and rerun the teacher_cache stage"
+            )
+        # a log-prob is finite and at most 0; NaN or inf would train an all-NaN model without a word
+        bad = next((t for t, x in enumerate(scores) if not math.isfinite(x) or x > 1e-3), None)
+        if bad is not None:
+            raise ArtifactError(
+                f"{path}: row {row_id!r} has teacher log-prob {scores[bad]} at response token {bad}; a log-prob "
+                "must be finite and <= 0: delete the cache and rerun the teacher_cache stage "
+                "(check the teacher's weights if it happens again)"
             )
     return table, meta
 

@@ -11,7 +11,8 @@ from pathlib import Path
 from lightning_opd.artifacts import SAMPLES_SCHEMA, TASK_SCHEMA, read_table, write_table
 from lightning_opd.backends import BACKENDS, get_backend
 from lightning_opd.hparams import SamplingParams, parse_hparams
-from lightning_opd.modeling import DEFAULT_PROMPT_TEMPLATE, add_chat_template_argument, load_tokenizer, prompt_ids
+from lightning_opd.modeling import (DEFAULT_PROMPT_TEMPLATE, add_chat_template_argument, check_context, load_tokenizer,
+                                    prompt_ids)
 from lightning_opd.provenance import describe_model, file_sha256, tokenizer_fingerprint
 
 
@@ -22,6 +23,8 @@ def sample(model: str, prompts_path: Path, out: Path, params: SamplingParams, ba
     rows = tasks.to_pylist()
     tokenizer = load_tokenizer(model)
     prompts = [prompt_ids(tokenizer, row["problem"], prompt_template, chat_template_kwargs) for row in rows]
+    check_context(model, {row["id"]: len(p) + params.max_new_tokens for row, p in zip(rows, prompts)}, prompts_path,
+                  "prompt + max_new_tokens must fit: lower max_new_tokens of the sampling params or drop long prompts")
     engine = get_backend(backend, model, **(backend_options or {}))
     samples = engine.generate(prompts, params)
     records = []

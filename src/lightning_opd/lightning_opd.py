@@ -14,7 +14,7 @@ from datasets import Dataset
 
 from lightning_opd.artifacts import ArtifactError, read_cache
 from lightning_opd.hparams import OPDParams, parse_hparams
-from lightning_opd.modeling import DEFAULT_PROMPT_TEMPLATE, load_model, load_tokenizer
+from lightning_opd.modeling import DEFAULT_PROMPT_TEMPLATE, check_context, load_model, load_tokenizer
 from lightning_opd.opd_trainer import OPDTrainer, add_output_arguments, drift_reference, opd_example
 from lightning_opd.provenance import (check_same_tokenizer, check_teacher_consistency, describe_model, file_sha256,
                                       sft_teacher_of)
@@ -31,6 +31,8 @@ def load_checked_cache(cache_path: Path, init: dict, tokenizer, allow_mismatch: 
                             f"{init['path']} ({init['fingerprint']})")
     consistent = check_teacher_consistency(sft_teacher_of(init), meta["teacher"], allow_mismatch, str(cache_path))
     rows = table.to_pylist()
+    check_context(init["path"], {r["id"]: len(r["prompt_ids"]) + len(r["response_ids"]) for r in rows}, cache_path,
+                  "lower teacher_cache.max_response_tokens or rollouts.sampling.max_new_tokens")
     return [opd_example(r["prompt_ids"], r["response_ids"], r["teacher_logprobs"]) for r in rows], \
         {**meta, "teacher_consistent": consistent}
 

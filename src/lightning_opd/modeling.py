@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, Qwen3Config
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, Qwen3Config
 
 from lightning_opd.hparams import ArchParams
 
@@ -25,8 +26,30 @@ def pick_device(device: str | None = None) -> torch.device:
     return torch.device("cpu")
 
 
+class ModelLoadError(OSError):
+    """A model or tokenizer cannot be found or read."""
+
+
+# what a hub id looks like: "name" or "org/name"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def local_source(name_or_path: str | Path) -> dict:
+    """``from_pretrained`` options for a model: a local directory is read
+    offline (no hub call); a string that looks like a path but does not exist
+    is refused at once rather than tried as a hub id (~50 s of retries)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return {"local_files_only": True}
+    text = str(name_or_path)
+    if path.exists() or not _HUB_ID.match(text) or text.startswith((".", "~")) or os.path.isabs(text):
+        raise ModelLoadError(f"{text}: no such model directory (a local path must be a Hugging Face model "
+                             "directory; check the model's `path:` in the config or build it first)")
+    return {}
+
+
 def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
+    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), **local_source(name_or_path))
     if tokenizer.chat_template is None:
         raise ValueError(f"{name_or_path}: the tokenizer has no chat template")
     if tokenizer.pad_token_id is None:
@@ -35,8 +58,35 @@ def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
 
 
 def load_model(name_or_path: str | Path, dtype: str = "float32", device: str | None = None):
-    model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=getattr(torch, dtype))
+    source = local_source(name_or_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=getattr(torch, dtype), **source)
+    except Exception as error:
+        if not source:
+            raise
+        weights = sorted(p.name for p in Path(name_or_path).glob("*") if p.suffix in (".safetensors", ".bin"))
+        raise ModelLoadError(f"{name_or_path}: cannot load the model (weights {weights or 'missing'}): {error}. "
+                             "The directory is incomplete or a weights file is corrupt or truncated: rebuild it "
+                             "(delete the directory and rerun the stage that writes it) or copy it again") from error
     return model.to(pick_device(device))
+
+
+def context_length(name_or_path: str | Path) -> int | None:
+    """The longest sequence the model was built for (max_position_embeddings)."""
+    config = AutoConfig.from_pretrained(str(name_or_path), **local_source(name_or_path))
+    return getattr(config, "max_position_embeddings", None)
+
+
+def check_context(name_or_path: str | Path, lengths: dict[str, int], source: Path | str, advice: str) -> None:
+    """Refuse sequences (id -> length in tokens) longer than the model's
+    context: past it the positions are untrained and the output is garbage."""
+    limit = context_length(name_or_path)
+    over = {key: n for key, n in lengths.items() if limit and n > limit}
+    if over:
+        worst = max(over, key=over.get)
+        raise ValueError(f"{source}: {len(over)} sequence(s) longer than the context of {name_or_path} "
+                         f"({limit} tokens, max_position_embeddings), e.g. {worst!r} with {over[worst]} tokens; "
+                         f"{advice}")
 
 
 def stop_token_ids(model, tokenizer: PreTrainedTokenizerBase) -> set[int]:
@@ -46,12 +96,20 @@ def stop_token_ids(model, tokenizer: PreTrainedTokenizerBase) -> set[int]:
     return {i for i in (tokenizer.eos_token_id, *eos) if i is not None}
 
 
+def fill_template(template: str, problem: str) -> str:
+    """``template`` with ``{problem}`` replaced; other braces (``\\boxed{}``) stay as written."""
+    if "{problem}" not in template:
+        raise ValueError(f"prompt template {template!r} has no {{problem}} placeholder (prompt_template in the "
+                         "config): write {problem} where the problem text goes")
+    return template.replace("{problem}", problem)
+
+
 def prompt_ids(tokenizer: PreTrainedTokenizerBase, problem: str, template: str = DEFAULT_PROMPT_TEMPLATE,
                chat_template_kwargs: dict[str, Any] | None = None) -> list[int]:
     """Token ids of a user turn holding the problem, ending where the assistant
     answers; ``chat_template_kwargs`` go to the template (e.g. Qwen3's
     ``enable_thinking``). Every stage that renders a prompt comes here."""
-    messages = [{"role": "user", "content": template.format(problem=problem)}]
+    messages = [{"role": "user", "content": fill_template(template, problem)}]
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
                                          **(chat_template_kwargs or {}))
     return tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -33,6 +33,10 @@ def model_fingerprint(name_or_path: str | Path) -> str:
     if not path.is_dir():
         from huggingface_hub import snapshot_download
 
+        from lightning_opd.modeling import local_source
+
+        local_source(name_or_path)  # a missing local directory is refused here, not tried as a hub id
+
         snapshot = Path(snapshot_download(str(name_or_path), allow_patterns=["*.json"]))
         return f"hf:{name_or_path}@{snapshot.name}"
     files = sorted({f for pattern in _MODEL_FILE_PATTERNS for f in path.glob(pattern)})
@@ -67,21 +71,37 @@ def check_same_tokenizer(artifact: Path | str, meta: dict[str, Any], tokenizer, 
     """Stored token ids only mean the same to a model with the same vocabulary."""
     from lightning_opd.artifacts import ArtifactError
 
+    if "tokenizer_fingerprint" not in meta:
+        raise ArtifactError(f"{artifact}: the provenance metadata lacks tokenizer_fingerprint; delete the file "
+                            "and rerun the stage that wrote it")
     if meta["tokenizer_fingerprint"] != tokenizer_fingerprint(tokenizer):
         raise ArtifactError(f"{artifact}: token ids come from tokenizer {meta['tokenizer_fingerprint']}, "
-                            f"but {model} uses {tokenizer_fingerprint(tokenizer)}")
+                            f"but {model} uses {tokenizer_fingerprint(tokenizer)}: the artifact was made "
+                            "with another tokenizer; rerun the stage that wrote it with this model's tokenizer")
 
 
 def read_model_provenance(name_or_path: str | Path) -> dict[str, Any]:
     """The provenance a pipeline-written model carries; {} for outside models."""
     record = Path(name_or_path) / PROVENANCE_FILE
-    return json.loads(record.read_text()) if record.is_file() else {}
+    return _read_json(record) if record.is_file() else {}
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except ValueError as error:
+        raise ValueError(f"{path}: not valid JSON ({error}); the model directory is damaged: delete it and "
+                         "rerun the stage that wrote it") from None
 
 
 def read_train_log(model_dir: str | Path) -> list[dict[str, Any]]:
     """The Trainer's log history that a model trained here carries, one entry per logging step."""
     path = Path(model_dir) / TRAIN_LOG_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except ValueError as error:
+        raise ValueError(f"{path}: not valid JSON lines ({error}); delete the model directory and rerun "
+                         "the stage that trained it") from None
 
 
 def describe_model(name_or_path: str | Path) -> dict[str, Any]:
@@ -112,6 +132,10 @@ def check_teacher_consistency(sft_teacher: dict[str, Any] | None, opd_teacher: d
         raise TeacherConsistencyError(
             f"{where}: cannot verify teacher consistency: the student's SFT teacher is unknown "
             "(the model has no provenance.json). Set allow_teacher_mismatch to train anyway.")
+    for what, record in (("the student's SFT teacher", sft_teacher), ("the OPD teacher", opd_teacher)):
+        if not isinstance(record, dict) or "fingerprint" not in record:
+            raise TeacherConsistencyError(f"{where}: the provenance of {what} lacks its fingerprint ({record!r}); "
+                                          "rerun the stage that wrote it")
     if sft_teacher["fingerprint"] == opd_teacher["fingerprint"]:
         return True
     if allow_mismatch:

@@ -11,7 +11,7 @@ from transformers import Trainer
 
 from lightning_opd.artifacts import SAMPLES_SCHEMA, ArtifactError, read_table
 from lightning_opd.hparams import TrainParams, parse_hparams
-from lightning_opd.modeling import load_model, load_tokenizer
+from lightning_opd.modeling import check_context, load_model, load_tokenizer
 from lightning_opd.provenance import check_same_tokenizer, describe_model, file_sha256
 from lightning_opd.training import (add_tracking_argument, checkpoint_dir, collator, params_record, save_final,
                                     supervised_example, tracking_params, train_with_resume, training_arguments)
@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> None:
     if not rows:
         raise ArtifactError(f"{args.sft_data}: no finished responses to train on")
     examples = [supervised_example(r["prompt_ids"], r["response_ids"]) for r in rows]
+    check_context(args.base, {r["id"]: len(e["input_ids"]) for r, e in zip(rows, examples)}, args.sft_data,
+                  "write the SFT data with a lower max_new_tokens (sft_data.sampling)")
     print(f"SFT on {len(examples)} of {table.num_rows} teacher answers")
 
     base = describe_model(args.base)

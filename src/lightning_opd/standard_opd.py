@@ -16,8 +16,8 @@ from datasets import Dataset
 
 from lightning_opd.artifacts import TASK_SCHEMA, read_table
 from lightning_opd.hparams import OPDParams, SamplingParams, from_dict, parse_hparams
-from lightning_opd.modeling import (DEFAULT_PROMPT_TEMPLATE, add_chat_template_argument, load_model, load_tokenizer,
-                                    prompt_ids, stop_token_ids)
+from lightning_opd.modeling import (DEFAULT_PROMPT_TEMPLATE, add_chat_template_argument, check_context, load_model,
+                                    load_tokenizer, prompt_ids, stop_token_ids)
 from lightning_opd.opd_trainer import (OPDTrainer, add_output_arguments, drift_reference, opd_example,
                                        response_logprobs)
 from lightning_opd.provenance import (check_teacher_consistency, describe_model, file_sha256, sft_teacher_of,
@@ -93,6 +93,9 @@ def main(argv: list[str] | None = None) -> None:
     consistent = check_teacher_consistency(sft_teacher_of(init), teacher, params.allow_teacher_mismatch, args.teacher)
     prompts = [{"prompt_ids": ids}
                for ids in live_prompts(tokenizer, args.prompts, args.prompt_template, args.chat_template_kwargs)]
+    lengths = {i: len(p["prompt_ids"]) + sampling.max_new_tokens for i, p in enumerate(prompts)}
+    for model in (args.init, args.teacher):
+        check_context(model, lengths, args.prompts, "prompt + max_new_tokens must fit: lower standard_opd.sampling.max_new_tokens")
     print(f"standard OPD on {len(prompts)} prompts x {sampling.n} live samples, teacher {args.teacher_label} "
           f"({'consistent' if consistent else 'INCONSISTENT'} with the SFT teacher)")
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from lightning_opd.artifacts import CACHE_SCHEMA, SAMPLES_SCHEMA, read_table, write_table
 from lightning_opd.backends import BACKENDS, get_backend
-from lightning_opd.modeling import load_tokenizer
+from lightning_opd.modeling import check_context, load_tokenizer
 from lightning_opd.provenance import check_same_tokenizer, describe_model, file_sha256, sft_teacher_of
 
 
@@ -27,6 +27,8 @@ def build_cache(teacher: str, rollouts_path: Path, out: Path, backend: str = "hf
     if max_response_tokens:
         responses = [r[:max_response_tokens] for r in responses]
         table = table.set_column(table.schema.get_field_index("response_ids"), "response_ids", [responses])
+    check_context(teacher, {i: len(p) + len(r) for i, p, r in zip(table.column("id").to_pylist(), prompts, responses)},
+                  rollouts_path, "lower teacher_cache.max_response_tokens (or sample shorter rollouts)")
     scores = get_backend(backend, teacher, **(backend_options or {})).score(prompts, responses, temperature)
     for row_id, response, score in zip(table.column("id").to_pylist(), responses, scores):
         if len(score) != len(response) or not np.all(np.isfinite(score)):

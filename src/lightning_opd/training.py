@@ -7,16 +7,17 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments
+from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
-from lightning_opd.artifacts import atomic_path
+from lightning_opd.artifacts import atomic_path, write_failure
 from lightning_opd.hparams import TrackingParams, TrainParams, parse_hparams
 from lightning_opd.provenance import PROVENANCE_FILE, TRAIN_LOG_FILE
 
@@ -182,18 +183,73 @@ def training_arguments(params: TrainParams, output_dir: Path, tracking: Tracking
     )
 
 
-def last_complete_checkpoint(output_dir: Path) -> str | None:
-    """The newest checkpoint whose trainer state (written last by the Trainer)
-    is readable. A kill while a checkpoint was being written leaves a partial
-    directory: it is removed, and the one before it is used."""
+# What a checkpoint needs to resume exactly: any one name of each group
+# (FSDP writes the weights and the optimiser state as directories).
+_CHECKPOINT_PARTS = {
+    "weights": ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json", "pytorch_model_fsdp_0"),
+    "optimizer state": ("optimizer.pt", "optimizer_0", "optimizer.bin"),
+    "scheduler state": ("scheduler.pt",),
+}
+
+
+def checkpoint_missing(checkpoint: Path, processes: int) -> list[str]:
+    """What ``checkpoint`` lacks to resume a run of ``processes`` processes
+    (each process saves its own RNG state when there are several)."""
+    missing = [part for part, names in _CHECKPOINT_PARTS.items()
+               if not any((checkpoint / name).exists() for name in names)]
+    rng = ["rng_state.pth"] if processes == 1 else [f"rng_state_{rank}.pth" for rank in range(processes)]
+    missing += [name for name in rng if not (checkpoint / name).is_file()]
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        missing.append("trainer_state.json")
+    return missing
+
+
+def last_complete_checkpoint(output_dir: Path, processes: int | None = None) -> str | None:
+    """The newest checkpoint that holds weights, optimiser, scheduler, RNG
+    state and trainer state. A kill while a checkpoint was being written (or a
+    file lost since) leaves an incomplete one: it is removed, and the one
+    before it is used, so that a resume never starts from fresh optimiser
+    moments or blocks on a checkpoint without weights."""
     while output_dir.is_dir() and (last := get_last_checkpoint(str(output_dir))):
-        try:
-            json.loads((Path(last) / "trainer_state.json").read_text())
+        missing = checkpoint_missing(Path(last), processes or world_size())
+        if not missing:
             return last
-        except (OSError, ValueError):
-            print(f"removing incomplete checkpoint {last}", flush=True)
-            shutil.rmtree(last)
+        print(f"removing incomplete checkpoint {last} (missing {', '.join(missing)})", flush=True)
+        shutil.rmtree(last)
     return None
+
+
+class NonFiniteTrainingError(FloatingPointError):
+    """The loss or the gradient norm of a training step is NaN or infinite."""
+
+
+class FiniteGuard(TrainerCallback):
+    """Stops training at the first optimiser step whose gradient (checked
+    before the optimiser applies it) or logged loss is not finite, naming the
+    step: a NaN step would otherwise silently turn every weight into NaN."""
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]  # FSDP shards: each checks its own
+        if local and not torch.stack([torch.isfinite(g).all() for g in local]).all():
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in local]))
+            self.stop(state.global_step + 1, f"gradient norm {norm.item()}")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for name in ("loss", "grad_norm"):
+            value = (logs or {}).get(name)
+            if isinstance(value, (int, float)) and not math.isfinite(value):
+                self.stop(state.global_step, f"{name} {value}")
+
+    @staticmethod
+    def stop(step: int, what: str) -> None:
+        raise NonFiniteTrainingError(
+            f"training step {step}: non-finite {what}; stopped before applying it, no model was written. "
+            "Check the training data for NaN/inf (e.g. teacher log-probs of the cache) or lower the learning rate; "
+            "a rerun resumes from the last checkpoint before this step")
 
 
 def train_with_resume(trainer: Trainer) -> None:
@@ -208,7 +264,13 @@ def train_with_resume(trainer: Trainer) -> None:
         print(f"{mode}: {args.world_size} x micro-batch {args.per_device_train_batch_size} x "
               f"{args.gradient_accumulation_steps} accumulation steps per optimiser step"
               + (f"; resuming from {last}" if last else ""), flush=True)
-    trainer.train(resume_from_checkpoint=last)
+    trainer.add_callback(FiniteGuard())
+    try:
+        trainer.train(resume_from_checkpoint=last)
+    except Exception as error:
+        if failure := write_failure(output_dir, error):  # e.g. a full disk while writing a checkpoint
+            raise failure from error
+        raise
 
 
 def save_final(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, out: Path | str,
@@ -222,17 +284,25 @@ def save_final(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, out: Path |
     if trainer.is_world_process_zero():
         shutil.rmtree(staging, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
-    trainer.save_model(str(staging))
-    if trainer.is_world_process_zero():
-        with atomic_path(out, is_dir=True) as tmp:
-            tmp.rmdir()
-            os.replace(staging, tmp)
-            tokenizer.save_pretrained(tmp)
-            (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, default=str) + "\n")
-            with open(tmp / TRAIN_LOG_FILE, "w") as log:
-                for entry in trainer.state.log_history:
-                    log.write(json.dumps(entry) + "\n")
-        shutil.rmtree(trainer.args.output_dir, ignore_errors=True)
+    try:
+        trainer.save_model(str(staging))
+        if trainer.is_world_process_zero():
+            with atomic_path(out, is_dir=True) as tmp:
+                tmp.rmdir()
+                os.replace(staging, tmp)
+                tokenizer.save_pretrained(tmp)
+                (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, default=str) + "\n")
+                with open(tmp / TRAIN_LOG_FILE, "w") as log:
+                    for entry in trainer.state.log_history:
+                        log.write(json.dumps(entry) + "\n")
+            shutil.rmtree(trainer.args.output_dir, ignore_errors=True)
+    except Exception as error:
+        if failure := write_failure(out, error):
+            raise failure from error
+        raise
+    finally:
+        if trainer.is_world_process_zero():
+            shutil.rmtree(staging, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
 
 

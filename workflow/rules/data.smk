@@ -15,10 +15,9 @@ if "data" in config:
             source=lambda w: config["data"][w.split]["source"],
             hf_split=lambda w: config["data"][w.split].get("split", "train"),
             problem=lambda w: config["data"][w.split]["problem_field"],
-            answer=lambda w: (f"--answer-field {config['data'][w.split]['answer_field']}"
-                              if config["data"][w.split].get("answer_field") else ""),
-            limit=lambda w: (f"--limit {config['data'][w.split]['limit']}"
-                             if config["data"][w.split].get("limit") else ""),
+            answer=lambda w: (["--answer-field", config["data"][w.split]["answer_field"]]
+                              if config["data"][w.split].get("answer_field") else []),
+            limit=lambda w: ["--limit", config["data"][w.split]["limit"]] if config["data"][w.split].get("limit") else [],
         log:
             logfile("prepare_data", "{split}"),
         benchmark:
@@ -29,9 +28,9 @@ if "data" in config:
         conda:
             "../envs/train.yaml"
         shell:
-            "python -m lightning_opd.prepare_data --source {params.source} --split {params.hf_split} "
-            "--problem-field {params.problem} {params.answer} {params.limit} --name {wildcards.split} "
-            "--out {output} > {log} 2>&1"
+            "python -m lightning_opd.prepare_data --source {params.source:q} --split {params.hf_split:q} "
+            "--problem-field {params.problem:q} {params.answer:q} {params.limit:q} --name {wildcards.split:q} "
+            "--out {output:q} > {log:q} 2>&1"
 
 
 else:
@@ -54,7 +53,7 @@ else:
         conda:
             "../envs/gen.yaml"
         shell:
-            "python -m lightning_opd.task_data --out-dir {params.out_dir} --hparams {params.task} > {log} 2>&1"
+            "python -m lightning_opd.task_data --out-dir {params.out_dir:q} --hparams {params.task} > {log:q} 2>&1"
 
 
 rule tokenizer:
@@ -75,5 +74,5 @@ rule tokenizer:
     conda:
         "../envs/train.yaml"
     shell:
-        "python -m lightning_opd.build_tokenizer --task-files {input.task} "
-        "--vocab-size {params.vocab_size} --out {output} > {log} 2>&1"
+        "python -m lightning_opd.build_tokenizer --task-files {input.task:q} "
+        "--vocab-size {params.vocab_size:q} --out {output:q} > {log:q} 2>&1"

@@ -14,8 +14,12 @@ rule rollouts:
         backend=config["generation"]["backend"],
         backend_options=js(config["generation"]["backend_options"]),
         sampling=js(config["rollouts"]["sampling"]),
+<<<<<<< HEAD
         template=lambda w: shlex.quote(config["prompt_template"]),
         chat_template=js(config["chat_template_kwargs"]),
+=======
+        template=lambda w: config["prompt_template"],
+>>>>>>> 6029502 (Validation at read and write, complete checkpoints only, a non-finite guard, quoted shell lines, safe config patterns, config references checked)
     log:
         logfile("rollouts", "{sft_teacher}"),
     benchmark:
@@ -26,10 +30,14 @@ rule rollouts:
     conda:
         "../envs/gen.yaml"
     shell:
-        "python -m lightning_opd.generate --model {input.policy} --prompts {input.prompts} --out {output} "
-        "--label sft-{wildcards.sft_teacher} --backend {params.backend} "
+        "python -m lightning_opd.generate --model {input.policy:q} --prompts {input.prompts:q} --out {output:q} "
+        "--label sft-{wildcards.sft_teacher:q} --backend {params.backend:q} "
         "--backend-options {params.backend_options} --sampling {params.sampling} "
+<<<<<<< HEAD
         "--prompt-template {params.template} --chat-template-kwargs {params.chat_template} 2>&1 | tee {log}"
+=======
+        "--prompt-template {params.template:q} 2>&1 | tee {log:q}"
+>>>>>>> 6029502 (Validation at read and write, complete checkpoints only, a non-finite guard, quoted shell lines, safe config patterns, config references checked)
 
 
 rule teacher_cache:
@@ -55,10 +63,10 @@ rule teacher_cache:
     conda:
         "../envs/gen.yaml"
     shell:
-        "python -m lightning_opd.teacher_cache --teacher {params.model} --rollouts {input.rollouts} "
-        "--out {output} --label {wildcards.opd_teacher} --backend {params.backend} "
-        "--backend-options {params.backend_options} --max-response-tokens {params.max_tokens} "
-        "--temperature {params.temperature} 2>&1 | tee {log}"
+        "python -m lightning_opd.teacher_cache --teacher {params.model:q} --rollouts {input.rollouts:q} "
+        "--out {output:q} --label {wildcards.opd_teacher:q} --backend {params.backend:q} "
+        "--backend-options {params.backend_options} --max-response-tokens {params.max_tokens:q} "
+        "--temperature {params.temperature:q} 2>&1 | tee {log:q}"
 
 
 rule lightning_opd:
@@ -86,10 +94,16 @@ rule lightning_opd:
     conda:
         "../envs/train.yaml"
     shell:
+<<<<<<< HEAD
         "{params.launch} lightning_opd.lightning_opd --init {input.init} --cache {input.cache} --opd {params.opd} "
         "--out {output} --checkpoint-root {params.ckpt} --drift-prompts {input.drift_prompts} "
         "--drift-n {params.drift_n} --drift-max-new-tokens {params.drift_tokens} --tracking {params.tracking} "
         "2>&1 | tee {log}"
+=======
+        "{params.launch} lightning_opd.lightning_opd --init {input.init:q} --cache {input.cache:q} --opd {params.opd} "
+        "--out {output:q} --checkpoint-root {params.ckpt:q} --drift-prompts {input.drift_prompts:q} "
+        "--drift-n {params.drift_n:q} --drift-max-new-tokens {params.drift_tokens:q} 2>&1 | tee {log:q}"
+>>>>>>> 6029502 (Validation at read and write, complete checkpoints only, a non-finite guard, quoted shell lines, safe config patterns, config references checked)
 
 
 rule standard_opd:
@@ -105,8 +119,12 @@ rule standard_opd:
         teacher=lambda w: teacher_path(w.opd_teacher),
         opd=opd_params,
         sampling=js(config["standard_opd"]["sampling"]),
+<<<<<<< HEAD
         template=lambda w: shlex.quote(config["prompt_template"]),
         chat_template=js(config["chat_template_kwargs"]),
+=======
+        template=lambda w: config["prompt_template"],
+>>>>>>> 6029502 (Validation at read and write, complete checkpoints only, a non-finite guard, quoted shell lines, safe config patterns, config references checked)
         ckpt=f"{R}/checkpoints/standard_opd",
         launch=launch("train"),
         tracking=lambda w: tracking("standard_opd", opd_label("standard", w.sft_teacher, w.opd_teacher, w.seed)),
@@ -122,9 +140,17 @@ rule standard_opd:
     conda:
         "../envs/train.yaml"
     shell:
+<<<<<<< HEAD
         "{params.launch} lightning_opd.standard_opd --init {input.init} --teacher {params.teacher} "
         "--teacher-label {wildcards.opd_teacher} --prompts {input.prompts} --opd {params.opd} "
         "--sampling {params.sampling} --prompt-template {params.template} "
         "--chat-template-kwargs {params.chat_template} --out {output} "
         "--checkpoint-root {params.ckpt} --drift-prompts {input.drift_prompts} --drift-n {params.drift_n} "
         "--drift-max-new-tokens {params.drift_tokens} --tracking {params.tracking} 2>&1 | tee {log}"
+=======
+        "{params.launch} lightning_opd.standard_opd --init {input.init:q} --teacher {params.teacher:q} "
+        "--teacher-label {wildcards.opd_teacher:q} --prompts {input.prompts:q} --opd {params.opd} "
+        "--sampling {params.sampling} --prompt-template {params.template:q} --out {output:q} "
+        "--checkpoint-root {params.ckpt:q} --drift-prompts {input.drift_prompts:q} --drift-n {params.drift_n:q} "
+        "--drift-max-new-tokens {params.drift_tokens:q} 2>&1 | tee {log:q}"
+>>>>>>> 6029502 (Validation at read and write, complete checkpoints only, a non-finite guard, quoted shell lines, safe config patterns, config references checked)

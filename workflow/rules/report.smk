@@ -28,5 +28,5 @@ rule report:
     conda:
         "../envs/report.yaml"
     shell:
-        "python -m lightning_opd.report --manifest {params.manifest} --out-dir {params.out_dir} > {log} 2>&1 "
-        "&& cat {output.table_md}"
+        "python -m lightning_opd.report --manifest {params.manifest} --out-dir {params.out_dir:q} > {log:q} 2>&1 "
+        "&& cat {output.table_md:q}"
