@@ -77,7 +77,8 @@ def _os_errno(error: BaseException) -> int | None:
         for code in (*_FULL, *_DENIED):
             if os.strerror(code) in text or f"os error {code})" in text.lower() or f"errno {code}]" in text.lower():
                 return code
-        if "StorageFull" in text or "file write failed" in text:
+        # torch.save reports a failed write of its zip stream without an errno
+        if any(sign in text for sign in ("StorageFull", "file write failed", "iostream error", "unexpected pos")):
             return errno.ENOSPC
         error = error.__cause__ or error.__context__
     return None
