@@ -25,7 +25,7 @@ ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.en
        "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 # words of an error that tell the user what to do next
 ADVICE = ("rerun", "delete", "lower", "set ", "add ", "remove", "rebuild", "free space", "make it writable",
-          "check", "write {problem}", "point results_dir", "define them")
+          "check", "write {problem}", "point results_dir", "define them", "use ")
 
 
 @dataclass

@@ -19,22 +19,25 @@ def dry_run(tmp_path, override: dict, *args: str) -> subprocess.CompletedProcess
     return snakemake("-n", "--configfile", str(config), *args, check=False)
 
 
+SAFE = "without whitespace, quotes or shell"
 HOSTILE = {
-    "results_dir": (lambda pwned: {"results_dir": f"$(touch {pwned})"}, "['results_dir']"),
-    "experiment": (lambda pwned: {"experiment": f"x;touch {pwned}"}, "['experiment']"),
-    "teacher-path": (lambda pwned: {"teachers": {"A": {"path": f"`touch {pwned}`"}}}, "['teachers']['A']['path']"),
+    "results_dir": (lambda pwned: {"results_dir": f"$(touch {pwned})"}, "['results_dir']", SAFE),
+    "experiment": (lambda pwned: {"experiment": f"x;touch {pwned}"}, "['experiment']", "use only letters"),
+    "teacher-path": (lambda pwned: {"teachers": {"A": {"path": f"`touch {pwned}`"}}}, "['teachers']['A']['path']",
+                     SAFE),
     "tokenizer-path-newline": (lambda pwned: {"tokenizer": {"path": f"models/tok\ntouch {pwned}"}},
-                               "['tokenizer']['path']"),
-    "teacher-name": (lambda pwned: {"teachers": {f"A$(touch {pwned})": {"path": "/models/x"}}}, "teachers"),
+                               "['tokenizer']['path']", SAFE),
+    "teacher-name": (lambda pwned: {"teachers": {f"A$(touch {pwned})": {"path": "/models/x"}}}, "['teachers']",
+                     "does not match '^[A-Za-z0-9]+$'"),
 }
 
 
 @pytest.mark.parametrize("case", HOSTILE)
 def test_hostile_config_string_is_refused_and_never_run(tmp_path, case):
-    make, key = HOSTILE[case]
+    make, key, advice = HOSTILE[case]
     pwned = tmp_path / "pwned"
     result = dry_run(tmp_path, make(pwned))
-    assert_refused(result, key, "metacharacters" if case != "teacher-name" else "does not match")
+    assert_refused(result, key, advice)
     assert not pwned.exists(), "a config value ran as a command"
     assert not (tmp_path / "results").exists()
     fixed = dry_run(tmp_path, {})
@@ -111,9 +114,14 @@ def test_every_shell_value_is_quoted_once():
 
 def test_a_second_snakemake_run_at_once_is_refused_by_the_lock(tmp_path):
     work = copy_repo(tmp_path / "repo")
-    config = write_yaml(tmp_path / "tiny.yaml", {"task": {"n_teacher": 20, "n_sft": 4, "n_opd": 4, "n_eval": 4}})
-    target = "results/default/data/teacher.parquet"
-    command = [SNAKEMAKE, "--workflow-profile", "none", "--cores", "1", "--configfile", str(config), target]
+    arch = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "num_key_value_heads": 1, "head_dim": 16}
+    config = write_yaml(tmp_path / "tiny.yaml", {
+        "task": {"n_teacher": 40, "n_sft": 4, "n_opd": 4, "n_eval": 4},
+        "student_base": {"build": {"corpus": "raw_solutions", "arch": arch,
+                                   "train": {"max_steps": 8, "batch_size": 8, "save_steps": 100}}}})
+    target = "results/default/models/student_base"  # three jobs: long enough for a second run to meet the lock
+    command = [SNAKEMAKE, target, "--workflow-profile", "none", "--cores", "1", "--configfile", str(config)]
     first = subprocess.Popen(command, cwd=work, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
     while not any((work / ".snakemake" / "locks").glob("*")) and first.poll() is None and time.time() < deadline:
@@ -122,6 +130,6 @@ def test_a_second_snakemake_run_at_once_is_refused_by_the_lock(tmp_path):
     second = subprocess.run(command, cwd=work, env=ENV, capture_output=True, text=True, timeout=120)
     assert_refused(second, "Directory cannot be locked", str(work))
     first.communicate(timeout=300)
-    assert first.returncode == 0 and (work / target).is_file()
+    assert first.returncode == 0 and (work / target / "model.safetensors").is_file()
     again = subprocess.run(command, cwd=work, env=ENV, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
