@@ -35,8 +35,8 @@ rule evaluate:
         seed=config["eval"]["seed"],
         backend_options=js(config["eval"]["backend_options"]),
         chat_template=js(config["chat_template_kwargs"]),
-        think_end=(f"--think-end-token {shlex.quote(str(config['eval']['think_end_token']))}"
-                   if config["eval"].get("think_end_token") is not None else ""),
+        think_end=(["--think-end-token", str(config["eval"]["think_end_token"])]
+                   if config["eval"].get("think_end_token") is not None else []),
     log:
         logfile("evaluate", "{model}"),
     benchmark:
@@ -47,17 +47,9 @@ rule evaluate:
     conda:
         "../envs/eval.yaml"
     shell:
-<<<<<<< HEAD
-        "python -m lightning_opd.evaluate --model {params.model} --eval-file {input.eval_file} "
-        "--out {output.summary} --k {params.k} --temperature {params.temperature} --top-p {params.top_p} "
-        "--max-gen-toks {params.max_gen_toks} --backend {params.backend} --batch-size {params.batch_size} "
-        "--seed {params.seed} --label {wildcards.model} --task-yaml {input.task} "
-        "--backend-options {params.backend_options} --chat-template-kwargs {params.chat_template} {params.think_end} "
-        "2>&1 | tee {log}"
-=======
         "python -m lightning_opd.evaluate --model {params.model:q} --eval-file {input.eval_file:q} "
         "--out {output.summary:q} --k {params.k:q} --temperature {params.temperature:q} --top-p {params.top_p:q} "
         "--max-gen-toks {params.max_gen_toks:q} --backend {params.backend:q} --batch-size {params.batch_size:q} "
         "--seed {params.seed:q} --label {wildcards.model:q} --task-yaml {input.task:q} "
-        "--backend-options {params.backend_options} 2>&1 | tee {log:q}"
->>>>>>> 6029502 (Validation at read and write, complete checkpoints only, a non-finite guard, quoted shell lines, safe config patterns, config references checked)
+        "--backend-options {params.backend_options} --chat-template-kwargs {params.chat_template} {params.think_end:q} "
+        "2>&1 | tee {log:q}"

@@ -26,16 +26,10 @@ rule pretrain_teacher:
     conda:
         "../envs/train.yaml"
     shell:
-<<<<<<< HEAD
-        "{params.launch} lightning_opd.pretrain --tokenizer {input.tokenizer} --task-file {input.task} "
-        "--corpus solutions --style {params.style} --arch {params.arch} --train {params.train} "
-        "--label {wildcards.teacher} --out {output} --checkpoint-root {params.ckpt} --tracking {params.tracking} "
-        "2>&1 | tee {log}"
-=======
         "{params.launch} lightning_opd.pretrain --tokenizer {input.tokenizer:q} --task-file {input.task:q} "
         "--corpus solutions --style {params.style:q} --arch {params.arch} --train {params.train} "
-        "--label {wildcards.teacher:q} --out {output:q} --checkpoint-root {params.ckpt:q} 2>&1 | tee {log:q}"
->>>>>>> 6029502 (Validation at read and write, complete checkpoints only, a non-finite guard, quoted shell lines, safe config patterns, config references checked)
+        "--label {wildcards.teacher:q} --out {output:q} --checkpoint-root {params.ckpt:q} --tracking {params.tracking} "
+        "2>&1 | tee {log:q}"
 
 
 rule pretrain_student_base:
@@ -62,13 +56,7 @@ rule pretrain_student_base:
     conda:
         "../envs/train.yaml"
     shell:
-<<<<<<< HEAD
-        "{params.launch} lightning_opd.pretrain --tokenizer {input.tokenizer} --task-file {input.task} "
-        "--corpus {params.corpus} --arch {params.arch} --train {params.train} "
-        "--label student_base --out {output} --checkpoint-root {params.ckpt} --tracking {params.tracking} "
-        "2>&1 | tee {log}"
-=======
         "{params.launch} lightning_opd.pretrain --tokenizer {input.tokenizer:q} --task-file {input.task:q} "
         "--corpus {params.corpus:q} --arch {params.arch} --train {params.train} "
-        "--label student_base --out {output:q} --checkpoint-root {params.ckpt:q} 2>&1 | tee {log:q}"
->>>>>>> 6029502 (Validation at read and write, complete checkpoints only, a non-finite guard, quoted shell lines, safe config patterns, config references checked)
+        "--label student_base --out {output:q} --checkpoint-root {params.ckpt:q} --tracking {params.tracking} "
+        "2>&1 | tee {log:q}"

@@ -14,12 +14,8 @@ rule rollouts:
         backend=config["generation"]["backend"],
         backend_options=js(config["generation"]["backend_options"]),
         sampling=js(config["rollouts"]["sampling"]),
-<<<<<<< HEAD
-        template=lambda w: shlex.quote(config["prompt_template"]),
-        chat_template=js(config["chat_template_kwargs"]),
-=======
         template=lambda w: config["prompt_template"],
->>>>>>> 6029502 (Validation at read and write, complete checkpoints only, a non-finite guard, quoted shell lines, safe config patterns, config references checked)
+        chat_template=js(config["chat_template_kwargs"]),
     log:
         logfile("rollouts", "{sft_teacher}"),
     benchmark:
@@ -33,11 +29,7 @@ rule rollouts:
         "python -m lightning_opd.generate --model {input.policy:q} --prompts {input.prompts:q} --out {output:q} "
         "--label sft-{wildcards.sft_teacher:q} --backend {params.backend:q} "
         "--backend-options {params.backend_options} --sampling {params.sampling} "
-<<<<<<< HEAD
-        "--prompt-template {params.template} --chat-template-kwargs {params.chat_template} 2>&1 | tee {log}"
-=======
-        "--prompt-template {params.template:q} 2>&1 | tee {log:q}"
->>>>>>> 6029502 (Validation at read and write, complete checkpoints only, a non-finite guard, quoted shell lines, safe config patterns, config references checked)
+        "--prompt-template {params.template:q} --chat-template-kwargs {params.chat_template} 2>&1 | tee {log:q}"
 
 
 rule teacher_cache:
@@ -94,16 +86,10 @@ rule lightning_opd:
     conda:
         "../envs/train.yaml"
     shell:
-<<<<<<< HEAD
-        "{params.launch} lightning_opd.lightning_opd --init {input.init} --cache {input.cache} --opd {params.opd} "
-        "--out {output} --checkpoint-root {params.ckpt} --drift-prompts {input.drift_prompts} "
-        "--drift-n {params.drift_n} --drift-max-new-tokens {params.drift_tokens} --tracking {params.tracking} "
-        "2>&1 | tee {log}"
-=======
         "{params.launch} lightning_opd.lightning_opd --init {input.init:q} --cache {input.cache:q} --opd {params.opd} "
         "--out {output:q} --checkpoint-root {params.ckpt:q} --drift-prompts {input.drift_prompts:q} "
-        "--drift-n {params.drift_n:q} --drift-max-new-tokens {params.drift_tokens:q} 2>&1 | tee {log:q}"
->>>>>>> 6029502 (Validation at read and write, complete checkpoints only, a non-finite guard, quoted shell lines, safe config patterns, config references checked)
+        "--drift-n {params.drift_n:q} --drift-max-new-tokens {params.drift_tokens:q} --tracking {params.tracking} "
+        "2>&1 | tee {log:q}"
 
 
 rule standard_opd:
@@ -119,12 +105,8 @@ rule standard_opd:
         teacher=lambda w: teacher_path(w.opd_teacher),
         opd=opd_params,
         sampling=js(config["standard_opd"]["sampling"]),
-<<<<<<< HEAD
-        template=lambda w: shlex.quote(config["prompt_template"]),
-        chat_template=js(config["chat_template_kwargs"]),
-=======
         template=lambda w: config["prompt_template"],
->>>>>>> 6029502 (Validation at read and write, complete checkpoints only, a non-finite guard, quoted shell lines, safe config patterns, config references checked)
+        chat_template=js(config["chat_template_kwargs"]),
         ckpt=f"{R}/checkpoints/standard_opd",
         launch=launch("train"),
         tracking=lambda w: tracking("standard_opd", opd_label("standard", w.sft_teacher, w.opd_teacher, w.seed)),
@@ -140,17 +122,9 @@ rule standard_opd:
     conda:
         "../envs/train.yaml"
     shell:
-<<<<<<< HEAD
-        "{params.launch} lightning_opd.standard_opd --init {input.init} --teacher {params.teacher} "
-        "--teacher-label {wildcards.opd_teacher} --prompts {input.prompts} --opd {params.opd} "
-        "--sampling {params.sampling} --prompt-template {params.template} "
-        "--chat-template-kwargs {params.chat_template} --out {output} "
-        "--checkpoint-root {params.ckpt} --drift-prompts {input.drift_prompts} --drift-n {params.drift_n} "
-        "--drift-max-new-tokens {params.drift_tokens} --tracking {params.tracking} 2>&1 | tee {log}"
-=======
         "{params.launch} lightning_opd.standard_opd --init {input.init:q} --teacher {params.teacher:q} "
         "--teacher-label {wildcards.opd_teacher:q} --prompts {input.prompts:q} --opd {params.opd} "
-        "--sampling {params.sampling} --prompt-template {params.template:q} --out {output:q} "
+        "--sampling {params.sampling} --prompt-template {params.template:q} "
+        "--chat-template-kwargs {params.chat_template} --out {output:q} "
         "--checkpoint-root {params.ckpt:q} --drift-prompts {input.drift_prompts:q} --drift-n {params.drift_n:q} "
-        "--drift-max-new-tokens {params.drift_tokens:q} 2>&1 | tee {log:q}"
->>>>>>> 6029502 (Validation at read and write, complete checkpoints only, a non-finite guard, quoted shell lines, safe config patterns, config references checked)
+        "--drift-max-new-tokens {params.drift_tokens:q} --tracking {params.tracking} 2>&1 | tee {log:q}"

@@ -13,12 +13,8 @@ rule sft_data:
         backend=config["generation"]["backend"],
         backend_options=js(config["generation"]["backend_options"]),
         sampling=js(config["sft_data"]["sampling"]),
-<<<<<<< HEAD
-        template=lambda w: shlex.quote(config["prompt_template"]),
-        chat_template=js(config["chat_template_kwargs"]),
-=======
         template=lambda w: config["prompt_template"],
->>>>>>> 6029502 (Validation at read and write, complete checkpoints only, a non-finite guard, quoted shell lines, safe config patterns, config references checked)
+        chat_template=js(config["chat_template_kwargs"]),
     log:
         logfile("sft_data", "{teacher}"),
     benchmark:
@@ -29,16 +25,10 @@ rule sft_data:
     conda:
         "../envs/gen.yaml"
     shell:
-<<<<<<< HEAD
-        "python -m lightning_opd.generate --model {params.model} --prompts {input.prompts} --out {output} "
-        "--label {wildcards.teacher} --backend {params.backend} --backend-options {params.backend_options} "
-        "--sampling {params.sampling} --prompt-template {params.template} "
-        "--chat-template-kwargs {params.chat_template} 2>&1 | tee {log}"
-=======
         "python -m lightning_opd.generate --model {params.model:q} --prompts {input.prompts:q} --out {output:q} "
         "--label {wildcards.teacher:q} --backend {params.backend:q} --backend-options {params.backend_options} "
-        "--sampling {params.sampling} --prompt-template {params.template:q} 2>&1 | tee {log:q}"
->>>>>>> 6029502 (Validation at read and write, complete checkpoints only, a non-finite guard, quoted shell lines, safe config patterns, config references checked)
+        "--sampling {params.sampling} --prompt-template {params.template:q} "
+        "--chat-template-kwargs {params.chat_template} 2>&1 | tee {log:q}"
 
 
 rule sft:
@@ -65,10 +55,5 @@ rule sft:
     conda:
         "../envs/train.yaml"
     shell:
-<<<<<<< HEAD
-        "{params.launch} lightning_opd.sft --base {params.base} --sft-data {input.sft_data} --train {params.train} {params.keep_unfinished} "
-        "--out {output} --checkpoint-root {params.ckpt} --tracking {params.tracking} 2>&1 | tee {log}"
-=======
         "{params.launch} lightning_opd.sft --base {params.base:q} --sft-data {input.sft_data:q} --train {params.train} {params.keep_unfinished:q} "
-        "--out {output:q} --checkpoint-root {params.ckpt:q} 2>&1 | tee {log:q}"
->>>>>>> 6029502 (Validation at read and write, complete checkpoints only, a non-finite guard, quoted shell lines, safe config patterns, config references checked)
+        "--out {output:q} --checkpoint-root {params.ckpt:q} --tracking {params.tracking} 2>&1 | tee {log:q}"
