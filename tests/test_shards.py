@@ -147,3 +147,11 @@ def test_a_stage_split_over_jobs_plans_one_job_per_part_and_a_gather(tmp_path):
     assert jobs["sft_data"] == 3 and jobs["sft_data_gather"] == 1
     assert jobs["rollouts"] == 1 and "rollouts_gather" not in jobs
     assert jobs["teacher_cache"] == 2 and jobs["teacher_cache_gather"] == 1
+
+
+def test_bad_backend_options_leave_no_output_and_no_work_dir(world, reference, tmp_path):
+    out, work = tmp_path / "out.parquet", tmp_path / "work"
+    with pytest.raises(ValueError, match="does not take the option"):
+        generate.main(stage_args("rollouts", world, reference, out, work,
+                                 "--backend-options", json.dumps({"tensor_parallel_size": 8})))
+    assert not out.exists() and not any(work.iterdir())

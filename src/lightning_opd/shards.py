@@ -201,27 +201,32 @@ def run_sharded(task: ShardTask, *, name: str, n_rows: int, shard_size: int, key
           f"in {work_dir}: {len(selected) - len(todo)} done before, {len(todo)} to do "
           f"on {min(data_parallel, max(len(todo), 1))} engine(s)", flush=True)
     progress = Progress(name, shards, len(selected), len(selected) - len(todo), task.unit)
-    if todo and data_parallel == 1:
-        task.open()
-        for i in todo:
-            table, tokens = task.run(shards[i])
-            _write_shard(work_dir, i, shards[i], table, schema)
-            progress.update(i, tokens, 0)
-    elif todo:
-        _run_workers(task, todo, shards, work_dir, schema, progress, data_parallel, gpus_per_engine)
-
+    try:
+        if todo and data_parallel == 1:
+            task.open()
+            for i in todo:
+                table, tokens = task.run(shards[i])
+                _write_shard(work_dir, i, shards[i], table, schema)
+                progress.update(i, tokens, 0)
+        elif todo:
+            _run_workers(task, todo, shards, work_dir, schema, progress, data_parallel, gpus_per_engine)
+    except Exception:
+        if not any(work_dir.glob("shard-*.parquet")):  # e.g. bad backend options: nothing to resume
+            _remove(work_dir, root if not work_root else None)
+        raise
     rows = write_shards_as(out, [shard_path(work_dir, i) for i in selected], schema, metadata)
-    shutil.rmtree(work_dir)
-    if not work_root:
-        with_ignored_errors(root.rmdir)
+    _remove(work_dir, root if not work_root else None)
     print(f"[{name}] {len(selected)} shards, {rows} rows -> {out}", flush=True)
 
 
-def with_ignored_errors(action) -> None:
-    try:
-        action()
-    except OSError:
-        pass
+def _remove(work_dir: Path, default_root: Path | None) -> None:
+    """Drop a work directory, and the default root next to the output once it is empty."""
+    shutil.rmtree(work_dir)
+    if default_root is not None:
+        try:
+            default_root.rmdir()
+        except OSError:
+            pass  # another stage's work is still there
 
 
 def write_shards_as(out: Path, paths: list[Path], schema: pa.Schema, metadata: dict[str, Any]) -> int:
@@ -301,7 +306,8 @@ def _run_workers(task: ShardTask, todo: list[int], shards: list[range], work_dir
                                        f"far are kept in {work_dir}: rerun to resume") from None
                 continue
             if status == "failed":
-                raise RuntimeError(f"engine {engine} failed on shard {index}; the shards done so far are kept "
+                where = "starting" if index is None else f"on shard {index + 1}"
+                raise RuntimeError(f"engine {engine} failed {where}; the shards done so far are kept "
                                    f"in {work_dir}: rerun to resume\n{detail}")
             progress.update(index, detail, engine)
             remaining -= 1
