@@ -65,8 +65,11 @@ def paper_run(world, tmp_path_factory):
         "eval": {"k": 2, "max_gen_toks": 16, "backend": "hf", "backend_options": {}, "batch_size": 16},
         "resources": {"default": {"gpus": 0, "cpus": 2, "mem_mb": 4000, "runtime": 60}},
     })
-    for section in ("generation", "teacher_cache", "eval"):
-        local[section]["backend_options"] = {}  # the paper's are vLLM's; a merged override could not drop them
+    for section in ("generation", "sft_data", "rollouts", "teacher_cache", "eval"):
+        if "backend_options" in local[section]:
+            local[section]["backend_options"] = {}  # the paper's are vLLM's; a merged override could not drop them
+        if section != "eval":
+            local[section]["data_parallel"] = 1  # the paper's engines are one per GPU
     config_file = write_yaml(root / "qwen3-8b-local.yaml", local)
     work = copy_repo(root / "repo")
     config = ["--configfile", str(config_file)]

@@ -27,6 +27,7 @@ def test_vllm_cache_equals_hf_cache(world, tmp_path):
     hf, _ = read_cache(world["cache_A"])
     vllm, meta = read_cache(tmp_path / "cache.parquet")
     assert meta["backend"] == "vllm"
+    assert meta["backend_options"]["enable_prefix_caching"] is False  # stale prompt log-probs reported with it on
     assert vllm.column("response_ids").to_pylist() == hf.column("response_ids").to_pylist()
     for a, b in zip(vllm.column("teacher_logprobs").to_pylist(), hf.column("teacher_logprobs").to_pylist()):
         np.testing.assert_allclose(a, b, atol=1e-4)

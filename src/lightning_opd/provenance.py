@@ -26,6 +26,11 @@ def file_sha256(path: Path | str) -> str:
         return _short(hashlib.file_digest(handle, "sha256"))
 
 
+def key_digest(key: dict[str, Any]) -> str:
+    """A short hash of a JSON-able record (the config and inputs a run depends on)."""
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
 def model_fingerprint(name_or_path: str | Path) -> str:
     """Hash of config, tokenizer and weights of a local model directory, or
     ``hf:<repo>@<commit>`` for a hub id (the commit pins the content)."""

@@ -1,56 +1,107 @@
 """Stage 6: the teacher scores every rollout token once,
 ``log pi_T(y_t | x, y_<t)``, stored as float32 next to the token ids. The
 metadata records the teacher, the rollout policy, and the teacher that wrote
-the rollout policy's SFT data, so OPD can check teacher consistency."""
+the rollout policy's SFT data, so OPD can check teacher consistency.
+
+The rollouts are scored in shards (``lightning_opd.shards``): a rerun after a
+kill scores only the missing ones, ``--data-parallel N`` runs N engines."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from lightning_opd.artifacts import CACHE_SCHEMA, SAMPLES_SCHEMA, read_table, write_table
-from lightning_opd.backends import BACKENDS, get_backend
+from lightning_opd.artifacts import CACHE_SCHEMA, SAMPLES_SCHEMA, read_table
+from lightning_opd.backends import BACKENDS, get_backend, gpus_per_engine
 from lightning_opd.modeling import check_context, load_tokenizer
 from lightning_opd.provenance import check_same_tokenizer, describe_model, file_sha256, sft_teacher_of
+from lightning_opd.shards import Part, ShardTask, add_shard_arguments, run_sharded
+
+DEFAULT_SHARD_SIZE = 1024
+
+
+@dataclasses.dataclass
+class ScoreTask(ShardTask):
+    teacher: str
+    rollouts_path: Path
+    max_response_tokens: int | None
+    temperature: float
+    backend: str
+    backend_options: dict
+    unit = "tokens scored"
+
+    def open(self) -> None:
+        self.table, _ = read_table(self.rollouts_path, SAMPLES_SCHEMA)
+        self.engine = get_backend(self.backend, self.teacher, scoring=True, **self.backend_options)
+
+    def run(self, shard: range) -> tuple[pa.Table, int]:
+        table = self.table.slice(shard.start, len(shard))
+        prompts = table.column("prompt_ids").to_pylist()
+        responses = table.column("response_ids").to_pylist()
+        if self.max_response_tokens:
+            responses = [r[:self.max_response_tokens] for r in responses]
+            table = table.set_column(table.schema.get_field_index("response_ids"), "response_ids",
+                                     pa.array(responses, SAMPLES_SCHEMA.field("response_ids").type))
+        scores = self.engine.score(prompts, responses, self.temperature)
+        for row_id, response, score in zip(table.column("id").to_pylist(), responses, scores):
+            if len(score) != len(response) or not np.all(np.isfinite(score)):
+                raise RuntimeError(f"teacher scores for {row_id!r} do not line up with its {len(response)} tokens")
+        cache = table.append_column("teacher_logprobs", pa.array([s.tolist() for s in scores],
+                                                                 CACHE_SCHEMA.field("teacher_logprobs").type))
+        return cache, sum(map(len, prompts)) + sum(map(len, responses))
 
 
 def build_cache(teacher: str, rollouts_path: Path, out: Path, backend: str = "hf", label: str = "",
                 max_response_tokens: int | None = None, temperature: float = 1.0,
-                backend_options: dict | None = None) -> None:
+                backend_options: dict | None = None, *, shard_size: int = DEFAULT_SHARD_SIZE,
+                work_dir: Path | None = None, data_parallel: int = 1, part: Part | None = None) -> None:
+    backend_options = backend_options or {}
     table, meta = read_table(rollouts_path, SAMPLES_SCHEMA)
     tokenizer = load_tokenizer(teacher)
     check_same_tokenizer(rollouts_path, meta, tokenizer, f"the teacher {teacher}")
-    prompts = table.column("prompt_ids").to_pylist()
-    responses = table.column("response_ids").to_pylist()
-    if max_response_tokens:
-        responses = [r[:max_response_tokens] for r in responses]
-        table = table.set_column(table.schema.get_field_index("response_ids"), "response_ids", [responses])
-    check_context(teacher, {i: len(p) + len(r) for i, p, r in zip(table.column("id").to_pylist(), prompts, responses)},
-                  rollouts_path, "lower teacher_cache.max_response_tokens (or sample shorter rollouts)")
-    scores = get_backend(backend, teacher, **(backend_options or {})).score(prompts, responses, temperature)
-    for row_id, response, score in zip(table.column("id").to_pylist(), responses, scores):
-        if len(score) != len(response) or not np.all(np.isfinite(score)):
-            raise RuntimeError(f"teacher scores for {row_id!r} do not line up with its {len(response)} tokens")
-    cache = table.append_column("teacher_logprobs", [[s.tolist() for s in scores]])
+    kept = max_response_tokens or None
+    lengths = {row_id: len(p) + len(r[:kept]) for row_id, p, r in zip(
+        table.column("id").to_pylist(), table.column("prompt_ids").to_pylist(), table.column("response_ids").to_pylist())}
+    check_context(teacher, lengths, rollouts_path, "lower teacher_cache.max_response_tokens (or sample shorter rollouts)")
+    if backend == "vllm":
+        from lightning_opd.backends.vllm import SCORING_ENGINE_OPTIONS
+
+        engine_options = {**backend_options, **SCORING_ENGINE_OPTIONS}
+    else:
+        engine_options = backend_options
+    teacher_record = describe_model(teacher)
     policy = meta["model"]
-    write_table(out, cache, CACHE_SCHEMA, {
+    rollouts = {"path": str(rollouts_path), "sha256": file_sha256(rollouts_path),
+                "sampling": meta["sampling"], "prompt_template": meta.get("prompt_template"),
+                "chat_template_kwargs": meta.get("chat_template_kwargs", {})}
+    metadata = {
         "stage": "teacher_cache",
-        "teacher": {**describe_model(teacher), "label": label},
+        "teacher": {**teacher_record, "label": label},
         "tokenizer_fingerprint": meta["tokenizer_fingerprint"],
         "score_temperature": temperature,
         "max_response_tokens": max_response_tokens,
-        "rollouts": {"path": str(rollouts_path), "sha256": file_sha256(rollouts_path),
-                     "sampling": meta["sampling"], "prompt_template": meta.get("prompt_template"),
-                     "chat_template_kwargs": meta.get("chat_template_kwargs", {})},
+        "rollouts": rollouts,
         "rollout_policy": {"path": policy["path"], "fingerprint": policy["fingerprint"]},
         "sft_teacher": sft_teacher_of(policy),
         "backend": backend,
-    })
-    mean = float(np.mean(np.concatenate(scores))) if scores else float("nan")
-    print(f"scored {sum(map(len, responses))} tokens of {len(responses)} rollouts "
-          f"(mean teacher log-prob {mean:.3f}) -> {out}")
+        "backend_options": engine_options,
+    }
+    key = {"stage": "teacher_cache", "teacher": teacher_record["fingerprint"], "rollouts": rollouts["sha256"],
+           "temperature": temperature, "max_response_tokens": max_response_tokens, "backend": backend,
+           "backend_options": engine_options}
+    task = ScoreTask(teacher, rollouts_path, max_response_tokens, temperature, backend, backend_options)
+    run_sharded(task, name=f"teacher_cache {label}".strip(), n_rows=table.num_rows, shard_size=shard_size,
+                key=key, work_root=work_dir, out=out, schema=CACHE_SCHEMA, metadata=metadata,
+                data_parallel=data_parallel, gpus_per_engine=gpus_per_engine(backend, backend_options), part=part)
+    scores = pq.read_table(out, columns=["teacher_logprobs"]).column("teacher_logprobs").combine_chunks()
+    flat = scores.flatten().to_numpy(zero_copy_only=False)
+    mean = float(np.mean(flat)) if len(flat) else float("nan")
+    print(f"scored {len(flat)} tokens of {len(scores)} rollouts (mean teacher log-prob {mean:.3f}) -> {out}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -63,9 +114,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-response-tokens", type=int, default=None)
     parser.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the scores")
     parser.add_argument("--backend-options", default="{}", help="JSON passed to the backend")
+    add_shard_arguments(parser, DEFAULT_SHARD_SIZE)
     args = parser.parse_args(argv)
     build_cache(args.teacher, args.rollouts, args.out, args.backend, args.label, args.max_response_tokens,
-                args.temperature, json.loads(args.backend_options))
+                args.temperature, json.loads(args.backend_options), shard_size=args.shard_size,
+                work_dir=args.work_dir, data_parallel=args.data_parallel, part=args.part)
 
 
 if __name__ == "__main__":

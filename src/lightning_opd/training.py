@@ -5,7 +5,6 @@ from the last one, and an atomic save of the final model."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -19,7 +18,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from lightning_opd.artifacts import atomic_path, write_failure
 from lightning_opd.hparams import TrackingParams, TrainParams, parse_hparams
-from lightning_opd.provenance import PROVENANCE_FILE, TRAIN_LOG_FILE
+from lightning_opd.provenance import PROVENANCE_FILE, TRAIN_LOG_FILE, key_digest
 
 IGNORE_INDEX = -100
 
@@ -108,8 +107,7 @@ def accumulation(params: TrainParams, processes: int) -> tuple[int, int]:
 def checkpoint_dir(root: Path | str, key: dict[str, Any]) -> Path:
     """A checkpoint directory that belongs to exactly one (config, inputs)
     combination, so a rerun with other settings never resumes a stale run."""
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    return Path(root) / digest
+    return Path(root) / key_digest(key)
 
 
 # transformers renamed gradient_checkpointing to activation_checkpointing in 5.2x

@@ -112,6 +112,63 @@ def built(path):
     return [path] if str(path).startswith(R) else []
 
 
+# ---- the generation stages: artifacts, shards, engines, jobs
+GEN_ARTIFACTS = {  # stage: (artifact, schema, job name)
+    "sft_data": (f"{R}/sft_data/teacher-{{teacher}}.parquet", "samples", "{teacher}"),
+    "rollouts": (f"{R}/rollouts/sft-{{sft_teacher}}.parquet", "samples", "{sft_teacher}"),
+    "teacher_cache": (f"{R}/cache/sft-{{sft_teacher}}_teacher-{{opd_teacher}}.parquet", "cache",
+                      "sft-{sft_teacher}_teacher-{opd_teacher}"),
+}
+GEN_STAGES = tuple(GEN_ARTIFACTS)
+
+
+def gen_option(stage, key):
+    """A setting of a generation stage: sft_data and rollouts fall back on `generation`'s."""
+    if stage == "teacher_cache":
+        return config[stage][key]
+    return config[stage].get(key, config["generation"][key])
+
+
+def engines(stage):
+    """The stage's `data_parallel`, as a param that Snakemake leaves out of its
+    rerun check (a function of `threads` counts as derived): more engines make
+    a stage faster, not different."""
+    n = gen_option(stage, "data_parallel")
+    return lambda wildcards, threads: n
+
+
+def split(stage):
+    return gen_option(stage, "jobs") > 1
+
+
+def gen_output(stage, final):
+    """The artifact a job of the stage writes: `final`, or when the stage is
+    split over jobs, one part of it (joined by the stage's gather rule)."""
+    return final.replace(".parquet", ".parts/{scatteritem}.parquet") if split(stage) else final
+
+
+def gen_job(stage, pattern):
+    """Log and benchmark name of a job of the stage (one per part when split)."""
+    return f"{pattern}_part-{{scatteritem}}" if split(stage) else pattern
+
+
+def part_option(wildcards):
+    return ["--part", wildcards.scatteritem] if "scatteritem" in wildcards.keys() else []
+
+
+def gen_entries(stage, pattern):
+    """The report's cost entries of a generation stage: its jobs, and its gather job when split."""
+    if not split(stage):
+        return [stage_entry(stage, pattern)]
+    jobs = gen_option(stage, "jobs")
+    return [stage_entry(stage, f"{pattern}_part-{i}-of-{jobs}") for i in range(1, jobs + 1)] + [
+        stage_entry(f"{stage}_gather", pattern)]
+
+
+scattergather:
+    **{stage: gen_option(stage, "jobs") for stage in GEN_STAGES},
+
+
 # ---- the OPD runs: (SFT teacher, OPD teacher, seed)
 RUNS = config["runs"]
 
@@ -166,7 +223,8 @@ def stage_kind(stage):
     return {"pretrain_teacher": "pretrain", "pretrain_student_base": "pretrain", "sft_data": "generate",
             "rollouts": "generate", "teacher_cache": "generate", "sft": "train", "lightning_opd": "train",
             "standard_opd": "train", "evaluate": "evaluate", "task_data": "light", "prepare_data": "light",
-            "tokenizer": "light", "report": "light"}.get(stage, "default")
+            "tokenizer": "light", "report": "light", "sft_data_gather": "light", "rollouts_gather": "light",
+            "teacher_cache_gather": "light"}.get(stage, "default")
 
 
 def report_manifest():
@@ -178,10 +236,10 @@ def report_manifest():
                    "cost": [stage_entry("pretrain_student_base", "")] if "build" in config["student_base"] else []})
     for t in RUNS["sft_teachers"]:
         models.append({"label": f"sft-{t}", "role": "sft", "sft_teacher": t,
-                       "cost": [stage_entry("sft_data", t), stage_entry("sft", t)]})
+                       "cost": [*gen_entries("sft_data", t), stage_entry("sft", t)]})
     for sft_t, opd_t, seed in opd_runs():
         pair = f"sft-{sft_t}_teacher-{opd_t}"
-        cost = {"lightning": [stage_entry("rollouts", sft_t), stage_entry("teacher_cache", pair),
+        cost = {"lightning": [*gen_entries("rollouts", sft_t), *gen_entries("teacher_cache", pair),
                               stage_entry("lightning_opd", f"{pair}_seed-{seed}")],
                 "standard": [stage_entry("standard_opd", f"{pair}_seed-{seed}")]}
         for method in METHODS:
@@ -209,3 +267,4 @@ wildcard_constraints:
     opd_teacher="[A-Za-z0-9]+",
     seed="[0-9]+",
     model="[A-Za-z0-9_\\-]+",
+    scatteritem="[0-9]+-of-[0-9]+",

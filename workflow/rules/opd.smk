@@ -7,19 +7,23 @@ rule rollouts:
     input:
         policy=f"{R}/models/sft-{{sft_teacher}}",
         prompts=f"{R}/data/opd.parquet",
-        code=code("generate.py", *BACKEND_CODE),
+        code=code("generate.py", "shards.py", *BACKEND_CODE),
     output:
-        f"{R}/rollouts/sft-{{sft_teacher}}.parquet",
+        gen_output("rollouts", GEN_ARTIFACTS["rollouts"][0]),
     params:
         backend=config["generation"]["backend"],
-        backend_options=js(config["generation"]["backend_options"]),
+        backend_options=js(gen_option("rollouts", "backend_options")),
         sampling=js(config["rollouts"]["sampling"]),
         template=lambda w: config["prompt_template"],
         chat_template=js(config["chat_template_kwargs"]),
+        shard_size=gen_option("rollouts", "shard_size"),
+        data_parallel=engines("rollouts"),
+        work_dir=f"{R}/checkpoints/rollouts",
+        part=part_option,
     log:
-        logfile("rollouts", "{sft_teacher}"),
+        logfile("rollouts", gen_job("rollouts", "{sft_teacher}")),
     benchmark:
-        bench("rollouts", "{sft_teacher}")
+        bench("rollouts", gen_job("rollouts", "{sft_teacher}"))
     threads: res("generate")["cpus"]
     resources:
         **stage_resources("generate"),
@@ -29,26 +33,32 @@ rule rollouts:
         "python -m lightning_opd.generate --model {input.policy:q} --prompts {input.prompts:q} --out {output:q} "
         "--label sft-{wildcards.sft_teacher:q} --backend {params.backend:q} "
         "--backend-options {params.backend_options} --sampling {params.sampling} "
-        "--prompt-template {params.template:q} --chat-template-kwargs {params.chat_template} 2>&1 | tee {log:q}"
+        "--prompt-template {params.template:q} --chat-template-kwargs {params.chat_template} "
+        "--shard-size {params.shard_size:q} "
+        "--data-parallel {params.data_parallel:q} --work-dir {params.work_dir:q} {params.part:q} 2>&1 | tee {log:q}"
 
 
 rule teacher_cache:
     input:
         teacher=lambda w: built(teacher_path(w.opd_teacher)),
-        rollouts=f"{R}/rollouts/sft-{{sft_teacher}}.parquet",
-        code=code("teacher_cache.py", *BACKEND_CODE),
+        rollouts=GEN_ARTIFACTS["rollouts"][0],
+        code=code("teacher_cache.py", "shards.py", *BACKEND_CODE),
     output:
-        f"{R}/cache/sft-{{sft_teacher}}_teacher-{{opd_teacher}}.parquet",
+        gen_output("teacher_cache", GEN_ARTIFACTS["teacher_cache"][0]),
     params:
         model=lambda w: teacher_path(w.opd_teacher),
         backend=config["teacher_cache"]["backend"],
         backend_options=js(config["teacher_cache"]["backend_options"]),
         max_tokens=config["teacher_cache"]["max_response_tokens"],
         temperature=config["teacher_cache"]["temperature"],
+        shard_size=config["teacher_cache"]["shard_size"],
+        data_parallel=engines("teacher_cache"),
+        work_dir=f"{R}/checkpoints/teacher_cache",
+        part=part_option,
     log:
-        logfile("teacher_cache", "sft-{sft_teacher}_teacher-{opd_teacher}"),
+        logfile("teacher_cache", gen_job("teacher_cache", "sft-{sft_teacher}_teacher-{opd_teacher}")),
     benchmark:
-        bench("teacher_cache", "sft-{sft_teacher}_teacher-{opd_teacher}")
+        bench("teacher_cache", gen_job("teacher_cache", "sft-{sft_teacher}_teacher-{opd_teacher}"))
     threads: res("generate")["cpus"]
     resources:
         **stage_resources("generate"),
@@ -58,7 +68,8 @@ rule teacher_cache:
         "python -m lightning_opd.teacher_cache --teacher {params.model:q} --rollouts {input.rollouts:q} "
         "--out {output:q} --label {wildcards.opd_teacher:q} --backend {params.backend:q} "
         "--backend-options {params.backend_options} --max-response-tokens {params.max_tokens:q} "
-        "--temperature {params.temperature:q} 2>&1 | tee {log:q}"
+        "--temperature {params.temperature:q} --shard-size {params.shard_size:q} "
+        "--data-parallel {params.data_parallel:q} --work-dir {params.work_dir:q} {params.part:q} 2>&1 | tee {log:q}"
 
 
 rule lightning_opd:

@@ -5,20 +5,24 @@ rule sft_data:
     input:
         teacher=lambda w: built(teacher_path(w.teacher)),
         prompts=f"{R}/data/sft.parquet",
-        code=code("generate.py", *BACKEND_CODE),
+        code=code("generate.py", "shards.py", *BACKEND_CODE),
     output:
-        f"{R}/sft_data/teacher-{{teacher}}.parquet",
+        gen_output("sft_data", GEN_ARTIFACTS["sft_data"][0]),
     params:
         model=lambda w: teacher_path(w.teacher),
         backend=config["generation"]["backend"],
-        backend_options=js(config["generation"]["backend_options"]),
+        backend_options=js(gen_option("sft_data", "backend_options")),
         sampling=js(config["sft_data"]["sampling"]),
         template=lambda w: config["prompt_template"],
         chat_template=js(config["chat_template_kwargs"]),
+        shard_size=gen_option("sft_data", "shard_size"),
+        data_parallel=engines("sft_data"),
+        work_dir=f"{R}/checkpoints/sft_data",
+        part=part_option,
     log:
-        logfile("sft_data", "{teacher}"),
+        logfile("sft_data", gen_job("sft_data", "{teacher}")),
     benchmark:
-        bench("sft_data", "{teacher}")
+        bench("sft_data", gen_job("sft_data", "{teacher}"))
     threads: res("generate")["cpus"]
     resources:
         **stage_resources("generate"),
@@ -28,7 +32,8 @@ rule sft_data:
         "python -m lightning_opd.generate --model {params.model:q} --prompts {input.prompts:q} --out {output:q} "
         "--label {wildcards.teacher:q} --backend {params.backend:q} --backend-options {params.backend_options} "
         "--sampling {params.sampling} --prompt-template {params.template:q} "
-        "--chat-template-kwargs {params.chat_template} 2>&1 | tee {log:q}"
+        "--chat-template-kwargs {params.chat_template} --shard-size {params.shard_size:q} "
+        "--data-parallel {params.data_parallel:q} --work-dir {params.work_dir:q} {params.part:q} 2>&1 | tee {log:q}"
 
 
 rule sft:

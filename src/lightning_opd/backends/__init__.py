@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import inspect
 
-from lightning_opd.backends.base import Backend, GenerationResult
+from lightning_opd.backends.base import Backend, GenerationResult, request_seed
 
 BACKENDS = ("hf", "vllm")
 
 
-def get_backend(name: str, model: str, **options) -> Backend:
+def get_backend(name: str, model: str, scoring: bool = False, **options) -> Backend:
+    """``scoring``: the engine will score (teacher cache), which vLLM runs without prefix caching."""
     if name == "hf":
         from lightning_opd.backends.hf import HFBackend as backend
     elif name == "vllm":
@@ -26,7 +27,16 @@ def get_backend(name: str, model: str, **options) -> Backend:
         # e.g. vLLM's options left in backend_options after switching a config to hf
         raise ValueError(f"backend {name!r} does not take the option(s) {unknown} of backend_options; "
                          f"it takes {sorted(known)}")
+    if name == "vllm":
+        options["scoring"] = scoring
     return backend(model, **options)
 
 
-__all__ = ["Backend", "GenerationResult", "get_backend", "BACKENDS"]
+def gpus_per_engine(name: str, options: dict) -> int:
+    """GPUs one engine spans: vLLM's tensor x pipeline parallel size; transformers uses one."""
+    if name == "vllm":
+        return int(options.get("tensor_parallel_size", 1)) * int(options.get("pipeline_parallel_size", 1))
+    return 1
+
+
+__all__ = ["Backend", "GenerationResult", "get_backend", "gpus_per_engine", "request_seed", "BACKENDS"]

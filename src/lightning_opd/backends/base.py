@@ -9,12 +9,22 @@ from lightning_opd.hparams import SamplingParams
 from lightning_opd.sampling import GenerationResult
 
 
+def request_seed(seed: int, index: int) -> int:
+    """The sampling seed of prompt ``index`` (its global index in the stage's
+    prompt set) under run seed ``seed``: reproducible, and distinct across
+    prompts and nearby run seeds, wherever and in whatever shard it runs."""
+    return seed * 1_000_003 + index
+
+
 class Backend(abc.ABC):
     """Samples continuations of token-id prompts and scores given continuations."""
 
     @abc.abstractmethod
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[GenerationResult]]:
-        """``params.n`` samples for each prompt, in prompt order."""
+    def generate(self, prompts: list[list[int]], params: SamplingParams,
+                 first_index: int = 0) -> list[list[GenerationResult]]:
+        """``params.n`` samples for each prompt, in prompt order. ``first_index``:
+        the global index of ``prompts[0]`` in the stage's prompt set; sampling
+        depends only on the seed, the prompts and that index (``request_seed``)."""
 
     @abc.abstractmethod
     def score(self, prompts: list[list[int]], responses: list[list[int]],

@@ -2,11 +2,13 @@
 batch for scoring; CPU or GPU."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from lightning_opd.backends.base import Backend, GenerationResult
+from lightning_opd.backends.base import Backend, GenerationResult, request_seed
 from lightning_opd.hparams import SamplingParams
 from lightning_opd.modeling import load_model, load_tokenizer, stop_token_ids
 from lightning_opd.sampling import length_sorted_batches, sample_with
@@ -31,8 +33,12 @@ class HFBackend(Backend):
         self.pad_id = self.tokenizer.pad_token_id
         self.stop_ids = stop_token_ids(self.model, self.tokenizer)
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[GenerationResult]]:
-        return sample_with(self.model, prompts, params, self.stop_ids, self.pad_id)
+    def generate(self, prompts: list[list[int]], params: SamplingParams,
+                 first_index: int = 0) -> list[list[GenerationResult]]:
+        # transformers samples a batch from one global generator: seed the call
+        # from the global index of its first prompt (a shard is one call)
+        seed = request_seed(params.seed, first_index)
+        return sample_with(self.model, prompts, dataclasses.replace(params, seed=seed), self.stop_ids, self.pad_id)
 
     @torch.no_grad()
     def score(self, prompts: list[list[int]], responses: list[list[int]],

@@ -6,26 +6,39 @@ from __future__ import annotations
 import numpy as np
 from tqdm import tqdm
 
-from lightning_opd.backends.base import Backend, GenerationResult
+from lightning_opd.backends.base import Backend, GenerationResult, request_seed
 from lightning_opd.hparams import SamplingParams
+
+
+# vLLM has reported wrong (stale) prompt log-probs with prefix caching on:
+# the engine that scores runs without it.
+SCORING_ENGINE_OPTIONS = {"enable_prefix_caching": False}
 
 
 class VLLMBackend(Backend):
     def __init__(self, model: str, tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9,
-                 dtype: str = "auto", max_model_len: int | None = None, seed: int = 0, **engine_options):
+                 dtype: str = "auto", max_model_len: int | None = None, seed: int = 0, scoring: bool = False,
+                 **engine_options):
+        """``scoring``: this engine scores (``prompt_logprobs``); prefix caching is turned off."""
         from vllm import LLM
 
+        if scoring:
+            if engine_options.get("enable_prefix_caching"):
+                raise ValueError("backend_options: enable_prefix_caching must be off for teacher scoring "
+                                 "(vLLM has reported wrong prompt log-probs with it on)")
+            engine_options.update(SCORING_ENGINE_OPTIONS)
         self.llm = LLM(model=model, tensor_parallel_size=tensor_parallel_size,
                        gpu_memory_utilization=gpu_memory_utilization, dtype=dtype,
                        max_model_len=max_model_len, seed=seed, **engine_options)
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[GenerationResult]]:
+    def generate(self, prompts: list[list[int]], params: SamplingParams,
+                 first_index: int = 0) -> list[list[GenerationResult]]:
         from vllm import SamplingParams as VLLMSampling
         from vllm.inputs import TokensPrompt
 
-        # one seed per request: reproducible, and distinct across prompts
+        # one seed per request, from the prompt's global index: the same samples in any shard
         sampling = [VLLMSampling(n=params.n, temperature=params.temperature, top_p=params.top_p,
-                                 max_tokens=params.max_new_tokens, seed=params.seed * 1_000_003 + i)
+                                 max_tokens=params.max_new_tokens, seed=request_seed(params.seed, first_index + i))
                     for i in range(len(prompts))]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sampling, use_tqdm=True)
         return [[GenerationResult(list(c.token_ids), c.finish_reason == "stop") for c in out.outputs]

@@ -1,0 +1,157 @@
+"""The generation stages work in shards: killed midway (kill -9) and rerun,
+each redoes only the missing shards and ends with the artifact of an
+uninterrupted run; two engines write the artifact of one; a stage split
+over jobs plans one job per part and its parts join into the same artifact."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_opd import generate, shards, teacher_cache
+from lightning_opd.artifacts import CACHE_SCHEMA, SAMPLES_SCHEMA, TASK_SCHEMA, read_table, write_table
+from test_pipeline import planned_jobs, snakemake, write_yaml
+
+N_PROMPTS = 24
+SHARD_SIZE = {"sft_data": 2, "rollouts": 2, "teacher_cache": 1}
+SAMPLING = json.dumps({"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 12, "seed": 3, "batch_size": 8})
+MODULE = {"sft_data": generate, "rollouts": generate, "teacher_cache": teacher_cache}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Every process of these tests (this one, killed runs, engines) computes
+    on one thread: the same numerics everywhere, and no threads spinning for
+    a share of a busy machine's cores."""
+    threads, saved = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    yield
+    torch.set_num_threads(threads)
+    if saved is None:
+        os.environ.pop("OMP_NUM_THREADS")
+    else:
+        os.environ["OMP_NUM_THREADS"] = saved
+
+
+@pytest.fixture(scope="module")
+def prompts(world, tmp_path_factory) -> Path:
+    """The world's prompts repeated under new ids: enough shards to kill a run between two of them."""
+    table, meta = read_table(world["data"] / "sft.parquet", TASK_SCHEMA)
+    rows = table.to_pylist()
+    path = tmp_path_factory.mktemp("prompts") / "prompts.parquet"
+    write_table(path, [{**rows[i % len(rows)], "id": f"p{i}"} for i in range(N_PROMPTS)], TASK_SCHEMA, meta)
+    return path
+
+
+def stage_args(stage: str, world, inputs: dict[str, Path], out: Path, work: Path, *extra: str) -> list[str]:
+    common = ["--out", str(out), "--work-dir", str(work), "--shard-size", str(SHARD_SIZE[stage]), *extra]
+    if stage == "teacher_cache":
+        return ["--teacher", str(world["teacher_A"]), "--rollouts", str(inputs["rollouts"]), "--label", "A", *common]
+    model = world["teacher_A"] if stage == "sft_data" else world["sft_A"]
+    return ["--model", str(model), "--prompts", str(inputs["prompts"]), "--label", stage, "--sampling", SAMPLING,
+            *common]
+
+
+@pytest.fixture(scope="module")
+def reference(world, prompts, tmp_path_factory) -> dict[str, Path]:
+    """Uninterrupted runs of the three stages, one engine each; the rollouts feed the teacher cache."""
+    root = tmp_path_factory.mktemp("reference")
+    inputs = {"prompts": prompts}
+    for stage in ("sft_data", "rollouts", "teacher_cache"):
+        out = root / f"{stage}.parquet"
+        MODULE[stage].main(stage_args(stage, world, {**inputs, "rollouts": root / "rollouts.parquet"},
+                                      out, root / "work"))
+        inputs[stage] = out
+    return inputs
+
+
+def assert_same_artifact(path: Path, expected: Path, schema=SAMPLES_SCHEMA) -> None:
+    """Row by row (ids, token ids, text, teacher log-probs) and provenance."""
+    table, meta = read_table(path, schema)
+    want, want_meta = read_table(expected, schema)
+    assert table.num_rows == want.num_rows == N_PROMPTS
+    for got_row, want_row in zip(table.to_pylist(), want.to_pylist()):
+        assert got_row == want_row
+    assert meta == want_meta
+
+
+def shard_indices(work: Path) -> list[int]:
+    return sorted(int(p.stem.split("-")[1]) for p in work.glob("*/shard-*.parquet"))
+
+
+@pytest.mark.parametrize("stage", ["sft_data", "rollouts", "teacher_cache"])
+def test_kill_and_rerun_redoes_only_the_missing_shards(stage, world, reference, tmp_path, capsys):
+    out, work = tmp_path / "out.parquet", tmp_path / "work"
+    inputs = {"prompts": reference["prompts"], "rollouts": reference["rollouts"]}
+    args = stage_args(stage, world, inputs, out, work)
+    process = subprocess.Popen([sys.executable, "-m", MODULE[stage].__name__, *args], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while not shard_indices(work) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.002)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    kept = shard_indices(work)
+    total = -(-N_PROMPTS // SHARD_SIZE[stage])
+    assert not out.exists(), "killed midway: no artifact may exist"
+    assert kept and len(kept) < total, f"expected some of the {total} shards, found {kept}"
+
+    capsys.readouterr()
+    MODULE[stage].main(args)
+    log = capsys.readouterr().out
+    assert f"{total} shards of up to {SHARD_SIZE[stage]} rows" in log and f"{len(kept)} done before" in log
+    redone = sorted(int(n) - 1 for n in re.findall(r"\] shard (\d+)/\d+ ", log))
+    assert redone == sorted(set(range(total)) - set(kept))
+    assert re.search(r"done: \d+/\d+ shards, \d+ tokens \w+ in [\d.]+ s this run \([\d.]+ tokens \w+/s\)", log)
+    assert_same_artifact(out, reference[stage], CACHE_SCHEMA if stage == "teacher_cache" else SAMPLES_SCHEMA)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.parquet", "work"]
+    assert not any(work.iterdir()), "the shards are removed once the artifact is written"
+
+
+def test_two_engines_write_the_artifact_of_one(world, reference, tmp_path, capsys):
+    out = tmp_path / "out.parquet"
+    generate.main(stage_args("sft_data", world, reference, out, tmp_path / "work", "--data-parallel", "2"))
+    log = capsys.readouterr().out
+    assert "engine 0: pid" in log and "engine 1: pid" in log
+    engines = set(re.findall(r"engine (\d)\) done", log))
+    assert engines == {"0", "1"}, "both engines take shards"
+    assert_same_artifact(out, reference["sft_data"])
+
+
+def test_parts_of_a_split_stage_join_into_the_artifact(world, reference, tmp_path):
+    parts = [tmp_path / f"{i}-of-3.parquet" for i in (1, 2, 3)]
+    for i, part in enumerate(parts, 1):
+        teacher_cache.main(stage_args("teacher_cache", world, reference, part, tmp_path / "work",
+                                      "--part", f"{i}-of-3"))
+    shards.main(["--gather", *map(str, reversed(parts)), "--schema", "cache", "--out", str(tmp_path / "out.parquet")])
+    assert_same_artifact(tmp_path / "out.parquet", reference["teacher_cache"], CACHE_SCHEMA)
+    with pytest.raises(shards.ArtifactError, match="expected each of 1..3 once"):
+        shards.gather([parts[0], parts[0], parts[2]], tmp_path / "bad.parquet", CACHE_SCHEMA)
+    assert not (tmp_path / "bad.parquet").exists()
+
+
+def test_a_stage_split_over_jobs_plans_one_job_per_part_and_a_gather(tmp_path):
+    override = write_yaml(tmp_path / "split.yaml", {"results_dir": str(tmp_path / "results"),
+                                                    "generation": {"jobs": 3}, "rollouts": {"jobs": 1},
+                                                    "teacher_cache": {"jobs": 2}})
+    jobs = planned_jobs(snakemake("-n", "--configfile", str(override)).stdout)
+    assert jobs["sft_data"] == 3 and jobs["sft_data_gather"] == 1
+    assert jobs["rollouts"] == 1 and "rollouts_gather" not in jobs
+    assert jobs["teacher_cache"] == 2 and jobs["teacher_cache_gather"] == 1
+
+
+def test_bad_backend_options_leave_no_output_and_no_work_dir(world, reference, tmp_path):
+    out, work = tmp_path / "out.parquet", tmp_path / "work"
+    with pytest.raises(ValueError, match="does not take the option"):
+        generate.main(stage_args("rollouts", world, reference, out, work,
+                                 "--backend-options", json.dumps({"tensor_parallel_size": 8})))
+    assert not out.exists() and not any(work.iterdir())
