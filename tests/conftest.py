@@ -51,3 +51,15 @@ def world(tmp_path_factory) -> dict[str, Path]:
         teacher_cache.build_cache(str(w[f"teacher_{t}"]), w["rollouts"], root / f"cache-{t}.parquet", label=t)
         w[f"cache_{t}"] = root / f"cache-{t}.parquet"
     return w
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> tuple[Path, list[str]]:
+    """The reduced config (tests/configs/tiny.yaml) run end to end once per session, in a copy of
+    the repository: the copy's path and the config arguments."""
+    from test_pipeline import copy_repo, snakemake
+
+    work = copy_repo(tmp_path_factory.mktemp("repo"), "tests/configs")
+    config = ["--configfile", "tests/configs/tiny.yaml"]
+    snakemake(*config, cwd=work)
+    return work, config

@@ -110,15 +110,7 @@ def test_bad_config_stops_snakemake_before_any_job(tmp_path):
     assert not (tmp_path / "results").exists()
 
 
-# ---- one reduced run, end to end, in a copy of the repository -------------------------------
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    work = copy_repo(tmp_path_factory.mktemp("repo"), "tests/configs")
-    config = ["--configfile", "tests/configs/tiny.yaml"]
-    snakemake(*config, cwd=work)
-    return work, config
-
-
+# ---- one reduced run, end to end, in a copy of the repository (tiny_run in conftest.py) ----------
 def test_tiny_run_writes_the_report(tiny_run):
     work, _ = tiny_run
     report = work / "results/tiny/report"

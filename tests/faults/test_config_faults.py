@@ -94,7 +94,7 @@ def test_skipped_inconsistent_pairs_are_reported(tmp_path):
     assert planned_jobs(result.stdout)["lightning_opd"] == 2
 
 
-JSON_PARAMS = re.compile(r"^\s*(\w+)=(?:lambda w[^:]*: )?(?:js\(|opd_params|launch\(|tracking\()", re.MULTILINE)
+JSON_PARAMS = re.compile(r"^\s*(\w+)=(?:lambda w[^:]*: )?(?:js\(|opd_params|command\(|tracking\()", re.MULTILINE)
 
 
 def test_every_shell_value_is_quoted_once():

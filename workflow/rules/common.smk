@@ -1,9 +1,13 @@
-# Paths, model locations, code inputs and resources shared by all rules.
+# Paths, model locations, the rule table (module and kind of resources of every rule),
+# code inputs and resources shared by all rules.
+import ast
 import itertools
 import json
 import os
+import re
 import shlex
 from pathlib import Path
+from typing import NamedTuple
 
 from snakemake.exceptions import WorkflowError
 
@@ -14,15 +18,125 @@ PKG = SRC / "lightning_opd"
 # without `pip install -e .`, locally, in conda envs and in SLURM jobs alike.
 os.environ.update(PYTHONPATH=os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")])))
 
-# Every module a stage imports from the package; listed as inputs so that an
-# edit of the code reruns the stage (Snakemake does not see it otherwise).
-SHARED_CODE = ["__init__.py", "artifacts.py", "hparams.py", "provenance.py", "modeling.py"]
-TRAIN_CODE = ["training.py", "launch.py"]
-BACKEND_CODE = ["backends/__init__.py", "backends/base.py", "backends/hf.py", "backends/vllm.py", "sampling.py"]
+
+# ---- the table of rules: for each, the module of the package it runs (through the
+# multi-process launcher for training) and its kind of resources (`resources.<kind>` of the
+# config), written once. The command, code inputs, threads and resources of a rule and the
+# report's device counts all come from here.
+class Stage(NamedTuple):
+    runs: str  # the module, lightning_opd.<runs>
+    kind: str
+    launched: bool = False
 
 
-def code(*modules):
-    return [os.path.relpath(PKG / m) for m in (*modules, *SHARED_CODE)]
+KINDS = ("light", "pretrain", "generate", "train", "evaluate")
+STAGES = {
+    "task_data": Stage("task_data", "light"),
+    "prepare_data": Stage("prepare_data", "light"),
+    "tokenizer": Stage("build_tokenizer", "light"),
+    "pretrain_teacher": Stage("pretrain", "pretrain", launched=True),
+    "pretrain_student_base": Stage("pretrain", "pretrain", launched=True),
+    "sft_data": Stage("generate", "generate"),
+    "sft": Stage("sft", "train", launched=True),
+    "rollouts": Stage("generate", "generate"),
+    "teacher_cache": Stage("teacher_cache", "generate"),
+    "lightning_opd": Stage("lightning_opd", "train", launched=True),
+    "standard_opd": Stage("standard_opd", "train", launched=True),
+    "evaluate": Stage("evaluate", "evaluate"),
+    "report": Stage("report", "light"),
+    # a generation stage split over jobs: the job that joins the parts (gather.smk)
+    "sft_data_gather": Stage("shards", "light"),
+    "rollouts_gather": Stage("shards", "light"),
+    "teacher_cache_gather": Stage("shards", "light"),
+}
+if unknown := {name: s.kind for name, s in STAGES.items() if s.kind not in KINDS}:
+    raise WorkflowError(f"STAGES in workflow/rules/common.smk: unknown kind(s) {unknown}; the kinds are {KINDS}")
+
+
+def stage(name):
+    if name not in STAGES:
+        raise WorkflowError(f"no entry for the rule {name!r} in STAGES of workflow/rules/common.smk; add the "
+                            f"module it runs and its kind of resources, one of {KINDS}")
+    return STAGES[name]
+
+
+def check_stage_table(rules):
+    """Every rule but the target rule `all` runs a module of the table."""
+    missing = sorted(r.name for r in rules if r.name != "all" and r.name not in STAGES)
+    if missing:
+        raise WorkflowError(f"rule(s) {missing} have no entry in STAGES (workflow/rules/common.smk): add the "
+                            f"module each runs and its kind of resources, one of {KINDS}")
+
+
+# ---- code inputs: the package files a rule's module imports, followed transitively; inputs
+# so that an edit of the code reruns the rule (Snakemake does not see it otherwise)
+def package_file(name):
+    """The file of module or package `name` (dotted, e.g. lightning_opd.backends.hf), or None
+    for a name that is not a module (e.g. a function imported from one)."""
+    base = SRC.joinpath(*name.split("."))
+    return next((p for p in (base.with_suffix(".py"), base / "__init__.py") if p.is_file()), None)
+
+
+def imported_names(path, name):
+    """Absolute names that module `name` (at `path`) imports anywhere, also inside functions.
+    `from a import b` gives `a` and `a.b`, since b may be a module."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            parent = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+            source = ".".join([*parent, *([node.module] if node.module else [])])
+            yield source
+            yield from (f"{source}.{alias.name}" for alias in node.names)
+
+
+def import_closure(*modules):
+    """The package files that `python -m lightning_opd.<module>` may import: the modules, the
+    packages above them (their `__init__.py`) and, transitively, what those import."""
+    todo = [f"lightning_opd.{m}" for m in modules]
+    found = {}
+    while todo:
+        parts = todo.pop().split(".")
+        if parts[0] != "lightning_opd":
+            continue
+        for i in range(1, len(parts) + 1):  # importing a.b.c runs a and a.b first
+            name = ".".join(parts[:i])
+            if name not in found and (path := package_file(name)):
+                found[name] = path
+                todo.extend(imported_names(path, name))
+    return sorted(os.path.relpath(p) for p in found.values())
+
+
+def task_code(task_yaml):
+    """The Python an lm-eval task file calls (`!function module.function`): a file beside it, or a
+    module of this package with what it imports."""
+    files = set()
+    for module in re.findall(r"!function\s+([\w.]+)\.\w+", Path(task_yaml).read_text()):
+        beside = Path(task_yaml).parent.joinpath(*module.split(".")).with_suffix(".py")
+        if beside.is_file():
+            files.add(os.path.relpath(beside))
+        elif module.startswith("lightning_opd."):
+            files.update(import_closure(module.removeprefix("lightning_opd.")))
+    return sorted(files)
+
+
+def code_inputs(name):
+    s = stage(name)
+    return import_closure(s.runs, *(["launch"] if s.launched else []))
+
+
+def command(name):
+    """The command that starts a rule's module, `python -m lightning_opd.<module>`; for training
+    through the launcher (one process, or torchrun with one process per GPU or `processes`,
+    across the job's nodes with srun)."""
+    s = stage(name)
+    if not s.launched:
+        return f"python -m lightning_opd.{s.runs}"
+    r = res(s.kind)
+    processes = r.get("processes") or r["gpus"] or 1
+    return (f"python -m lightning_opd.launch --nproc-per-node {processes} --nnodes {r.get('nodes', 1)} "
+            f"lightning_opd.{s.runs}")
 
 
 def js(obj):
@@ -50,15 +164,19 @@ def tracking(stage, label):
 LIGHT = {"gpus": 0, "cpus": 1, "mem_mb": 4000, "runtime": 60}
 
 
-def res(stage):
+def res(kind):
     """Resources of a kind of rule: the config's `resources.default` updated by
     `resources.<kind>`; the `light` kind starts from LIGHT instead."""
-    base = LIGHT if stage == "light" else config["resources"]["default"]
-    return {**base, **config["resources"].get(stage, {})}
+    base = LIGHT if kind == "light" else config["resources"]["default"]
+    return {**base, **config["resources"].get(kind, {})}
 
 
-def stage_resources(stage):
-    r = res(stage)
+def rule_threads(name):
+    return res(stage(name).kind)["cpus"]
+
+
+def rule_resources(name):
+    r = res(stage(name).kind)
     nodes = r.get("nodes", 1)
     out = {"mem_mb": r["mem_mb"], "runtime": r["runtime"], "cpus_per_task": r["cpus"]}
     if r["gpus"]:
@@ -68,26 +186,18 @@ def stage_resources(stage):
     return out
 
 
-def launch(stage):
-    """How a training stage starts its module: one process, or torchrun with one
-    process per GPU (or `processes`), across the job's nodes with srun."""
-    r = res(stage)
-    processes = r.get("processes") or r["gpus"] or 1
-    return f"python -m lightning_opd.launch --nproc-per-node {processes} --nnodes {r.get('nodes', 1)}"
-
-
-def devices(stage):
-    """Devices a stage holds, for device-hours: GPUs if it has any, else CPU cores."""
-    r = res(stage)
+def devices(name):
+    """Devices a rule's job holds, for device-hours: GPUs if it has any, else CPU cores."""
+    r = res(stage(name).kind)
     return (r["gpus"] or r["cpus"]) * r.get("nodes", 1)
 
 
-def bench(stage, pattern=""):
-    return f"{R}/benchmarks/{stage}/{pattern or stage}.tsv"
+def bench(name, pattern=""):
+    return f"{R}/benchmarks/{name}/{pattern or name}.tsv"
 
 
-def logfile(stage, pattern=""):
-    return f"{R}/logs/{stage}/{pattern or stage}.log"
+def logfile(name, pattern=""):
+    return f"{R}/logs/{name}/{pattern or name}.log"
 
 
 # ---- models: built by this pipeline (a path under R) or given (hub id / path)
@@ -214,17 +324,8 @@ def opd_params(w):
 
 
 # ---- the report's manifest: models, their evaluations and the stages that made them
-def stage_entry(stage, pattern):
-    return {"stage": stage, "benchmark": bench(stage, pattern), "devices": devices(stage_kind(stage))}
-
-
-def stage_kind(stage):
-    """Which `resources` entry a rule uses."""
-    return {"pretrain_teacher": "pretrain", "pretrain_student_base": "pretrain", "sft_data": "generate",
-            "rollouts": "generate", "teacher_cache": "generate", "sft": "train", "lightning_opd": "train",
-            "standard_opd": "train", "evaluate": "evaluate", "task_data": "light", "prepare_data": "light",
-            "tokenizer": "light", "report": "light", "sft_data_gather": "light", "rollouts_gather": "light",
-            "teacher_cache_gather": "light"}.get(stage, "default")
+def stage_entry(name, pattern):
+    return {"stage": name, "benchmark": bench(name, pattern), "devices": devices(name)}
 
 
 def report_manifest():

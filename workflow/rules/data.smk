@@ -6,12 +6,13 @@ if "data" in config:
     rule prepare_data:
         input:
             local=lambda w: [p for p in [config["data"][w.split]["source"]] if os.path.isfile(p)],
-            code=code("prepare_data.py"),
+            code=code_inputs("prepare_data"),
         output:
             f"{R}/data/{{split}}.parquet",
         wildcard_constraints:
             split="sft|opd|eval",
         params:
+            cmd=command("prepare_data"),
             source=lambda w: config["data"][w.split]["source"],
             hf_split=lambda w: config["data"][w.split].get("split", "train"),
             problem=lambda w: config["data"][w.split]["problem_field"],
@@ -22,13 +23,13 @@ if "data" in config:
             logfile("prepare_data", "{split}"),
         benchmark:
             bench("prepare_data", "{split}")
-        threads: res("light")["cpus"]
+        threads: rule_threads("prepare_data")
         resources:
-            **stage_resources("light"),
+            **rule_resources("prepare_data"),
         conda:
             "../envs/train.yaml"
         shell:
-            "python -m lightning_opd.prepare_data --source {params.source:q} --split {params.hf_split:q} "
+            "{params.cmd} --source {params.source:q} --split {params.hf_split:q} "
             "--problem-field {params.problem:q} {params.answer:q} {params.limit:q} --name {wildcards.split:q} "
             "--out {output:q} > {log:q} 2>&1"
 
@@ -37,42 +38,44 @@ else:
 
     rule task_data:
         input:
-            code=code("task_data.py", "task.py"),
+            code=code_inputs("task_data"),
         output:
             expand("{R}/data/{split}.parquet", R=R, split=["teacher", "sft", "opd", "eval"]),
         params:
+            cmd=command("task_data"),
             task=js(config["task"]),
             out_dir=lambda w, output: os.path.dirname(output[0]),
         log:
             logfile("task_data"),
         benchmark:
             bench("task_data")
-        threads: res("light")["cpus"]
+        threads: rule_threads("task_data")
         resources:
-            **stage_resources("light"),
+            **rule_resources("task_data"),
         conda:
             "../envs/gen.yaml"
         shell:
-            "python -m lightning_opd.task_data --out-dir {params.out_dir:q} --hparams {params.task} > {log:q} 2>&1"
+            "{params.cmd} --out-dir {params.out_dir:q} --hparams {params.task} > {log:q} 2>&1"
 
 
 rule tokenizer:
     input:
         task=f"{R}/data/teacher.parquet",
-        code=code("build_tokenizer.py", "task.py"),
+        code=code_inputs("tokenizer"),
     output:
         directory(f"{R}/models/tokenizer"),
     params:
+        cmd=command("tokenizer"),
         vocab_size=lambda w: config["tokenizer"]["build"]["vocab_size"],
     log:
         logfile("tokenizer"),
     benchmark:
         bench("tokenizer")
-    threads: res("light")["cpus"]
+    threads: rule_threads("tokenizer")
     resources:
-        **stage_resources("light"),
+        **rule_resources("tokenizer"),
     conda:
         "../envs/train.yaml"
     shell:
-        "python -m lightning_opd.build_tokenizer --task-files {input.task:q} "
+        "{params.cmd} --task-files {input.task:q} "
         "--vocab-size {params.vocab_size:q} --out {output:q} > {log:q} 2>&1"

@@ -9,22 +9,19 @@ if not EVAL_TASK.is_file():
     raise WorkflowError(f"eval.task {EVAL_TASK_NAME!r}: {EVAL_TASK} not found (give a task of "
                         f"{PKG / 'lm_eval_tasks'} by name, or a path to a task yaml)")
 
-# The Python beside the task file and the shared checker: inputs, so that an edit reruns evaluation.
-EVAL_TASK_CODE = sorted({os.path.relpath(p) for p in [*EVAL_TASK.parent.glob("*.py"),
-                                                      PKG / "lm_eval_tasks/answer_check.py"]})
-
 
 rule evaluate:
     input:
         model=lambda w: built(eval_model_path(w.model)),
         eval_file=f"{R}/data/eval.parquet",
         task=os.path.relpath(EVAL_TASK),
-        task_code=EVAL_TASK_CODE,
-        code=code("evaluate.py"),
+        task_code=task_code(EVAL_TASK),
+        code=code_inputs("evaluate"),
     output:
         summary=f"{R}/eval/{{model}}.json",
         samples=f"{R}/eval/{{model}}.samples.jsonl",
     params:
+        cmd=command("evaluate"),
         model=lambda w: eval_model_path(w.model),
         k=config["eval"]["k"],
         temperature=config["eval"]["temperature"],
@@ -41,13 +38,13 @@ rule evaluate:
         logfile("evaluate", "{model}"),
     benchmark:
         bench("evaluate", "{model}")
-    threads: res("evaluate")["cpus"]
+    threads: rule_threads("evaluate")
     resources:
-        **stage_resources("evaluate"),
+        **rule_resources("evaluate"),
     conda:
         "../envs/eval.yaml"
     shell:
-        "python -m lightning_opd.evaluate --model {params.model:q} --eval-file {input.eval_file:q} "
+        "{params.cmd} --model {params.model:q} --eval-file {input.eval_file:q} "
         "--out {output.summary:q} --k {params.k:q} --temperature {params.temperature:q} --top-p {params.top_p:q} "
         "--max-gen-toks {params.max_gen_toks:q} --backend {params.backend:q} --batch-size {params.batch_size:q} "
         "--seed {params.seed:q} --label {wildcards.model:q} --task-yaml {input.task:q} "

@@ -12,20 +12,21 @@ for stage, (artifact, schema, job) in GEN_ARTIFACTS.items():
         input:
             parts=lambda w, stage=stage, artifact=artifact: getattr(gather, stage)(
                 gen_output(stage, artifact), **dict(w.items())),
-            code=code("shards.py"),
+            code=code_inputs(f"{stage}_gather"),
         output:
             artifact,
         params:
+            cmd=command(f"{stage}_gather"),
             schema=schema,
         log:
             logfile(f"{stage}_gather", job),
         benchmark:
             bench(f"{stage}_gather", job)
-        threads: res("light")["cpus"]
+        threads: rule_threads(f"{stage}_gather")
         resources:
-            **stage_resources("light"),
+            **rule_resources(f"{stage}_gather"),
         conda:
             "../envs/gen.yaml"
         shell:
-            "python -m lightning_opd.shards --gather {input.parts:q} --schema {params.schema:q} --out {output:q} "
+            "{params.cmd} --gather {input.parts:q} --schema {params.schema:q} --out {output:q} "
             "2>&1 | tee {log:q}"

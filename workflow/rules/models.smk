@@ -6,7 +6,7 @@ rule pretrain_teacher:
     input:
         tokenizer=tokenizer_path(),
         task=f"{R}/data/teacher.parquet",
-        code=code("pretrain.py", "task.py", *TRAIN_CODE),
+        code=code_inputs("pretrain_teacher"),
     output:
         directory(f"{R}/models/teacher-{{teacher}}"),
     params:
@@ -14,19 +14,19 @@ rule pretrain_teacher:
         arch=lambda w: js(config["teachers"][w.teacher]["build"]["arch"]),
         train=lambda w: js(config["teachers"][w.teacher]["build"]["train"]),
         ckpt=f"{R}/checkpoints/pretrain_teacher",
-        launch=launch("pretrain"),
+        cmd=command("pretrain_teacher"),
         tracking=lambda w: tracking("pretrain_teacher", f"teacher-{w.teacher}"),
     log:
         logfile("pretrain_teacher", "{teacher}"),
     benchmark:
         bench("pretrain_teacher", "{teacher}")
-    threads: res("pretrain")["cpus"]
+    threads: rule_threads("pretrain_teacher")
     resources:
-        **stage_resources("pretrain"),
+        **rule_resources("pretrain_teacher"),
     conda:
         "../envs/train.yaml"
     shell:
-        "{params.launch} lightning_opd.pretrain --tokenizer {input.tokenizer:q} --task-file {input.task:q} "
+        "{params.cmd} --tokenizer {input.tokenizer:q} --task-file {input.task:q} "
         "--corpus solutions --style {params.style:q} --arch {params.arch} --train {params.train} "
         "--label {wildcards.teacher:q} --out {output:q} --checkpoint-root {params.ckpt:q} --tracking {params.tracking} "
         "2>&1 | tee {log:q}"
@@ -36,7 +36,7 @@ rule pretrain_student_base:
     input:
         tokenizer=tokenizer_path(),
         task=f"{R}/data/teacher.parquet",
-        code=code("pretrain.py", "task.py", *TRAIN_CODE),
+        code=code_inputs("pretrain_student_base"),
     output:
         directory(f"{R}/models/student_base"),
     params:
@@ -44,19 +44,19 @@ rule pretrain_student_base:
         arch=js(config["student_base"].get("build", {}).get("arch")),
         train=js(config["student_base"].get("build", {}).get("train")),
         ckpt=f"{R}/checkpoints/pretrain_student_base",
-        launch=launch("pretrain"),
+        cmd=command("pretrain_student_base"),
         tracking=tracking("pretrain_student_base", "student_base"),
     log:
         logfile("pretrain_student_base"),
     benchmark:
         bench("pretrain_student_base")
-    threads: res("pretrain")["cpus"]
+    threads: rule_threads("pretrain_student_base")
     resources:
-        **stage_resources("pretrain"),
+        **rule_resources("pretrain_student_base"),
     conda:
         "../envs/train.yaml"
     shell:
-        "{params.launch} lightning_opd.pretrain --tokenizer {input.tokenizer:q} --task-file {input.task:q} "
+        "{params.cmd} --tokenizer {input.tokenizer:q} --task-file {input.task:q} "
         "--corpus {params.corpus:q} --arch {params.arch} --train {params.train} "
         "--label student_base --out {output:q} --checkpoint-root {params.ckpt:q} --tracking {params.tracking} "
         "2>&1 | tee {log:q}"

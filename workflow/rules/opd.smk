@@ -7,10 +7,11 @@ rule rollouts:
     input:
         policy=f"{R}/models/sft-{{sft_teacher}}",
         prompts=f"{R}/data/opd.parquet",
-        code=code("generate.py", "shards.py", *BACKEND_CODE),
+        code=code_inputs("rollouts"),
     output:
         gen_output("rollouts", GEN_ARTIFACTS["rollouts"][0]),
     params:
+        cmd=command("rollouts"),
         backend=config["generation"]["backend"],
         backend_options=js(gen_option("rollouts", "backend_options")),
         sampling=js(config["rollouts"]["sampling"]),
@@ -24,13 +25,13 @@ rule rollouts:
         logfile("rollouts", gen_job("rollouts", "{sft_teacher}")),
     benchmark:
         bench("rollouts", gen_job("rollouts", "{sft_teacher}"))
-    threads: res("generate")["cpus"]
+    threads: rule_threads("rollouts")
     resources:
-        **stage_resources("generate"),
+        **rule_resources("rollouts"),
     conda:
         "../envs/gen.yaml"
     shell:
-        "python -m lightning_opd.generate --model {input.policy:q} --prompts {input.prompts:q} --out {output:q} "
+        "{params.cmd} --model {input.policy:q} --prompts {input.prompts:q} --out {output:q} "
         "--label sft-{wildcards.sft_teacher:q} --backend {params.backend:q} "
         "--backend-options {params.backend_options} --sampling {params.sampling} "
         "--prompt-template {params.template:q} --chat-template-kwargs {params.chat_template} "
@@ -42,10 +43,11 @@ rule teacher_cache:
     input:
         teacher=lambda w: built(teacher_path(w.opd_teacher)),
         rollouts=GEN_ARTIFACTS["rollouts"][0],
-        code=code("teacher_cache.py", "shards.py", *BACKEND_CODE),
+        code=code_inputs("teacher_cache"),
     output:
         gen_output("teacher_cache", GEN_ARTIFACTS["teacher_cache"][0]),
     params:
+        cmd=command("teacher_cache"),
         model=lambda w: teacher_path(w.opd_teacher),
         backend=config["teacher_cache"]["backend"],
         backend_options=js(config["teacher_cache"]["backend_options"]),
@@ -59,13 +61,13 @@ rule teacher_cache:
         logfile("teacher_cache", gen_job("teacher_cache", "sft-{sft_teacher}_teacher-{opd_teacher}")),
     benchmark:
         bench("teacher_cache", gen_job("teacher_cache", "sft-{sft_teacher}_teacher-{opd_teacher}"))
-    threads: res("generate")["cpus"]
+    threads: rule_threads("teacher_cache")
     resources:
-        **stage_resources("generate"),
+        **rule_resources("teacher_cache"),
     conda:
         "../envs/gen.yaml"
     shell:
-        "python -m lightning_opd.teacher_cache --teacher {params.model:q} --rollouts {input.rollouts:q} "
+        "{params.cmd} --teacher {params.model:q} --rollouts {input.rollouts:q} "
         "--out {output:q} --label {wildcards.opd_teacher:q} --backend {params.backend:q} "
         "--backend-options {params.backend_options} --max-response-tokens {params.max_tokens:q} "
         "--temperature {params.temperature:q} --shard-size {params.shard_size:q} "
@@ -77,13 +79,13 @@ rule lightning_opd:
         init=f"{R}/models/sft-{{sft_teacher}}",
         cache=f"{R}/cache/sft-{{sft_teacher}}_teacher-{{opd_teacher}}.parquet",
         drift_prompts=f"{R}/data/eval.parquet",
-        code=code("lightning_opd.py", "opd_trainer.py", "opd_loss.py", "backends/hf.py", "sampling.py", *TRAIN_CODE),
+        code=code_inputs("lightning_opd"),
     output:
         directory(f"{R}/models/lightning-sft-{{sft_teacher}}_teacher-{{opd_teacher}}_seed-{{seed}}"),
     params:
         opd=opd_params,
         ckpt=f"{R}/checkpoints/lightning_opd",
-        launch=launch("train"),
+        cmd=command("lightning_opd"),
         tracking=lambda w: tracking("lightning_opd", opd_label("lightning", w.sft_teacher, w.opd_teacher, w.seed)),
         drift_n=config["opd_drift"]["n_prompts"],
         drift_tokens=config["opd_drift"]["max_new_tokens"],
@@ -91,13 +93,13 @@ rule lightning_opd:
         logfile("lightning_opd", "sft-{sft_teacher}_teacher-{opd_teacher}_seed-{seed}"),
     benchmark:
         bench("lightning_opd", "sft-{sft_teacher}_teacher-{opd_teacher}_seed-{seed}")
-    threads: res("train")["cpus"]
+    threads: rule_threads("lightning_opd")
     resources:
-        **stage_resources("train"),
+        **rule_resources("lightning_opd"),
     conda:
         "../envs/train.yaml"
     shell:
-        "{params.launch} lightning_opd.lightning_opd --init {input.init:q} --cache {input.cache:q} --opd {params.opd} "
+        "{params.cmd} --init {input.init:q} --cache {input.cache:q} --opd {params.opd} "
         "--out {output:q} --checkpoint-root {params.ckpt:q} --drift-prompts {input.drift_prompts:q} "
         "--drift-n {params.drift_n:q} --drift-max-new-tokens {params.drift_tokens:q} --tracking {params.tracking} "
         "2>&1 | tee {log:q}"
@@ -109,7 +111,7 @@ rule standard_opd:
         teacher=lambda w: built(teacher_path(w.opd_teacher)),
         prompts=f"{R}/data/opd.parquet",
         drift_prompts=f"{R}/data/eval.parquet",
-        code=code("standard_opd.py", "opd_trainer.py", "opd_loss.py", "backends/hf.py", "sampling.py", *TRAIN_CODE),
+        code=code_inputs("standard_opd"),
     output:
         directory(f"{R}/models/standard-sft-{{sft_teacher}}_teacher-{{opd_teacher}}_seed-{{seed}}"),
     params:
@@ -119,7 +121,7 @@ rule standard_opd:
         template=lambda w: config["prompt_template"],
         chat_template=js(config["chat_template_kwargs"]),
         ckpt=f"{R}/checkpoints/standard_opd",
-        launch=launch("train"),
+        cmd=command("standard_opd"),
         tracking=lambda w: tracking("standard_opd", opd_label("standard", w.sft_teacher, w.opd_teacher, w.seed)),
         drift_n=config["opd_drift"]["n_prompts"],
         drift_tokens=config["opd_drift"]["max_new_tokens"],
@@ -127,13 +129,13 @@ rule standard_opd:
         logfile("standard_opd", "sft-{sft_teacher}_teacher-{opd_teacher}_seed-{seed}"),
     benchmark:
         bench("standard_opd", "sft-{sft_teacher}_teacher-{opd_teacher}_seed-{seed}")
-    threads: res("train")["cpus"]
+    threads: rule_threads("standard_opd")
     resources:
-        **stage_resources("train"),
+        **rule_resources("standard_opd"),
     conda:
         "../envs/train.yaml"
     shell:
-        "{params.launch} lightning_opd.standard_opd --init {input.init:q} --teacher {params.teacher:q} "
+        "{params.cmd} --init {input.init:q} --teacher {params.teacher:q} "
         "--teacher-label {wildcards.opd_teacher:q} --prompts {input.prompts:q} --opd {params.opd} "
         "--sampling {params.sampling} --prompt-template {params.template:q} "
         "--chat-template-kwargs {params.chat_template} --out {output:q} "

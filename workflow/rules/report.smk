@@ -6,7 +6,7 @@ rule report:
     input:
         evals=expand("{R}/eval/{model}.json", R=R, model=eval_labels()),
         opd_models=[f"{R}/models/{label}" for label in opd_labels()],
-        code=code("report.py"),
+        code=code_inputs("report"),
     output:
         table_md=f"{R}/report/table.md",
         table_csv=f"{R}/report/table.csv",
@@ -16,17 +16,18 @@ rule report:
         curve=f"{R}/report/opd_training_curve.png",
         cost_plot=f"{R}/report/accuracy_vs_cost.png",
     params:
+        cmd=command("report"),
         manifest=js(report_manifest()),
         out_dir=lambda w, output: os.path.dirname(output.table_md),
     log:
         logfile("report"),
     benchmark:
         bench("report")
-    threads: res("light")["cpus"]
+    threads: rule_threads("report")
     resources:
-        **stage_resources("light"),
+        **rule_resources("report"),
     conda:
         "../envs/report.yaml"
     shell:
-        "python -m lightning_opd.report --manifest {params.manifest} --out-dir {params.out_dir:q} > {log:q} 2>&1 "
+        "{params.cmd} --manifest {params.manifest} --out-dir {params.out_dir:q} > {log:q} 2>&1 "
         "&& cat {output.table_md:q}"

@@ -5,10 +5,11 @@ rule sft_data:
     input:
         teacher=lambda w: built(teacher_path(w.teacher)),
         prompts=f"{R}/data/sft.parquet",
-        code=code("generate.py", "shards.py", *BACKEND_CODE),
+        code=code_inputs("sft_data"),
     output:
         gen_output("sft_data", GEN_ARTIFACTS["sft_data"][0]),
     params:
+        cmd=command("sft_data"),
         model=lambda w: teacher_path(w.teacher),
         backend=config["generation"]["backend"],
         backend_options=js(gen_option("sft_data", "backend_options")),
@@ -23,13 +24,13 @@ rule sft_data:
         logfile("sft_data", gen_job("sft_data", "{teacher}")),
     benchmark:
         bench("sft_data", gen_job("sft_data", "{teacher}"))
-    threads: res("generate")["cpus"]
+    threads: rule_threads("sft_data")
     resources:
-        **stage_resources("generate"),
+        **rule_resources("sft_data"),
     conda:
         "../envs/gen.yaml"
     shell:
-        "python -m lightning_opd.generate --model {params.model:q} --prompts {input.prompts:q} --out {output:q} "
+        "{params.cmd} --model {params.model:q} --prompts {input.prompts:q} --out {output:q} "
         "--label {wildcards.teacher:q} --backend {params.backend:q} --backend-options {params.backend_options} "
         "--sampling {params.sampling} --prompt-template {params.template:q} "
         "--chat-template-kwargs {params.chat_template} --shard-size {params.shard_size:q} "
@@ -40,7 +41,7 @@ rule sft:
     input:
         base=built(student_base_path()),
         sft_data=f"{R}/sft_data/teacher-{{sft_teacher}}.parquet",
-        code=code("sft.py", *TRAIN_CODE),
+        code=code_inputs("sft"),
     output:
         directory(f"{R}/models/sft-{{sft_teacher}}"),
     params:
@@ -48,17 +49,17 @@ rule sft:
         train=js(config["sft"]["train"]),
         keep_unfinished=["--keep-unfinished"] if config["sft"]["keep_unfinished"] else [],
         ckpt=f"{R}/checkpoints/sft",
-        launch=launch("train"),
+        cmd=command("sft"),
         tracking=lambda w: tracking("sft", f"sft-{w.sft_teacher}"),
     log:
         logfile("sft", "{sft_teacher}"),
     benchmark:
         bench("sft", "{sft_teacher}")
-    threads: res("train")["cpus"]
+    threads: rule_threads("sft")
     resources:
-        **stage_resources("train"),
+        **rule_resources("sft"),
     conda:
         "../envs/train.yaml"
     shell:
-        "{params.launch} lightning_opd.sft --base {params.base:q} --sft-data {input.sft_data:q} --train {params.train} {params.keep_unfinished:q} "
+        "{params.cmd} --base {params.base:q} --sft-data {input.sft_data:q} --train {params.train} {params.keep_unfinished:q} "
         "--out {output:q} --checkpoint-root {params.ckpt:q} --tracking {params.tracking} 2>&1 | tee {log:q}"

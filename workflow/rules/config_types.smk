@@ -1,0 +1,59 @@
+# Numbers, booleans and null written as strings where the config schema asks for them are
+# read as such before validation: Snakemake passes the values of a nested
+# `--config 'key={...}'` as strings, and YAML 1.1 (PyYAML) reads `1e-5`, without a dot,
+# as a string.
+import re
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+INTEGER = re.compile(r"[+-]?\d+")
+NOT_TYPED = object()
+
+
+def typed_value(text, types):
+    """`text` read as the first of the JSON-schema `types` it fits, else NOT_TYPED."""
+    text = text.strip()
+    for kind in [types] if isinstance(types, str) else types:
+        if kind in ("number", "integer") and NUMBER.fullmatch(text):
+            value = int(text) if INTEGER.fullmatch(text) else float(text)
+            if kind == "number":
+                return value
+            if float(value).is_integer():
+                return int(value)
+        elif kind == "boolean" and text.lower() in ("true", "false"):
+            return text.lower() == "true"
+        elif kind == "null" and text.lower() in ("null", "~", ""):
+            return None
+    return NOT_TYPED
+
+
+def string_type_errors(errors):
+    """The schema's complaints that a string stands where another type belongs, also those
+    nested under allOf/oneOf."""
+    for error in errors:
+        if error.validator == "type" and isinstance(error.instance, str):
+            yield error
+        yield from string_type_errors(error.context)
+
+
+def coerce_config_types(config, schema_file):
+    """Replaces, in place, every string of `config` that stands where the schema wants a number,
+    integer, boolean or null and reads as one; anything else is left for validate() to refuse."""
+    schema = yaml.safe_load(Path(schema_file).read_text())
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    changed = True
+    while changed:  # a fixed value can uncover errors deeper down (e.g. under oneOf)
+        changed = False
+        for error in list(string_type_errors(validator.iter_errors(config))):
+            value = typed_value(error.instance, error.validator_value)
+            *parents, key = error.absolute_path
+            parent = config
+            for step in parents:
+                parent = parent[step]
+            if value is not NOT_TYPED and isinstance(parent[key], str):
+                parent[key] = value
+                changed = True
+    return config
