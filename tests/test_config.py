@@ -1,0 +1,92 @@
+"""The config as a user gives it: every key of the schema documented in config/README.md, and
+numbers in scientific notation accepted from config files and from nested `--config` values
+(which Snakemake passes as strings)."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import yaml
+from test_pipeline import REPO, planned_jobs, snakemake
+
+SCHEMA = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())
+README = (REPO / "config/README.md").read_text()
+
+
+def schema_keys(node) -> set[str]:
+    """Every property name anywhere in the schema, $defs included."""
+    keys = set()
+    if isinstance(node, dict):
+        keys |= set(node.get("properties", {}))
+        for value in node.values():
+            keys |= schema_keys(value)
+    elif isinstance(node, list):
+        for value in node:
+            keys |= schema_keys(value)
+    return keys
+
+
+def schema_descriptions(node) -> list[str]:
+    if isinstance(node, dict):
+        found = [node["description"]] if isinstance(node.get("description"), str) else []
+        return found + [d for value in node.values() for d in schema_descriptions(value)]
+    if isinstance(node, list):
+        return [d for value in node for d in schema_descriptions(value)]
+    return []
+
+
+def test_readme_documents_every_config_key():
+    documented = set(re.findall(r"`([A-Za-z_][\w.]*)`", README))
+    documented |= {part for key in documented for part in key.split(".")}
+    missing = sorted(schema_keys(SCHEMA) - documented)
+    assert not missing, f"config/README.md does not document {missing}"
+
+
+def test_readme_agrees_with_the_schema_descriptions():
+    """What the schema says of a key is what the README says (word for word, up to markdown)."""
+    text = " ".join(README.replace("\\|", "|").replace("`", "").split())
+    differing = [d for d in schema_descriptions(SCHEMA) if " ".join(d.replace("`", "").split()) not in text]
+    assert not differing, f"schema descriptions not in config/README.md: {differing}"
+
+
+def opd_hyperparameters(dry_run_output: str) -> dict:
+    """The --opd JSON that the Lightning OPD job of a `snakemake -n -p` gets."""
+    command = next(line for line in dry_run_output.splitlines() if "lightning_opd.lightning_opd " in line)
+    return json.loads(re.search(r"--opd '([^']*)'", command).group(1))
+
+
+def test_scientific_notation_in_a_config_file(tmp_path):
+    # written by hand: YAML 1.1 reads 1e-5 (no dot) as the string "1e-5"
+    override = tmp_path / "o.yaml"
+    override.write_text(f"results_dir: {tmp_path / 'results'}\nlightning_opd: {{learning_rate: 1e-5, max_steps: 2e1}}\n")
+    assert yaml.safe_load(override.read_text())["lightning_opd"]["learning_rate"] == "1e-5"
+    opd = opd_hyperparameters(snakemake("-n", "-p", "--configfile", str(override)).stdout)
+    assert opd["learning_rate"] == 1e-5 and opd["max_steps"] == 20 and isinstance(opd["max_steps"], int)
+
+
+def test_scientific_notation_and_other_typed_values_in_nested_config(tmp_path):
+    result = snakemake("-n", "-p", "--config", f"results_dir={tmp_path / 'results'}",
+                       "lightning_opd={learning_rate: 2.0e-5, tau: null, packing: true, epochs: 3}")
+    opd = opd_hyperparameters(result.stdout)
+    assert opd["learning_rate"] == 2e-5 and opd["tau"] is None and opd["packing"] is True and opd["epochs"] == 3
+    assert opd["adam_beta2"] == 0.98  # the other keys of config/config.yaml stay
+    assert not (tmp_path / "results").exists()
+
+
+def test_a_nested_override_reruns_what_it_changes(tiny_run):
+    """The same value written as 1e-5 in --config and as 1.0e-5 in the config: nothing to do."""
+    work, config = tiny_run
+    assert planned_jobs(snakemake("-n", *config, "--config", "lightning_opd={learning_rate: 1e-5}", cwd=work).stdout) == {}
+
+
+@pytest.mark.parametrize("override, message, key", [
+    ("eval={k: 2.5}", "'2.5' is not of type 'integer'", "['eval']['k']"),
+    ("lightning_opd={learning_rate: 1e-5x}", "'1e-5x' is not of type 'number'", "['lightning_opd']['learning_rate']"),
+    ("sft={keep_unfinished: maybe}", "'maybe' is not of type 'boolean'", "['sft']['keep_unfinished']"),
+])
+def test_values_of_the_wrong_type_are_refused_with_the_key(override, message, key, tmp_path):
+    result = snakemake("-n", "--config", f"results_dir={tmp_path / 'results'}", override, check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "Error validating config file" in output and message in output and f"On instance{key}" in output
