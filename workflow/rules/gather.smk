@@ -2,29 +2,29 @@
 # rollouts or teacher_cache) runs as one job per part of its shards (the
 # stage's own rule with --part i-of-n) and this job, which joins the parts.
 
-for stage, (artifact, schema, job) in GEN_ARTIFACTS.items():
-    if not split(stage):
+for gen_stage, (artifact, schema, job) in GEN_ARTIFACTS.items():
+    if not split(gen_stage):
         continue
 
     rule:
         name:
-            f"{stage}_gather"
+            f"{gen_stage}_gather"
         input:
-            parts=lambda w, stage=stage, artifact=artifact: getattr(gather, stage)(
-                gen_output(stage, artifact), **dict(w.items())),
-            code=code_inputs(f"{stage}_gather"),
+            parts=lambda w, gen_stage=gen_stage, artifact=artifact: getattr(gather, gen_stage)(
+                gen_output(gen_stage, artifact), **dict(w.items())),
+            code=code_inputs(f"{gen_stage}_gather"),
         output:
             artifact,
         params:
-            cmd=command(f"{stage}_gather"),
+            cmd=command(f"{gen_stage}_gather"),
             schema=schema,
         log:
-            logfile(f"{stage}_gather", job),
+            logfile(f"{gen_stage}_gather", job),
         benchmark:
-            bench(f"{stage}_gather", job)
-        threads: rule_threads(f"{stage}_gather")
+            bench(f"{gen_stage}_gather", job)
+        threads: rule_threads(f"{gen_stage}_gather")
         resources:
-            **rule_resources(f"{stage}_gather"),
+            **rule_resources(f"{gen_stage}_gather"),
         conda:
             "../envs/gen.yaml"
         shell:
