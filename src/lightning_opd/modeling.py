@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, Qwen3Config
 
 from lightning_opd.hparams import ArchParams
+from lightning_opd.hub import split_revision
 
 DEFAULT_PROMPT_TEMPLATE = "{problem}"
 
@@ -26,7 +27,8 @@ def pick_device(device: str | None = None) -> torch.device:
 
 
 def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
+    repo, revision = split_revision(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(repo, revision=revision)
     if tokenizer.chat_template is None:
         raise ValueError(f"{name_or_path}: the tokenizer has no chat template")
     if tokenizer.pad_token_id is None:
@@ -35,7 +37,8 @@ def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
 
 
 def load_model(name_or_path: str | Path, dtype: str = "float32", device: str | None = None):
-    model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=getattr(torch, dtype))
+    repo, revision = split_revision(name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(repo, revision=revision, dtype=getattr(torch, dtype))
     return model.to(pick_device(device))
 
 

@@ -16,7 +16,7 @@ os.environ.update(PYTHONPATH=os.pathsep.join(filter(None, [str(SRC), os.environ.
 
 # Every module a stage imports from the package; listed as inputs so that an
 # edit of the code reruns the stage (Snakemake does not see it otherwise).
-SHARED_CODE = ["__init__.py", "artifacts.py", "hparams.py", "provenance.py", "modeling.py"]
+SHARED_CODE = ["__init__.py", "artifacts.py", "hparams.py", "provenance.py", "modeling.py", "hub.py"]
 TRAIN_CODE = ["training.py", "launch.py"]
 BACKEND_CODE = ["backends/__init__.py", "backends/base.py", "backends/hf.py", "backends/vllm.py", "sampling.py"]
 
@@ -92,7 +92,10 @@ def logfile(stage, pattern=""):
 
 # ---- models: built by this pipeline (a path under R) or given (hub id / path)
 def model_path(spec, built_at):
-    return built_at if "build" in spec else spec["path"]
+    """A built model's directory, or the given hub id / path (``org/name@revision`` with a revision)."""
+    if "build" in spec:
+        return built_at
+    return f"{spec['path']}@{spec['revision']}" if spec.get("revision") else spec["path"]
 
 
 def tokenizer_path():

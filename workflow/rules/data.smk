@@ -3,6 +3,14 @@
 
 if "data" in config:
 
+    def dataset_options(spec):
+        """The command-line options of a `data.<split>` entry, each value shell-quoted."""
+        flags = {"split": "--split", "revision": "--revision", "problem_field": "--problem-field",
+                 "problem_regex": "--problem-regex", "answer_field": "--answer-field", "seed": "--seed",
+                 "limit": "--limit"}
+        return " ".join(f"{flag} {shlex.quote(str(spec[key]))}" for key, flag in flags.items()
+                        if spec.get(key) is not None)
+
     rule prepare_data:
         input:
             local=lambda w: [p for p in [config["data"][w.split]["source"]] if os.path.isfile(p)],
@@ -12,13 +20,8 @@ if "data" in config:
         wildcard_constraints:
             split="sft|opd|eval",
         params:
-            source=lambda w: config["data"][w.split]["source"],
-            hf_split=lambda w: config["data"][w.split].get("split", "train"),
-            problem=lambda w: config["data"][w.split]["problem_field"],
-            answer=lambda w: (f"--answer-field {config['data'][w.split]['answer_field']}"
-                              if config["data"][w.split].get("answer_field") else ""),
-            limit=lambda w: (f"--limit {config['data'][w.split]['limit']}"
-                             if config["data"][w.split].get("limit") else ""),
+            source=lambda w: shlex.quote(config["data"][w.split]["source"]),
+            options=lambda w: dataset_options(config["data"][w.split]),
         log:
             logfile("prepare_data", "{split}"),
         benchmark:
@@ -29,9 +32,8 @@ if "data" in config:
         conda:
             "../envs/train.yaml"
         shell:
-            "python -m lightning_opd.prepare_data --source {params.source} --split {params.hf_split} "
-            "--problem-field {params.problem} {params.answer} {params.limit} --name {wildcards.split} "
-            "--out {output} > {log} 2>&1"
+            "python -m lightning_opd.prepare_data --source {params.source} {params.options} "
+            "--name {wildcards.split} --out {output} > {log} 2>&1"
 
 
 else:

@@ -15,7 +15,10 @@ class VLLMBackend(Backend):
                  dtype: str = "auto", max_model_len: int | None = None, seed: int = 0, **engine_options):
         from vllm import LLM
 
-        self.llm = LLM(model=model, tensor_parallel_size=tensor_parallel_size,
+        from lightning_opd.hub import split_revision
+
+        model, revision = split_revision(model)
+        self.llm = LLM(model=model, revision=revision, tokenizer_revision=revision, tensor_parallel_size=tensor_parallel_size,
                        gpu_memory_utilization=gpu_memory_utilization, dtype=dtype,
                        max_model_len=max_model_len, seed=seed, **engine_options)
 
