@@ -54,7 +54,7 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, problem: str, template: str =
     """Token ids of a user turn holding the problem, ending where the assistant
     answers; ``chat_template_kwargs`` go to the template (e.g. Qwen3's
     ``enable_thinking``). Every stage that renders a prompt comes here."""
-    messages = [{"role": "user", "content": template.format(problem=problem)}]
+    messages = [{"role": "user", "content": template.replace("{problem}", problem)}]
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
                                          **(chat_template_kwargs or {}))
     return tokenizer(text, add_special_tokens=False)["input_ids"]

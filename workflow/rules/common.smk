@@ -212,3 +212,29 @@ wildcard_constraints:
     opd_teacher="[A-Za-z0-9]+",
     seed="[0-9]+",
     model="[A-Za-z0-9_\\-]+",
+
+
+# ---- the planner: every run (dry runs included) prints its per-stage prediction, and a config that
+# cannot fit the declared memory is refused before anything runs
+def plan_or_refuse():
+    import sys
+
+    from snakemake.exceptions import WorkflowError
+
+    sys.path.insert(0, str(SRC))
+    from lightning_opd.plan import PlanError, check, plan, report
+
+    try:
+        plans = plan(config)
+    except PlanError as error:  # a model the planner cannot size: say so, do not refuse
+        print(f"plan: not planned: {error}", file=sys.stderr)
+        return
+    print(report(plans), file=sys.stderr)  # at parse time: whether this is a dry run is not known yet
+    try:
+        check(plans, f"experiment {config['experiment']}")
+    except PlanError as error:
+        raise WorkflowError(str(error))
+
+
+if workflow.is_main_process:
+    plan_or_refuse()
