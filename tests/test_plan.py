@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3MoeConfig
 
 from lightning_opd.plan import (QWEN3_SHAPES, PlanError, check, load_config, model_shape, plan, shape_from_config,

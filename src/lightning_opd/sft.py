@@ -11,10 +11,11 @@ from transformers import Trainer
 
 from lightning_opd.artifacts import SAMPLES_SCHEMA, ArtifactError, read_table
 from lightning_opd.hparams import TrainParams, parse_hparams
-from lightning_opd.modeling import DEFAULT_PROMPT_TEMPLATE, load_model, load_tokenizer, prompt_ids
+from lightning_opd.modeling import DEFAULT_PROMPT_TEMPLATE, load_tokenizer, prompt_ids
 from lightning_opd.provenance import check_same_tokenizer, describe_model, file_sha256
-from lightning_opd.training import (add_tracking_argument, checkpoint_dir, collator, params_record, save_final,
-                                    supervised_example, tracking_params, train_with_resume, training_arguments)
+from lightning_opd.training import (add_tracking_argument, checkpoint_dir, collator, load_for_fsdp, params_record,
+                                    save_final, supervised_example, tracking_params, train_with_resume,
+                                    training_arguments)
 
 
 PROBE_ROWS = 64
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     key = {"stage": "sft", "base": base["fingerprint"], "sft_data": file_sha256(args.sft_data),
            "train": params_record(train)}
     arguments = training_arguments(train, checkpoint_dir(args.checkpoint_root, key), tracking)
-    trainer = Trainer(model=load_model(args.base), args=arguments,
+    trainer = Trainer(model=load_for_fsdp(args.base, train), args=arguments,
                       train_dataset=Dataset.from_list(examples), data_collator=collator(train, tokenizer.pad_token_id))
     train_with_resume(trainer)
     save_final(trainer, tokenizer, args.out, {**key, "base_model": base, "sft_teacher": sft_teacher,
