@@ -12,11 +12,14 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from lightning_opd import launch
 from lightning_opd.artifacts import METADATA_KEY, write_table
-from lightning_opd.hparams import TrainParams
+from lightning_opd.hparams import ArchParams, TrainParams
+from lightning_opd.modeling import load_tokenizer, tiny_qwen3_config
 from lightning_opd.provenance import read_train_log
 from lightning_opd.training import accumulation
 
@@ -119,10 +122,16 @@ def test_launch_command():
         launch.command("m", [], 8, 2, {"SLURM_JOB_ID": "7", "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "n1"})
 
 
-def test_sharded_frozen_model_scores_and_samples_like_the_whole_one(world):
-    # the live teacher and pi_ref under FSDP: sharded with FSDP2 (gloo on CPU)
+def test_sharded_frozen_model_scores_and_samples_like_the_whole_one(world, tmp_path):
+    # the live teacher and pi_ref under FSDP: rank 0 loads, rank 1 builds on meta, FSDP2 shards (gloo on CPU);
+    # a model of ~100 MB so that a full copy on rank 1 would show in its memory
+    tokenizer = load_tokenizer(world["teacher_A"])
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(tiny_qwen3_config(ArchParams(
+        hidden_size=512, intermediate_size=2048, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4,
+        head_dim=64, max_position_embeddings=256), tokenizer)).save_pretrained(tmp_path / "model")
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone",
-                             str(Path(__file__).with_name("check_sharded_frozen.py")), str(world["teacher_A"]),
+                             str(Path(__file__).with_name("check_sharded_frozen.py")), str(tmp_path / "model"),
                              str(world["rollouts"])], env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert result.stdout.count("sharded scoring and sampling match the whole model") == 2

@@ -17,6 +17,7 @@ from lightning_opd.artifacts import TASK_SCHEMA, read_cache, read_table
 from lightning_opd.backends import get_backend
 from lightning_opd.provenance import read_model_provenance
 from test_pipeline import REPO, copy_repo, merge, planned_jobs, snakemake, write_yaml
+from test_prepare_data import DAPO
 
 TINY_TRAIN = {"max_steps": 2, "epochs": 1, "bf16": False, "fsdp": None, "save_steps": 100, "logging_steps": 1}
 
@@ -30,10 +31,10 @@ def hub_shaped_files(world, root) -> dict[str, dict]:
     openthoughts.write_text("".join(json.dumps({"conversations": [
         {"from": "human", "value": p["problem"]}, {"from": "gpt", "value": p["solution"]}]}) + "\n"
         for p in problems("sft")))
-    dapo = root / "dapo_math_17k.parquet"
-    pq.write_table(pa.Table.from_pylist([{"prompt": [{"role": "user", "content": p["problem"]}],
+    dapo = root / "dapo_math_17k.parquet"  # DAPO's answer-format wrapper, every problem twice (the hub's is ~100x)
+    pq.write_table(pa.Table.from_pylist([{"prompt": [{"role": "user", "content": DAPO.format(problem=p["problem"])}],
                                           "reward_model": {"ground_truth": p["answer"], "style": "rule"}}
-                                         for p in problems("opd")]), dapo)
+                                         for _ in range(2) for p in problems("opd")]), dapo)
     aime = root / "aime_2024.parquet"
     pq.write_table(pa.Table.from_pylist([{"ID": f"2024-I-{i + 1}", "Problem": p["problem"], "Solution": "",
                                           "Answer": int(p["answer"])} for i, p in enumerate(problems("eval"))]),
@@ -79,6 +80,9 @@ def paper_run(world, tmp_path_factory):
 
 def test_paper_dag_runs_from_local_files(paper_run, world):
     out, _, _ = paper_run
+    opd_set = read_table(out / "data/opd.parquet", TASK_SCHEMA)[0]
+    assert sorted(opd_set.column("problem").to_pylist()) == sorted(
+        read_table(world["data"] / "opd.parquet", TASK_SCHEMA)[0].column("problem").to_pylist())
     eval_set = read_table(out / "data/eval.parquet", TASK_SCHEMA)[0]
     assert eval_set.column("answer").to_pylist() == read_table(world["data"] / "eval.parquet",
                                                                TASK_SCHEMA)[0].column("answer").to_pylist()

@@ -55,14 +55,18 @@ def chat_template_model_args(chat_template_kwargs: dict | None, think_end_token:
 def lm_eval_model(backend: str, model: str, batch_size: int, seed: int, options: dict,
                   chat_template_kwargs: dict | None = None, think_end_token: str | int | None = None
                   ) -> tuple[str, dict]:
+    from lightning_opd.hub import split_revision
+
     template = chat_template_model_args(chat_template_kwargs, think_end_token)
+    model, revision = split_revision(model)
+    pinned = {"revision": revision} if revision else {}
     if backend == "hf":
         from lightning_opd.modeling import pick_device
 
         return "hf", {"pretrained": model, "dtype": options.get("dtype", "float32"), "batch_size": batch_size,
-                      "device": str(pick_device(options.get("device"))), **template}
+                      "device": str(pick_device(options.get("device"))), **pinned, **template}
     if backend == "vllm":
-        return "vllm", {"pretrained": model, "seed": seed, "batch_size": "auto", **options, **template}
+        return "vllm", {"pretrained": model, "seed": seed, "batch_size": "auto", **pinned, **options, **template}
     raise ValueError(f"unknown evaluation backend {backend!r}; choose hf or vllm")
 
 

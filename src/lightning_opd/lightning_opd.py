@@ -14,11 +14,11 @@ from datasets import Dataset
 
 from lightning_opd.artifacts import ArtifactError, read_cache
 from lightning_opd.hparams import OPDParams, parse_hparams
-from lightning_opd.modeling import DEFAULT_PROMPT_TEMPLATE, check_context, load_model, load_tokenizer
+from lightning_opd.modeling import DEFAULT_PROMPT_TEMPLATE, check_context, load_tokenizer
 from lightning_opd.opd_trainer import OPDTrainer, add_output_arguments, drift_reference, opd_example
 from lightning_opd.provenance import (check_same_tokenizer, check_teacher_consistency, describe_model, file_sha256,
                                       sft_teacher_of)
-from lightning_opd.training import (checkpoint_dir, collator, frozen_dtype, load_device, params_record, save_final,
+from lightning_opd.training import (checkpoint_dir, collator, frozen_dtype, load_for_fsdp, params_record, save_final,
                                     tracking_params, train_with_resume, training_arguments)
 
 
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
           f"({'consistent' if meta['teacher_consistent'] else 'INCONSISTENT'} with the SFT teacher)")
     key = {"stage": "lightning_opd", "init": init["fingerprint"], "cache": file_sha256(args.cache),
            "opd": params_record(params)}
-    model = load_model(args.init, device=load_device(params))
+    model = load_for_fsdp(args.init, params)
     reference, drift_batch = drift_reference(
         args.init, tokenizer, args.drift_prompts, args.drift_n,
         meta["rollouts"].get("prompt_template") or DEFAULT_PROMPT_TEMPLATE, args.drift_max_new_tokens,

@@ -13,6 +13,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, Qwen3Config
 
 from lightning_opd.hparams import ArchParams
+from lightning_opd.hub import split_revision
 
 DEFAULT_PROMPT_TEMPLATE = "{problem}"
 
@@ -49,7 +50,8 @@ def local_source(name_or_path: str | Path) -> dict:
 
 
 def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), **local_source(name_or_path))
+    repo, revision = split_revision(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(repo, revision=revision, **local_source(repo))
     if tokenizer.chat_template is None:
         raise ValueError(f"{name_or_path}: the tokenizer has no chat template")
     if tokenizer.pad_token_id is None:
@@ -58,9 +60,10 @@ def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
 
 
 def load_model(name_or_path: str | Path, dtype: str = "float32", device: str | None = None):
-    source = local_source(name_or_path)
+    repo, revision = split_revision(name_or_path)
+    source = local_source(repo)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=getattr(torch, dtype), **source)
+        model = AutoModelForCausalLM.from_pretrained(repo, revision=revision, dtype=getattr(torch, dtype), **source)
     except Exception as error:
         if not source:
             raise

@@ -49,15 +49,20 @@ def drift_kl(model, reference, batch: dict[str, torch.Tensor]) -> float:
 def shard_frozen(model):
     """Shards a frozen model (pi_ref, the live teacher) over the processes with
     FSDP2 like the trained one, so that each process holds 1/N of its weights:
-    at paper scale a replicated 32B teacher does not fit beside the student."""
+    at paper scale a replicated 32B teacher does not fit beside the student.
+    Rank 0 holds the weights (`training.load_for_fsdp`), the other ranks may
+    hold the model on the meta device: each receives its shards from rank 0."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    full = model.state_dict() if torch.distributed.get_rank() == 0 else {}
     mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (torch.distributed.get_world_size(),))
     for module in model.modules():
         if type(module).__name__ in (model._no_split_modules or []):
             fully_shard(module, mesh=mesh)
     fully_shard(model, mesh=mesh)
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return model
 
 

@@ -8,22 +8,151 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import tempfile
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+from lightning_opd.hub import split_revision
 
 PROVENANCE_FILE = "provenance.json"
 TRAIN_LOG_FILE = "train_log.jsonl"
 _FINGERPRINT_CACHE = ".fingerprint.json"
-_MODEL_FILE_PATTERNS = ("config.json", "*.safetensors", "*.bin", "tokenizer.json", "tokenizer_config.json")
+_CONFIG_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")
+# a file changed within this many seconds of being hashed may share its
+# timestamps with the next change (coarse file-system clocks): not cached
+_RACY_SECONDS = 2.0
 
 
 def _short(digest: "hashlib._Hash") -> str:
     return digest.hexdigest()[:16]
 
 
-def file_sha256(path: Path | str) -> str:
+def _sha256(path: Path | str) -> str:
     with open(path, "rb") as handle:
-        return _short(hashlib.file_digest(handle, "sha256"))
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def file_sha256(path: Path | str) -> str:
+    return _sha256(path)[:16]
+
+
+def fingerprinted_files(names) -> list[str]:
+    """The files a model fingerprint covers, of a directory's (or hub repo's)
+    top-level file names: config, tokenizer and the weights (*.safetensors, or
+    the *.bin weights where there are none), so that a hub repo that carries
+    both formats and a local copy of its safetensors agree."""
+    names = {n for n in names if "/" not in n}
+    weights = sorted(n for n in names if n.endswith(".safetensors")) or sorted(
+        n for n in names if n.endswith(".bin") and n != "training_args.bin")
+    return sorted(n for n in names if n in _CONFIG_FILES) + weights
+
+
+def fingerprint_of(digests: dict[str, str]) -> str:
+    """The fingerprint: a hash of (file name, sha256 of its content) pairs, the
+    same function whether the sha256 values were computed here or are the hub's."""
+    if not any(name.endswith((".safetensors", ".bin")) for name in digests):
+        raise FileNotFoundError("no model weights (*.safetensors or *.bin)")
+    return _short(hashlib.sha256(json.dumps(sorted(digests.items())).encode()))
+
+
+def _stamp(path: Path) -> list[int]:
+    """What changes whenever the file's content may have: a rewrite in place
+    changes mtime and ctime (which no tool can set back), a replacement or a
+    copy changes the inode, and a copied cache lands beside other inodes."""
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+
+def _hub_blob_sha256(path: Path) -> str | None:
+    """A file of a Hugging Face cache snapshot is a link to blobs/<etag>; the
+    etag of an LFS file (the weights) is the sha256 of its content."""
+    if path.is_symlink():
+        target = Path(os.readlink(path))
+        if target.parent.name == "blobs" and len(target.name) == 64:
+            return target.name
+    return None
+
+
+def _read_cache(cache: Path) -> dict[str, Any]:
+    try:
+        cached = json.loads(cache.read_text())
+        return cached["files"] if cached.get("version") == 2 else {}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def _write_cache(cache: Path, files: dict[str, Any]) -> None:
+    """Atomically (a temporary file renamed over the cache): processes that
+    fingerprint the same directory at once each write a whole file, and a
+    reader sees one whole version or another."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=cache.parent, prefix=f"{cache.name}.", suffix=".tmp")
+    except OSError:
+        return  # a read-only model directory just does not get the shortcut
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump({"version": 2, "files": files}, handle)
+        os.replace(tmp, cache)
+    except OSError:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def local_file_digests(path: Path, use_cache: bool = True) -> dict[str, str]:
+    """sha256 of every fingerprinted file of a model directory. The cache
+    file keeps the sha256 of each file with its stamp; a file whose stamp
+    differs, or that changed too recently to tell, is hashed again."""
+    files = fingerprinted_files(p.name for p in path.iterdir() if p.is_file())
+    cache = path / _FINGERPRINT_CACHE
+    cached = _read_cache(cache) if use_cache else {}
+    digests, fresh = {}, {}
+    for name in files:
+        f = path / name
+        stamp = _stamp(f)
+        entry = cached.get(name)
+        if entry and entry.get("stamp") == stamp:
+            digests[name] = entry["sha256"]
+        else:
+            digests[name] = _hub_blob_sha256(f) or _sha256(f)
+        settled = time.time_ns() - max(stamp[1], stamp[2]) > _RACY_SECONDS * 1e9
+        if _stamp(f) == stamp and settled:  # unchanged while it was hashed
+            fresh[name] = {"stamp": stamp, "sha256": digests[name]}
+    if use_cache and fresh and fresh != cached:
+        _write_cache(cache, fresh)
+    return digests
+
+
+def hub_file_digests(siblings, fetch: Callable[[str], Path | str]) -> dict[str, str]:
+    """sha256 of every fingerprinted file of a hub repo, from its file
+    metadata (``HfApi().model_info(..., files_metadata=True).siblings``):
+    the LFS sha256 the hub keeps for the weights (the plain sha256 of the
+    content), and for small non-LFS files (config, tokenizer; the hub gives
+    only their git blob sha1) the sha256 of the file ``fetch`` returns."""
+    by_name = {s.rfilename: s for s in siblings}
+    digests = {}
+    for name in fingerprinted_files(by_name):
+        lfs = by_name[name].lfs
+        digests[name] = lfs.sha256 if lfs is not None else _sha256(fetch(name))
+    return digests
+
+
+def _hub_digests(repo: str, revision: str | None) -> dict[str, str]:
+    from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        info = HfApi().model_info(repo, revision=revision, files_metadata=True)
+    except HfHubHTTPError:
+        raise  # no such repo or revision: nothing to fall back on
+    except Exception as error:  # the hub is unreachable: the snapshot in the local cache, if any
+        try:
+            snapshot = snapshot_download(repo, revision=revision, local_files_only=True)
+        except Exception:
+            raise FileNotFoundError(f"{repo}@{revision or 'main'}: cannot reach the hub ({error}) and the "
+                                    "model is not in the local Hugging Face cache") from None
+        return local_file_digests(Path(snapshot), use_cache=False)
+    return hub_file_digests(info.siblings, lambda name: hf_hub_download(repo, name, revision=info.sha))
 
 
 def key_digest(key: dict[str, Any]) -> str:
@@ -32,36 +161,22 @@ def key_digest(key: dict[str, Any]) -> str:
 
 
 def model_fingerprint(name_or_path: str | Path) -> str:
-    """Hash of config, tokenizer and weights of a local model directory, or
-    ``hf:<repo>@<commit>`` for a hub id (the commit pins the content)."""
+    """Hash of config, tokenizer and weights files' content: the same for a
+    local directory and a hub id (``org/name`` or ``org/name@revision``) that
+    hold the same files, whatever else (a README) a hub commit changes."""
     path = Path(name_or_path)
-    if not path.is_dir():
-        from huggingface_hub import snapshot_download
-
+    if path.is_dir():
+        digests = local_file_digests(path)
+    else:
         from lightning_opd.modeling import local_source
 
-        local_source(name_or_path)  # a missing local directory is refused here, not tried as a hub id
-
-        snapshot = Path(snapshot_download(str(name_or_path), allow_patterns=["*.json"]))
-        return f"hf:{name_or_path}@{snapshot.name}"
-    files = sorted({f for pattern in _MODEL_FILE_PATTERNS for f in path.glob(pattern)})
-    if not any(f.suffix in (".safetensors", ".bin") for f in files):
-        raise FileNotFoundError(f"{path}: no model weights (*.safetensors or *.bin) in this directory")
-    stamp = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
-    cache = path / _FINGERPRINT_CACHE
-    if cache.is_file():
-        cached = json.loads(cache.read_text())
-        if cached.get("stamp") == stamp:
-            return cached["fingerprint"]
-    digest = hashlib.sha256()
-    for f in files:
-        digest.update(f.name.encode() + b"\0" + file_sha256(f).encode())
-    fingerprint = _short(digest)
+        repo, revision = split_revision(name_or_path)
+        local_source(repo)  # a missing local directory is refused here, not tried as a hub id
+        digests = _hub_digests(repo, revision)
     try:
-        cache.write_text(json.dumps({"stamp": stamp, "fingerprint": fingerprint}))
-    except OSError:
-        pass  # a read-only model directory just does not get the shortcut
-    return fingerprint
+        return fingerprint_of(digests)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"{name_or_path}: {error} in this model") from None
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -113,6 +228,7 @@ def describe_model(name_or_path: str | Path) -> dict[str, Any]:
     """What an artifact records about a model that produced it."""
     return {
         "path": str(name_or_path),
+        "revision": split_revision(name_or_path)[1],
         "fingerprint": model_fingerprint(name_or_path),
         "provenance": read_model_provenance(name_or_path),
     }

@@ -11,10 +11,38 @@ from transformers import Trainer
 
 from lightning_opd.artifacts import SAMPLES_SCHEMA, ArtifactError, read_table
 from lightning_opd.hparams import TrainParams, parse_hparams
-from lightning_opd.modeling import check_context, load_model, load_tokenizer
+from lightning_opd.modeling import DEFAULT_PROMPT_TEMPLATE, check_context, load_tokenizer, prompt_ids
 from lightning_opd.provenance import check_same_tokenizer, describe_model, file_sha256
-from lightning_opd.training import (add_tracking_argument, checkpoint_dir, collator, params_record, save_final,
-                                    supervised_example, tracking_params, train_with_resume, training_arguments)
+from lightning_opd.training import (add_tracking_argument, checkpoint_dir, collator, load_for_fsdp, params_record,
+                                    save_final, supervised_example, tracking_params, train_with_resume,
+                                    training_arguments)
+
+
+PROBE_ROWS = 64
+
+
+def check_same_prompts(sft_data: Path, meta: dict, rows: list[dict], tokenizer, student: str) -> None:
+    """The SFT prompts were rendered by the teacher's tokenizer (chat template),
+    the rollouts will be by the student's: the student must render the same
+    problems to the same ids, or pi_ref learns one prompt format and samples
+    in another. Checked on up to PROBE_ROWS rows spread over the data."""
+    template = meta.get("prompt_template") or DEFAULT_PROMPT_TEMPLATE
+    step = max(1, len(rows) // PROBE_ROWS)
+    for row in rows[::step][:PROBE_ROWS]:
+        stored = list(row["prompt_ids"])
+        mine = prompt_ids(tokenizer, row["problem"], template, meta.get("chat_template_kwargs"))
+        if stored != mine:
+            at = next((i for i, (a, b) in enumerate(zip(stored, mine)) if a != b), min(len(stored), len(mine)))
+
+            def show(ids):
+                return repr(tokenizer.decode(ids[max(0, at - 8):at + 24]))
+
+            raise ArtifactError(
+                f"{sft_data}: the teacher {meta['model']['path']} and the student {student} render the prompt of "
+                f"row {row['id']!r} differently (their chat templates differ): first difference at token {at}: "
+                f"teacher {stored[at:at + 1]} in {show(stored)}, student {mine[at:at + 1]} in {show(mine)}. "
+                "Give both models the same chat template (copy the teacher's chat_template.jinja, or the "
+                "chat_template of its tokenizer_config.json, into the student's directory).")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -37,6 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = [r for r in table.to_pylist() if r["finished"] or args.keep_unfinished]
     if not rows:
         raise ArtifactError(f"{args.sft_data}: no finished responses to train on")
+    check_same_prompts(args.sft_data, meta, rows, tokenizer, args.base)
     examples = [supervised_example(r["prompt_ids"], r["response_ids"]) for r in rows]
     check_context(args.base, {r["id"]: len(e["input_ids"]) for r, e in zip(rows, examples)}, args.sft_data,
                   "write the SFT data with a lower max_new_tokens (sft_data.sampling)")
@@ -47,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     key = {"stage": "sft", "base": base["fingerprint"], "sft_data": file_sha256(args.sft_data),
            "train": params_record(train)}
     arguments = training_arguments(train, checkpoint_dir(args.checkpoint_root, key), tracking)
-    trainer = Trainer(model=load_model(args.base), args=arguments,
+    trainer = Trainer(model=load_for_fsdp(args.base, train), args=arguments,
                       train_dataset=Dataset.from_list(examples), data_collator=collator(train, tokenizer.pad_token_id))
     train_with_resume(trainer)
     save_final(trainer, tokenizer, args.out, {**key, "base_model": base, "sft_teacher": sft_teacher,

@@ -16,14 +16,14 @@ from datasets import Dataset
 
 from lightning_opd.artifacts import TASK_SCHEMA, read_table
 from lightning_opd.hparams import OPDParams, SamplingParams, from_dict, parse_hparams
-from lightning_opd.modeling import (DEFAULT_PROMPT_TEMPLATE, add_chat_template_argument, check_context, load_model,
-                                    load_tokenizer, prompt_ids, stop_token_ids)
+from lightning_opd.modeling import (DEFAULT_PROMPT_TEMPLATE, add_chat_template_argument, check_context, load_tokenizer,
+                                    prompt_ids, stop_token_ids)
 from lightning_opd.opd_trainer import (OPDTrainer, add_output_arguments, drift_reference, opd_example,
                                        response_logprobs)
 from lightning_opd.provenance import (check_teacher_consistency, describe_model, file_sha256, sft_teacher_of,
                                       tokenizer_fingerprint)
 from lightning_opd.sampling import sample_with
-from lightning_opd.training import (PadCollator, checkpoint_dir, collator, frozen_dtype, load_device, params_record,
+from lightning_opd.training import (PadCollator, checkpoint_dir, collator, frozen_dtype, load_for_fsdp, params_record,
                                     save_final, tracking_params, train_with_resume, training_arguments)
 
 
@@ -102,13 +102,13 @@ def main(argv: list[str] | None = None) -> None:
     key = {"stage": "standard_opd", "init": init["fingerprint"], "teacher": teacher["fingerprint"],
            "prompts": file_sha256(args.prompts), "opd": params_record(params), "sampling": params_record(sampling),
            "prompt_template": args.prompt_template, "chat_template_kwargs": args.chat_template_kwargs}
-    model = load_model(args.init, device=load_device(params))
+    model = load_for_fsdp(args.init, params)
     reference, drift_batch = drift_reference(
         args.init, tokenizer, args.drift_prompts, args.drift_n, args.prompt_template,
         args.drift_max_new_tokens, frozen_dtype(params), args.chat_template_kwargs)
     trainer = OnlineOPDTrainer(
         model=model, tau=params.tau, reference=reference, drift_batch=drift_batch,
-        teacher=load_model(args.teacher, dtype=frozen_dtype(params), device=load_device(params)),
+        teacher=load_for_fsdp(args.teacher, params, dtype=frozen_dtype(params)),
         sampling=sampling,
         pad_id=tokenizer.pad_token_id, stop_ids=stop_token_ids(model, tokenizer),
         batcher=collator(params, tokenizer.pad_token_id),

@@ -89,6 +89,44 @@ def load_device(params: TrainParams) -> str | None:
     return "cpu" if uses_fsdp(params) else None
 
 
+def rank() -> int:
+    """This process's rank (torchrun sets RANK; 0 without it)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def empty_model(name_or_path: str | Path, dtype: str = "float32"):
+    """The model's architecture with its parameters on the meta device (no
+    memory) and its buffers (rotary frequencies) real: what a rank other than
+    0 holds until the sharded weights arrive from rank 0."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lightning_opd.hub import split_revision
+
+    repo, revision = split_revision(name_or_path)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(repo, revision=revision),
+                                                 dtype=getattr(torch, dtype))
+    model.tie_weights()  # as from_pretrained does: the same parameters, hence the same shards, as on rank 0
+    return model
+
+
+def load_for_fsdp(name_or_path: str | Path, params: TrainParams, dtype: str = "float32", sharded: bool | None = None):
+    """A model a trainer trains or holds frozen. Under FSDP only rank 0 reads
+    the weights (to the CPU); every other rank builds it on the meta device,
+    and the weights reach it shard by shard from rank 0 when the model is
+    sharded (the trained one by accelerate, whose cpu_ram_efficient_loading
+    training_arguments turns on; frozen ones by `opd_trainer.shard_frozen`):
+    no rank but 0 ever holds a full copy. Without FSDP: whole, on this
+    process's device. ``sharded`` defaults to FSDP on GPUs: without CUDA
+    accelerate trains multi-process runs as DDP, which needs whole models."""
+    from lightning_opd.modeling import load_model
+
+    if not (uses_fsdp(params) and torch.cuda.is_available() if sharded is None else sharded):
+        return load_model(name_or_path, dtype=dtype)
+    return load_model(name_or_path, dtype=dtype, device="cpu") if rank() == 0 else empty_model(name_or_path, dtype)
+
+
 def frozen_dtype(params: TrainParams) -> str:
     """dtype of the models a trainer only runs forward (pi_ref, the live teacher)."""
     return "bfloat16" if params.bf16 else "float32"
@@ -146,7 +184,9 @@ def training_arguments(params: TrainParams, output_dir: Path, tracking: Tracking
                        **overrides) -> TrainingArguments:
     processes = world_size()
     micro, steps = accumulation(params, processes)
-    fsdp = {"fsdp": True, "fsdp_config": params.fsdp} if uses_fsdp(params) else {}
+    # rank 0 alone loads the weights (load_for_fsdp); accelerate broadcasts them as it shards
+    fsdp = ({"fsdp": True, "fsdp_config": {**params.fsdp, "cpu_ram_efficient_loading": True}}
+            if uses_fsdp(params) else {})
     # without CUDA, accelerate sets up multi-process (gloo) training only when told to use the CPU
     cpu = {"use_cpu": True} if processes > 1 and not torch.cuda.is_available() else {}
     return TrainingArguments(

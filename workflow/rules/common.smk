@@ -202,7 +202,10 @@ def logfile(name, pattern=""):
 
 # ---- models: built by this pipeline (a path under R) or given (hub id / path)
 def model_path(spec, built_at):
-    return built_at if "build" in spec else spec["path"]
+    """A built model's directory, or the given hub id / path (``org/name@revision`` with a revision)."""
+    if "build" in spec:
+        return built_at
+    return f"{spec['path']}@{spec['revision']}" if spec.get("revision") else spec["path"]
 
 
 def tokenizer_path():
@@ -362,6 +365,15 @@ def report_manifest():
             "eval": {"k": config["eval"]["k"]}}
 
 
+def dataset_options(spec):
+    """The command-line options of a `data.<split>` entry (quoted in the shell by :q)."""
+    flags = {"split": "--split", "revision": "--revision", "problem_field": "--problem-field",
+             "problem_regex": "--problem-regex", "answer_field": "--answer-field", "seed": "--seed",
+             "limit": "--limit"}
+    return [arg for key, flag in flags.items() if spec.get(key) is not None for arg in (flag, str(spec[key]))]
+
+
+
 wildcard_constraints:
     teacher="[A-Za-z0-9]+",
     sft_teacher="[A-Za-z0-9]+",
@@ -369,3 +381,30 @@ wildcard_constraints:
     seed="[0-9]+",
     model="[A-Za-z0-9_\\-]+",
     scatteritem="[0-9]+-of-[0-9]+",
+
+
+
+# ---- the planner: every run (dry runs included) prints its per-stage prediction, and a config that
+# cannot fit the declared memory is refused before anything runs
+def plan_or_refuse():
+    import sys
+
+    from snakemake.exceptions import WorkflowError
+
+    sys.path.insert(0, str(SRC))
+    from lightning_opd.plan import PlanError, check, plan, report
+
+    try:
+        plans = plan(config)
+    except PlanError as error:  # a model the planner cannot size: say so, do not refuse
+        print(f"plan: not planned: {error}", file=sys.stderr)
+        return
+    print(report(plans), file=sys.stderr)  # at parse time: whether this is a dry run is not known yet
+    try:
+        check(plans, f"experiment {config['experiment']}")
+    except PlanError as error:
+        raise WorkflowError(str(error))
+
+
+if workflow.is_main_process:
+    plan_or_refuse()

@@ -14,11 +14,7 @@ if "data" in config:
         params:
             cmd=command("prepare_data"),
             source=lambda w: config["data"][w.split]["source"],
-            hf_split=lambda w: config["data"][w.split].get("split", "train"),
-            problem=lambda w: config["data"][w.split]["problem_field"],
-            answer=lambda w: (["--answer-field", config["data"][w.split]["answer_field"]]
-                              if config["data"][w.split].get("answer_field") else []),
-            limit=lambda w: ["--limit", config["data"][w.split]["limit"]] if config["data"][w.split].get("limit") else [],
+            options=lambda w: dataset_options(config["data"][w.split]),
         log:
             logfile("prepare_data", "{split}"),
         benchmark:
@@ -29,9 +25,8 @@ if "data" in config:
         conda:
             "../envs/train.yaml"
         shell:
-            "{params.cmd} --source {params.source:q} --split {params.hf_split:q} "
-            "--problem-field {params.problem:q} {params.answer:q} {params.limit:q} --name {wildcards.split:q} "
-            "--out {output:q} > {log:q} 2>&1"
+            "{params.cmd} --source {params.source:q} {params.options:q} "
+            "--name {wildcards.split:q} --out {output:q} > {log:q} 2>&1"
 
 
 else:

@@ -22,12 +22,15 @@ class VLLMBackend(Backend):
         """``scoring``: this engine scores (``prompt_logprobs``); prefix caching is turned off."""
         from vllm import LLM
 
+        from lightning_opd.hub import split_revision
+
         if scoring:
             if engine_options.get("enable_prefix_caching"):
                 raise ValueError("backend_options: enable_prefix_caching must be off for teacher scoring "
                                  "(vLLM has reported wrong prompt log-probs with it on)")
             engine_options.update(SCORING_ENGINE_OPTIONS)
-        self.llm = LLM(model=model, tensor_parallel_size=tensor_parallel_size,
+        model, revision = split_revision(model)
+        self.llm = LLM(model=model, revision=revision, tokenizer_revision=revision, tensor_parallel_size=tensor_parallel_size,
                        gpu_memory_utilization=gpu_memory_utilization, dtype=dtype,
                        max_model_len=max_model_len, seed=seed, **engine_options)
 

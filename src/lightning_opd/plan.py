@@ -1,0 +1,450 @@
+"""The planner: for a config, per stage, the devices, the predicted peak
+memory per rank (weights, gradients and optimiser states under FSDP,
+activations, the log-prob path, frozen models, vLLM's KV cache) and the
+tokens processed; it refuses a config that cannot fit the declared device
+memory and names the knob to turn.
+
+    python -m lightning_opd.plan --configfile config/paper/qwen3-8b.yaml
+
+Model shapes come from the model's config.json (a local directory, or a hub
+id already in the local Hugging Face cache), from `build.arch`, or offline
+from a table of the Qwen3 shapes (QWEN3_SHAPES). Predictions are estimates
+from these shapes: a floor on what a run needs, not a measurement. Every
+dry run prints them (workflow/rules/common.smk), and the workflow refuses to
+start a config that cannot fit."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+GB = 1e9
+DEFAULT_GPU_MEM_GB = 80.0
+# tokens per chunk of the output layer in the log-prob path (lightning_opd.logprobs), float32
+LOGPROB_CHUNK_TOKENS = 1024
+# fp32 [chunk x vocab] tensors alive at once in the chunked path: logits, their softmax, the gradient
+LOGPROB_COPIES = 3
+# prompt tokens assumed per sequence where the config does not bound them
+# (DAPO-Math and AIME prompts with the template are ~100-400 tokens)
+PROMPT_TOKENS = 512
+# per GPU: CUDA context, NCCL buffers and allocator fragmentation (an estimate)
+GPU_OVERHEAD_GB = 3.0
+# per CPU process: Python with torch, transformers and datasets imported (measured: 0.48 GB)
+CPU_BASELINE_GB = 0.5
+# vLLM's own activation peak outside the KV cache (an estimate), and its default token budget per step
+VLLM_ACTIVATION_GB = 2.0
+VLLM_BATCHED_TOKENS = 8192
+# unique problems of hub datasets whose size the planner cannot read offline
+KNOWN_PROMPTS = {"BytedTsinghua-SIA/DAPO-Math-17k": 17_917, "open-r1/DAPO-Math-17k-Processed": 17_398,
+                 "Maxwell-Jia/AIME_2024": 30}
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    vocab: int
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    experts: int = 0           # 0: a dense MLP
+    experts_per_token: int = 0
+    expert_intermediate: int = 0
+    tied: bool = False
+    max_positions: int = 40_960
+
+    def seq(self, tokens: int) -> int:
+        """A sequence's tokens, at most the model's positions."""
+        return min(tokens, self.max_positions)
+
+    @property
+    def layer_params(self) -> int:
+        attention = self.hidden * self.head_dim * (2 * self.heads + 2 * self.kv_heads)
+        if self.experts:
+            mlp = self.experts * 3 * self.hidden * self.expert_intermediate + self.hidden * self.experts
+        else:
+            mlp = 3 * self.hidden * self.intermediate
+        return attention + mlp + 2 * self.hidden + 2 * self.head_dim
+
+    @property
+    def params(self) -> int:
+        return self.layers * self.layer_params + self.vocab * self.hidden * (1 if self.tied else 2) + self.hidden
+
+    @property
+    def token_mlp_width(self) -> int:
+        """Width of the MLP activations of one token (the routed experts' for a MoE)."""
+        return self.experts_per_token * self.expert_intermediate if self.experts else self.intermediate
+
+    def activation_elements(self) -> int:
+        """Activations one layer keeps per token for backward: norms' inputs, q/k/v,
+        attention output, MLP input, gate, up, their product."""
+        return 3 * self.hidden + 3 * self.heads * self.head_dim + 2 * self.kv_heads * self.head_dim \
+            + 4 * self.token_mlp_width + self.experts
+
+    def kv_bytes_per_token(self, tensor_parallel: int = 1, dtype_bytes: int = 2) -> int:
+        """K and V of one token over all layers, on one GPU (KV heads split across
+        tensor-parallel ranks, replicated when there are fewer heads than ranks)."""
+        return 2 * self.layers * math.ceil(self.kv_heads / tensor_parallel) * self.head_dim * dtype_bytes
+
+
+def _qwen3(hidden, layers, heads, kv, intermediate, tied, **moe) -> Shape:
+    return Shape(vocab=151_936, hidden=hidden, layers=layers, heads=heads, kv_heads=kv, head_dim=128,
+                 intermediate=intermediate, tied=tied, **moe)
+
+
+# from the models' config.json on the hub; the -Base models share their shapes
+QWEN3_SHAPES = {
+    "Qwen/Qwen3-0.6B": _qwen3(1024, 28, 16, 8, 3072, True),
+    "Qwen/Qwen3-1.7B": _qwen3(2048, 28, 16, 8, 6144, True),
+    "Qwen/Qwen3-4B": _qwen3(2560, 36, 32, 8, 9728, True),
+    "Qwen/Qwen3-8B": _qwen3(4096, 36, 32, 8, 12288, False),
+    "Qwen/Qwen3-14B": _qwen3(5120, 40, 40, 8, 17408, False),
+    "Qwen/Qwen3-32B": _qwen3(5120, 64, 64, 8, 25600, False),
+    "Qwen/Qwen3-30B-A3B": _qwen3(2048, 48, 32, 4, 6144, False, experts=128, experts_per_token=8,
+                                 expert_intermediate=768),
+}
+
+
+class PlanError(ValueError):
+    """The config cannot fit, or the planner cannot size it."""
+
+
+def shape_from_config(config: dict[str, Any]) -> Shape:
+    hidden, heads = config["hidden_size"], config["num_attention_heads"]
+    return Shape(vocab=config["vocab_size"], hidden=hidden, layers=config["num_hidden_layers"], heads=heads,
+                 kv_heads=config.get("num_key_value_heads") or heads,
+                 head_dim=config.get("head_dim") or hidden // heads, intermediate=config["intermediate_size"],
+                 experts=config.get("num_experts") or config.get("num_local_experts") or 0,  # hub / transformers 5
+                 experts_per_token=config.get("num_experts_per_tok") or 0,
+                 expert_intermediate=config.get("moe_intermediate_size") or 0,
+                 tied=bool(config.get("tie_word_embeddings", False)),
+                 max_positions=config.get("max_position_embeddings") or 40_960)
+
+
+def model_shape(spec: dict[str, Any], vocab_of_built: int | None = None) -> Shape:
+    """The shape of a config's model entry: `build.arch`, a local directory,
+    a hub id in the local cache, or a known Qwen3 id."""
+    if "build" in spec:
+        arch = spec["build"]["arch"]
+        return shape_from_config({**arch, "vocab_size": vocab_of_built or 512, "tie_word_embeddings": True})
+    path = Path(spec["path"])
+    if (path / "config.json").is_file():
+        return shape_from_config(json.loads((path / "config.json").read_text()))
+    repo = spec["path"].split("@")[0]
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(repo, "config.json", revision=spec.get("revision"))
+        if isinstance(cached, str):
+            return shape_from_config(json.loads(Path(cached).read_text()))
+    except Exception:  # not a hub id, or no cache: the table below
+        pass
+    known = QWEN3_SHAPES.get(repo.removesuffix("-Base"))
+    if known is None:
+        raise PlanError(f"{spec['path']}: no config.json here and not a known Qwen3 id "
+                        f"({', '.join(QWEN3_SHAPES)}); give a local path to plan it")
+    return known
+
+
+@dataclasses.dataclass
+class StagePlan:
+    stage: str
+    devices: str
+    peak_gb: float
+    limit_gb: float
+    parts: dict[str, float]
+    tokens: dict[str, int]
+    knob: str = ""
+    note: str = ""
+    blocked: bool = False  # cannot start whatever the memory (vLLM asks for more GPUs than the job has)
+
+    @property
+    def fits(self) -> bool:
+        return self.peak_gb <= self.limit_gb and not self.blocked
+
+    def line(self) -> str:
+        parts = ", ".join(f"{name} {value:.1f}" for name, value in self.parts.items() if value >= 0.05)
+        tokens = ", ".join(f"{_count(n)} {what}" for what, n in self.tokens.items())
+        verdict = "fits" if self.fits else f"DOES NOT FIT: turn {self.knob}"
+        return (f"{self.stage:<17} {self.devices:<18} peak {self.peak_gb:6.1f} / {self.limit_gb:.0f} GB per rank "
+                f"({parts}){' ' + self.note if self.note else ''}; tokens: {tokens}; {verdict}")
+
+
+def _count(n: int) -> str:
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
+
+
+def training_memory(shape: Shape, train: dict[str, Any], seq_tokens: int, world: int = 1, on_gpu: bool = True,
+                    frozen: dict[str, Shape] | None = None, sampled_kv_tokens: int = 0) -> tuple[dict[str, float], str]:
+    """Peak memory of one training process, GB by part, for a model of ``shape``
+    trained with the TrainParams fields ``train`` on sequences of ``seq_tokens``."""
+    sharded = world if train.get("fsdp") and world > 1 else 1
+    micro = train.get("micro_batch_size") or max(1, train.get("batch_size", 32) // world)
+    seq_tokens = shape.seq(seq_tokens)
+    tokens = micro * seq_tokens
+    act_bytes = 2 if train.get("bf16") else 4
+    checkpointing = bool((train.get("fsdp") or {}).get("activation_checkpointing") or train.get("gradient_checkpointing"))
+    optimiser = 0 if train.get("optim", "adamw_torch") == "sgd" else 8
+    parts = {
+        "weights": 4 * shape.params / sharded / GB,  # fp32 master weights (load_model's dtype)
+        "grads": 4 * shape.params / sharded / GB,
+        "optimiser": optimiser * shape.params / sharded / GB,  # Adam's two moments
+    }
+    if sharded > 1:  # FSDP all-gathers a layer (and prefetches the next) in the compute dtype
+        parts["gathered"] = 2 * act_bytes * shape.layer_params / GB
+    layer = shape.activation_elements() * tokens * act_bytes
+    saved = shape.hidden * tokens * act_bytes * shape.layers if checkpointing else layer * shape.layers
+    parts["activations"] = (saved + 2 * layer) / GB  # + one layer recomputed and its gradients in backward
+    parts["logprobs"] = LOGPROB_COPIES * min(LOGPROB_CHUNK_TOKENS, tokens) * shape.vocab * 4 / GB
+    frozen_bytes = sum(act_bytes * f.params / sharded for f in (frozen or {}).values())
+    if frozen_bytes:
+        parts["frozen"] = frozen_bytes / GB
+    if sampled_kv_tokens:
+        parts["kv_sampling"] = sampled_kv_tokens * shape.kv_bytes_per_token(1, act_bytes) / GB
+    parts["overhead"] = GPU_OVERHEAD_GB if on_gpu else CPU_BASELINE_GB
+    return parts, f"[{tokens} tokens/pass, {'checkpointed' if checkpointing else 'no checkpointing'}]"
+
+
+class Planner:
+    def __init__(self, config: dict[str, Any]):
+        self.config = config
+        vocab = (config["tokenizer"].get("build") or {}).get("vocab_size")
+        self.teachers = {name: model_shape(spec, vocab) for name, spec in config["teachers"].items()}
+        self.student = model_shape(config["student_base"], vocab)
+
+    # ---- resources and data
+    def resources(self, kind: str) -> dict[str, Any]:
+        res = self.config["resources"]
+        return {**res["default"], **res.get(kind, {})}
+
+    def on_gpu(self, kind: str) -> bool:
+        return bool(self.resources(kind)["gpus"])
+
+    def limit_gb(self, kind: str) -> float:
+        """The memory one rank may use: a GPU's, or on CPU the job's memory over its processes."""
+        r = self.resources(kind)
+        if r["gpus"]:
+            return float(r.get("gpu_mem_gb", DEFAULT_GPU_MEM_GB))
+        return r["mem_mb"] / 1000 / self.processes(kind)
+
+    def processes(self, kind: str) -> int:
+        r = self.resources(kind)
+        return (r.get("processes") or r["gpus"] or 1) * r.get("nodes", 1)
+
+    def prompts(self, split: str) -> int:
+        data = self.config.get("data")
+        if data is None:
+            return self.config["task"].get(f"n_{split}", {"sft": 800, "opd": 512, "eval": 200}[split])
+        spec = data[split]
+        if spec.get("limit"):
+            return spec["limit"]
+        source = Path(spec["source"])
+        if source.is_file():  # rows before deduplication: an upper bound
+            if source.suffix == ".parquet":
+                import pyarrow.parquet as pq
+
+                return pq.ParquetFile(source).metadata.num_rows
+            return sum(1 for line in source.open() if line.strip())
+        return KNOWN_PROMPTS.get(spec["source"], 0)
+
+    # ---- memory models
+    def training(self, stage: str, shape: Shape, train: dict[str, Any], seq_tokens: int,
+                 frozen: dict[str, Shape], sampled_kv_tokens: int = 0) -> StagePlan:
+        kind = "train"
+        world, on_gpu, limit = self.processes(kind), self.on_gpu(kind), self.limit_gb(kind)
+        parts, note = training_memory(shape, train, seq_tokens, world, on_gpu, frozen, sampled_kv_tokens)
+        sharded = bool(train.get("fsdp")) and world > 1
+        states = parts["weights"] + parts["grads"] + parts["optimiser"] + parts.get("frozen", 0)
+        section = "sft.train" if stage == "sft" else "lightning_opd"
+        if states > 0.6 * limit:
+            knob = f"resources.train.gpus (shard over more GPUs{'' if sharded else ' with fsdp'})"
+        elif "no checkpointing" in note:
+            knob = f"{section}.fsdp.activation_checkpointing (or gradient_checkpointing)"
+        else:
+            knob = f"{section}.micro_batch_size"
+        devices = f"{world} x {'GPU' if on_gpu else 'CPU proc'}" + (" FSDP" if sharded else "")
+        return StagePlan(stage, devices, sum(parts.values()), limit, parts, {}, knob, note=note)
+
+    def inference(self, stage: str, kind: str, section: str, shape: Shape, backend: str, options: dict[str, Any],
+                  seq_tokens: int, batch_seqs: int, scoring: bool) -> StagePlan:
+        limit = self.limit_gb(kind)
+        seq_tokens = shape.seq(seq_tokens)
+        if backend == "vllm":
+            gpus = self.resources(kind)["gpus"] * self.resources(kind).get("nodes", 1)
+            asked = options.get("tensor_parallel_size", 1)
+            tp = min(asked, gpus) if gpus else asked  # the memory it would take on the job's GPUs
+            share = options.get("gpu_memory_utilization", 0.9)
+            max_len = options.get("max_model_len") or seq_tokens
+            parts = {"weights": 2 * shape.params / tp / GB, "activations": VLLM_ACTIVATION_GB}
+            if scoring:  # prompt log-probs: fp32 [tokens x vocab] per prefill step
+                parts["logprobs"] = min(max_len, VLLM_BATCHED_TOKENS) * shape.vocab * 4 / GB
+            reserved = share * limit
+            per_token = shape.kv_bytes_per_token(tp)
+            floor = sum(parts.values()) + per_token * max_len / GB  # room for one sequence of max_model_len
+            kv = reserved - sum(parts.values())
+            parts["kv_cache"] = max(kv, per_token * max_len / GB)
+            sequences = max(kv, 0.0) * GB / per_token / max_len
+            # vLLM takes its share of the GPU whatever it needs; it fails to start below the floor
+            peak = reserved if floor <= reserved else floor / share
+            if 2 * shape.params / tp / GB > 0.8 * reserved:
+                knob = f"{section}.backend_options.tensor_parallel_size"
+            else:
+                knob = f"{section}.backend_options.max_model_len (or gpu_memory_utilization, tensor_parallel_size)"
+            plan = StagePlan(stage, f"{tp} x GPU (vLLM TP)", peak, limit, parts, {}, knob,
+                             note=f"[KV for {sequences:.1f} sequences of {max_len} tokens]")
+            if asked > gpus:  # vLLM needs tensor_parallel_size GPUs in the job
+                plan.blocked = True
+                plan.knob = f"{section}.backend_options.tensor_parallel_size ({asked} > resources.{kind}.gpus {gpus})"
+            return plan
+        act_bytes = 2 if options.get("dtype") in ("bfloat16", "float16") else 4
+        parts = {"weights": act_bytes * shape.params / GB,
+                 "kv_cache": batch_seqs * seq_tokens * shape.kv_bytes_per_token(1, act_bytes) / GB,
+                 "logprobs": LOGPROB_COPIES * min(LOGPROB_CHUNK_TOKENS, batch_seqs * seq_tokens) * shape.vocab * 4 / GB
+                 if scoring else batch_seqs * shape.vocab * 4 / GB,
+                 "overhead": GPU_OVERHEAD_GB if self.on_gpu(kind) else CPU_BASELINE_GB}
+        devices = "1 x GPU (hf)" if self.on_gpu(kind) else "1 x CPU proc (hf)"
+        return StagePlan(stage, devices, sum(parts.values()), limit, parts, {},
+                         f"{section}.sampling.batch_size (or the vllm backend)")
+
+    def generation_options(self, stage: str) -> tuple[str, dict[str, Any]]:
+        """(config section, backend options) of sft_data or rollouts: their own, else `generation`'s."""
+        if "backend_options" in self.config[stage]:
+            return stage, self.config[stage]["backend_options"]
+        return "generation", self.config["generation"]["backend_options"]
+
+    # ---- the stages of the config
+    def stages(self) -> list[StagePlan]:
+        c = self.config
+        runs = c["runs"]
+        plans = []
+        n_sft, n_opd, n_eval = self.prompts("sft"), self.prompts("opd"), self.prompts("eval")
+        sft_sampling = c["sft_data"]["sampling"]
+        gen = c["generation"]
+        for t in runs["sft_teachers"]:
+            section, options = self.generation_options("sft_data")
+            p = self.inference(f"sft_data[{t}]", "generate", section, self.teachers[t], gen["backend"],
+                               options, PROMPT_TOKENS + sft_sampling["max_new_tokens"],
+                               sft_sampling.get("batch_size", 128) * sft_sampling.get("n", 1), scoring=False)
+            p.tokens = {"generated": n_sft * sft_sampling.get("n", 1) * sft_sampling["max_new_tokens"]}
+            plans.append(p)
+        sft_train = c["sft"]["train"]
+        sft_seq = PROMPT_TOKENS + sft_sampling["max_new_tokens"]
+        p = self.training("sft", self.student, sft_train, sft_seq, {})
+        p.tokens = {"trained": int(n_sft * sft_train.get("epochs", 1) * sft_seq)}
+        plans.append(p)
+        roll = c["rollouts"]["sampling"]
+        section, options = self.generation_options("rollouts")
+        p = self.inference("rollouts", "generate", section, self.student, gen["backend"], options,
+                           PROMPT_TOKENS + roll["max_new_tokens"], roll.get("batch_size", 128) * roll.get("n", 1),
+                           scoring=False)
+        p.tokens = {"generated": n_opd * roll.get("n", 1) * roll["max_new_tokens"]}
+        plans.append(p)
+        cache = c["teacher_cache"]
+        cache_seq = PROMPT_TOKENS + min(cache["max_response_tokens"], roll["max_new_tokens"])
+        for t in runs["opd_teachers"]:
+            p = self.inference(f"teacher_cache[{t}]", "generate", "teacher_cache", self.teachers[t], cache["backend"],
+                               cache["backend_options"], cache_seq, roll.get("batch_size", 128), scoring=True)
+            p.tokens = {"scored": n_opd * roll.get("n", 1) * cache_seq}
+            plans.append(p)
+        opd = c["lightning_opd"]
+        drift = {"pi_ref": self.student} if c["opd_drift"]["n_prompts"] else {}
+        p = self.training("lightning_opd", self.student, opd, cache_seq, drift)
+        p.tokens = {"trained": self.opd_steps(opd, n_opd) * opd["batch_size"] * cache_seq}
+        plans.append(p)
+        if c["standard_opd"]["enabled"]:
+            s = c["standard_opd"]["sampling"]
+            seq = PROMPT_TOKENS + s["max_new_tokens"]
+            world = self.processes("train")
+            micro = opd.get("micro_batch_size") or max(1, opd["batch_size"] // world)
+            teacher = self.teachers[runs["opd_teachers"][0]]
+            p = self.training("standard_opd", self.student, opd, seq, {**drift, "teacher": teacher},
+                              sampled_kv_tokens=micro * seq)
+            steps = self.opd_steps(opd, n_opd * s.get("n", 1))
+            p.tokens = {"generated": steps * opd["batch_size"] * s["max_new_tokens"],
+                        "scored": steps * opd["batch_size"] * seq, "trained": steps * opd["batch_size"] * seq}
+            plans.append(p)
+        e = c["eval"]
+        biggest = max([self.student, *self.teachers.values()], key=lambda s: s.params)
+        p = self.inference("evaluate", "evaluate", "eval", biggest, e["backend"], e["backend_options"],
+                           PROMPT_TOKENS + e["max_gen_toks"], e["batch_size"], scoring=False)
+        models = len(c["teachers"]) + 1 + len(runs["sft_teachers"]) + len(list(self.opd_runs())) * (
+            2 if c["standard_opd"]["enabled"] else 1)
+        p.tokens = {"generated": models * n_eval * e["k"] * e["max_gen_toks"]}
+        p.note = (p.note + f" [largest of {models} models]").strip()
+        plans.append(p)
+        return plans
+
+    def opd_runs(self):
+        runs = self.config["runs"]
+        for s in runs["sft_teachers"]:
+            for t in runs["opd_teachers"]:
+                if s == t or self.config["allow_teacher_mismatch"]:
+                    yield from ((s, t, seed) for seed in runs["seeds"])
+
+    @staticmethod
+    def opd_steps(train: dict[str, Any], sequences: int) -> int:
+        if train.get("max_steps", -1) > 0:
+            return train["max_steps"]
+        return max(1, math.ceil(sequences * train.get("epochs", 1) / train["batch_size"]))
+
+
+def plan(config: dict[str, Any]) -> list[StagePlan]:
+    return Planner(config).stages()
+
+
+def check(plans: list[StagePlan], where: str = "the config") -> None:
+    """Raise PlanError naming every stage that does not fit and its knob."""
+    bad = [p for p in plans if not p.fits]
+    if bad:
+        raise PlanError(f"{where} cannot fit the declared memory (resources.<kind>.gpu_mem_gb, default "
+                        f"{DEFAULT_GPU_MEM_GB:.0f}; mem_mb on CPU):\n" + "\n".join(
+                            f"  {p.stage}: needs {p.peak_gb:.1f} GB per rank, has {p.limit_gb:.0f} GB"
+                            f"{' (and more GPUs than the job has)' if p.blocked else ''}: turn {p.knob}"
+                            for p in bad))
+
+
+def report(plans: list[StagePlan]) -> str:
+    return "\n".join(["plan (predicted per stage; lightning_opd.plan):", *("  " + p.line() for p in plans)])
+
+
+def load_config(configfiles: list[Path], base: Path) -> dict[str, Any]:
+    """config/config.yaml with the files merged over it key by key, as Snakemake does."""
+    import yaml
+
+    def merge(a, b):
+        return {**a, **{k: merge(a[k], v) if isinstance(v, dict) and isinstance(a.get(k), dict) else v
+                        for k, v in b.items()}}
+
+    config = yaml.safe_load(base.read_text())
+    for f in configfiles:
+        config = merge(config, yaml.safe_load(Path(f).read_text()) or {})
+    for spec in [config["tokenizer"], config["student_base"], *config["teachers"].values()]:
+        if spec.get("path"):
+            spec.pop("build", None)
+    return config
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configfile", nargs="*", type=Path, default=[], help="override files, as for snakemake")
+    parser.add_argument("--base", type=Path, default=Path("config/config.yaml"))
+    args = parser.parse_args(argv)
+    plans = plan(load_config(args.configfile, args.base))
+    print(report(plans))
+    try:
+        check(plans, " ".join(map(str, args.configfile)) or str(args.base))
+    except PlanError as error:
+        print(error, file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""The planner: model sizes from config.json equal the real models' parameter
+counts; the paper configs and the single-GPU config pass it; a config that
+cannot fit is refused, by the planner and by a dry run, with the knob named;
+and on CPU its peak for a real training step is within 30% of the measured one."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3MoeConfig
+
+from lightning_opd.plan import (QWEN3_SHAPES, PlanError, check, load_config, model_shape, plan, shape_from_config,
+                                training_memory)
+from test_pipeline import REPO, snakemake, write_yaml
+
+PAPER = ["qwen3-4b", "qwen3-8b", "qwen3-30b-a3b", "qwen3-4b-1gpu"]
+
+
+def paper(name: str, *overrides: Path) -> dict:
+    return load_config([REPO / f"config/paper/{name}.yaml", *overrides], REPO / "config/config.yaml")
+
+
+@pytest.mark.parametrize("config", [
+    Qwen3Config(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, tie_word_embeddings=False),
+    Qwen3MoeConfig(vocab_size=300, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_experts=8,
+                   num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                   head_dim=16, tie_word_embeddings=False),
+], ids=["dense", "moe"])
+def test_shape_counts_the_parameters_of_the_real_model(config, tmp_path):
+    model = AutoModelForCausalLM.from_config(config)
+    model.config.to_json_file(tmp_path / "config.json")
+    shape = model_shape({"path": str(tmp_path)})
+    assert shape == shape_from_config(json.loads((tmp_path / "config.json").read_text()))
+    assert shape.params == sum(p.numel() for p in model.parameters())
+
+
+def test_known_qwen3_shapes_have_the_published_sizes():
+    billions = {name: round(shape.params / 1e9, 1) for name, shape in QWEN3_SHAPES.items()}
+    assert billions == {"Qwen/Qwen3-0.6B": 0.6, "Qwen/Qwen3-1.7B": 1.7, "Qwen/Qwen3-4B": 4.0, "Qwen/Qwen3-8B": 8.2,
+                        "Qwen/Qwen3-14B": 14.8, "Qwen/Qwen3-32B": 32.8, "Qwen/Qwen3-30B-A3B": 30.5}
+    assert model_shape({"path": "Qwen/Qwen3-8B-Base@abc"}) == QWEN3_SHAPES["Qwen/Qwen3-8B"]
+    with pytest.raises(PlanError, match="not a known Qwen3 id"):
+        model_shape({"path": "someone/unknown-model"})
+
+
+@pytest.mark.parametrize("name", PAPER)
+def test_paper_configs_fit(name):
+    plans = plan(paper(name))
+    check(plans, name)
+    assert {p.stage for p in plans} >= {"sft", "rollouts", "lightning_opd", "evaluate"}
+    assert all(p.tokens for p in plans)
+
+
+def test_eight_b_on_one_gpu_is_refused_with_the_knobs_named(tmp_path):
+    one_gpu = write_yaml(tmp_path / "one.yaml", {"resources": {"default": {"gpus": 1}}})
+    with pytest.raises(PlanError) as error:
+        check(plan(paper("qwen3-8b", one_gpu)), "qwen3-8b on one GPU")
+    message = str(error.value)
+    assert "sft: needs 146.0 GB per rank, has 80 GB: turn resources.train.gpus" in message
+    assert "generation.backend_options.tensor_parallel_size (8 > resources.generate.gpus 1)" in message
+    # a GPU with more memory is declared per kind of rule
+    roomy = write_yaml(tmp_path / "roomy.yaml", {"resources": {"train": {"gpu_mem_gb": 141}}})
+    plans = {p.stage: p for p in plan(paper("qwen3-30b-a3b", roomy))}
+    assert plans["lightning_opd"].limit_gb == 141 and plans["rollouts"].limit_gb == 80
+
+
+def test_dry_run_prints_the_plan_and_refuses_what_cannot_fit(tmp_path):
+    results = {"results_dir": str(tmp_path / "results")}
+    ok = snakemake("-n", "--configfile", "config/paper/qwen3-8b.yaml", str(write_yaml(tmp_path / "o.yaml", results)))
+    for stage in ("sft_data[A]", "sft", "rollouts", "teacher_cache[A]", "lightning_opd", "standard_opd", "evaluate"):
+        assert f"\n  {stage} " in ok.stderr
+    bad = write_yaml(tmp_path / "bad.yaml", {**results, "resources": {"train": {"gpus": 1}}})
+    refused = snakemake("-n", "--configfile", "config/paper/qwen3-8b.yaml", str(bad), check=False)
+    assert refused.returncode != 0
+    assert "experiment qwen3-8b cannot fit" in refused.stderr + refused.stdout
+    assert "lightning_opd: needs" in refused.stderr + refused.stdout and "turn resources.train.gpus" in refused.stderr
+
+
+def test_cpu_prediction_is_within_30_percent_of_a_measured_training_step():
+    """One Lightning OPD step on CPU with Qwen3's output width (151,936) and 2 x 512 packed tokens:
+    the log-prob path dominates, as at paper scale."""
+    shape = {"vocab_size": 151936, "hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64, "max_position_embeddings": 4096}
+    train = {"batch_size": 2, "micro_batch_size": 2, "packing": True, "max_steps": 1, "save_steps": 100,
+             "logging_steps": 1, "warmup_ratio": 0.0}
+    result = subprocess.run([sys.executable, str(Path(__file__).with_name("check_train_peak.py")), json.dumps(shape),
+                             json.dumps(train), "64", "448"], capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    measured = json.loads(result.stdout.strip().splitlines()[-1])["peak_rss_gb"]
+    parts, _ = training_memory(shape_from_config({**shape, "tie_word_embeddings": True}), train, 512, world=1,
+                               on_gpu=False)
+    predicted = sum(parts.values())
+    assert parts["logprobs"] > 0.5 * predicted
+    assert abs(predicted - measured) <= 0.3 * measured, (predicted, measured, parts)
