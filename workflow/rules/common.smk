@@ -131,6 +131,25 @@ def eval_labels():
     return labels
 
 
+# ---- the benchmarks: `eval.tasks`, each a wildcard of the evaluation rule
+def eval_task_yaml(task):
+    """An lm-eval task file: a task of src/lightning_opd/lm_eval_tasks/ by name, or a path to a task yaml."""
+    return Path(task) if task.endswith((".yaml", ".yml")) else PKG / "lm_eval_tasks" / task / f"{task}.yaml"
+
+
+def benchmark_name(task):
+    """A benchmark's name in paths, data.eval and the report: the task name, or a task yaml's file stem."""
+    return eval_task_yaml(task).stem
+
+
+BENCHMARKS = {benchmark_name(task): eval_task_yaml(task) for task in config["eval"]["tasks"]}
+
+
+def eval_data(benchmark):
+    """A benchmark's problems: its own prepared set under `data.eval`, or the synthetic task's held-out set."""
+    return f"{R}/data/eval/{benchmark}.parquet" if "data" in config else f"{R}/data/eval.parquet"
+
+
 def opd_params(w):
     # the mismatch switch reaches only inconsistent runs, so flipping it does
     # not invalidate the consistent ones
@@ -140,7 +159,8 @@ def opd_params(w):
 
 # ---- the report's manifest: models, their evaluations and the stages that made them
 def stage_entry(stage, pattern):
-    return {"stage": stage, "benchmark": bench(stage, pattern), "devices": devices(stage_kind(stage))}
+    return {"stage": stage, "job": pattern or stage, "benchmark": bench(stage, pattern),
+            "devices": devices(stage_kind(stage))}
 
 
 def stage_kind(stage):
@@ -171,18 +191,18 @@ def report_manifest():
             models.append({"label": label, "role": f"{method}_opd", "sft_teacher": sft_t, "opd_teacher": opd_t,
                            "seed": seed, "model_dir": f"{R}/models/{label}", "cost": cost[method]})
     for m in models:
-        m["eval"] = f"{R}/eval/{m['label']}.json"
+        m["evals"] = {b: f"{R}/eval/{b}/{m['label']}.json" for b in BENCHMARKS}
     if "data" in config:
-        stages = [stage_entry("prepare_data", split) for split in ("sft", "opd", "eval")]
+        stages = [stage_entry("prepare_data", split) for split in ("sft", "opd", *(f"eval/{b}" for b in BENCHMARKS))]
     else:
         stages = [stage_entry("task_data", "")]
     if "build" in config["tokenizer"]:
         stages.append(stage_entry("tokenizer", ""))
     stages += [entry for m in models for entry in m["cost"] if entry not in stages]
-    stages += [stage_entry("evaluate", m["label"]) for m in models]
+    stages += [stage_entry("evaluate", f"{b}/{m['label']}") for b in BENCHMARKS for m in models]
     kind = "gpu" if any(res(k)["gpus"] for k in ("generate", "train", "evaluate")) else "cpu"
     return {"experiment": config["experiment"], "device_kind": kind, "models": models, "stages": stages,
-            "eval": {"k": config["eval"]["k"]}}
+            "eval": {"k": config["eval"]["k"], "benchmarks": list(BENCHMARKS)}}
 
 
 wildcard_constraints:
@@ -191,3 +211,4 @@ wildcard_constraints:
     opd_teacher="[A-Za-z0-9]+",
     seed="[0-9]+",
     model="[A-Za-z0-9_\\-]+",
+    benchmark="[A-Za-z0-9_\\-]+",

@@ -3,22 +3,27 @@
 
 if "data" in config:
 
+    def dataset(split):
+        """`data.<split>`; `eval/<benchmark>` is the benchmark's entry of `data.eval`."""
+        kind, _, benchmark = split.partition("/")
+        return config["data"]["eval"][benchmark] if kind == "eval" else config["data"][split]
+
     rule prepare_data:
         input:
-            local=lambda w: [p for p in [config["data"][w.split]["source"]] if os.path.isfile(p)],
+            local=lambda w: [p for p in [dataset(w.split)["source"]] if os.path.isfile(p)],
             code=code("prepare_data.py"),
         output:
             f"{R}/data/{{split}}.parquet",
         wildcard_constraints:
-            split="sft|opd|eval",
+            split="sft|opd|eval/[A-Za-z0-9_\\-]+",
         params:
-            source=lambda w: config["data"][w.split]["source"],
-            hf_split=lambda w: config["data"][w.split].get("split", "train"),
-            problem=lambda w: config["data"][w.split]["problem_field"],
-            answer=lambda w: (f"--answer-field {config['data'][w.split]['answer_field']}"
-                              if config["data"][w.split].get("answer_field") else ""),
-            limit=lambda w: (f"--limit {config['data'][w.split]['limit']}"
-                             if config["data"][w.split].get("limit") else ""),
+            source=lambda w: shlex.quote(dataset(w.split)["source"]),
+            hf_split=lambda w: shlex.quote(dataset(w.split).get("split", "train")),
+            problem=lambda w: shlex.quote(dataset(w.split)["problem_field"]),
+            answer=lambda w: (f"--answer-field {shlex.quote(dataset(w.split)['answer_field'])}"
+                              if dataset(w.split).get("answer_field") else ""),
+            limit=lambda w: f"--limit {int(dataset(w.split)['limit'])}" if dataset(w.split).get("limit") else "",
+            name=lambda w: w.split.rpartition("/")[2],  # the id prefix: sft, opd or the benchmark
         log:
             logfile("prepare_data", "{split}"),
         benchmark:
@@ -30,7 +35,7 @@ if "data" in config:
             "../envs/train.yaml"
         shell:
             "python -m lightning_opd.prepare_data --source {params.source} --split {params.hf_split} "
-            "--problem-field {params.problem} {params.answer} {params.limit} --name {wildcards.split} "
+            "--problem-field {params.problem} {params.answer} {params.limit} --name {params.name} "
             "--out {output} > {log} 2>&1"
 
 

@@ -1,29 +1,34 @@
-# Stage 8: avg@k through lm-eval for every model of the experiment.
+# Stage 8: avg@k through lm-eval for every benchmark of `eval.tasks` and every model of the experiment.
 from snakemake.exceptions import WorkflowError
 
-# `eval.task`: a task of src/lightning_opd/lm_eval_tasks/ by name, or a path to a task yaml.
-EVAL_TASK_NAME = config["eval"]["task"]
-EVAL_TASK = (Path(EVAL_TASK_NAME) if EVAL_TASK_NAME.endswith((".yaml", ".yml"))
-             else PKG / "lm_eval_tasks" / EVAL_TASK_NAME / f"{EVAL_TASK_NAME}.yaml")
-if not EVAL_TASK.is_file():
-    raise WorkflowError(f"eval.task {EVAL_TASK_NAME!r}: {EVAL_TASK} not found (give a task of "
-                        f"{PKG / 'lm_eval_tasks'} by name, or a path to a task yaml)")
+for task, task_yaml in zip(config["eval"]["tasks"], BENCHMARKS.values()):
+    if not task_yaml.is_file():
+        raise WorkflowError(f"eval.tasks: {task!r}: {task_yaml} not found (give a task of "
+                            f"{PKG / 'lm_eval_tasks'} by name, or a path to a task yaml)")
+if len(BENCHMARKS) != len(config["eval"]["tasks"]):
+    raise WorkflowError(f"eval.tasks {config['eval']['tasks']}: two tasks share a name (a task yaml's file stem "
+                        "names its benchmark)")
+if "data" in config and set(config["data"]["eval"]) != set(BENCHMARKS):
+    raise WorkflowError(f"data.eval has datasets for {sorted(config['data']['eval'])} but eval.tasks names the "
+                        f"benchmarks {list(BENCHMARKS)}: give data.eval one dataset per benchmark, by its name")
 
-# The Python beside the task file and the shared checker: inputs, so that an edit reruns evaluation.
-EVAL_TASK_CODE = sorted({os.path.relpath(p) for p in [*EVAL_TASK.parent.glob("*.py"),
-                                                      PKG / "lm_eval_tasks/answer_check.py"]})
+
+def eval_task_code(benchmark):
+    """The Python beside a task file and the shared checker: inputs, so that an edit reruns the evaluation."""
+    return sorted({os.path.relpath(p) for p in [*BENCHMARKS[benchmark].parent.glob("*.py"),
+                                                PKG / "lm_eval_tasks/answer_check.py"]})
 
 
 rule evaluate:
     input:
         model=lambda w: built(eval_model_path(w.model)),
-        eval_file=f"{R}/data/eval.parquet",
-        task=os.path.relpath(EVAL_TASK),
-        task_code=EVAL_TASK_CODE,
+        eval_file=lambda w: eval_data(w.benchmark),
+        task=lambda w: os.path.relpath(BENCHMARKS[w.benchmark]),
+        task_code=lambda w: eval_task_code(w.benchmark),
         code=code("evaluate.py"),
     output:
-        summary=f"{R}/eval/{{model}}.json",
-        samples=f"{R}/eval/{{model}}.samples.jsonl",
+        summary=f"{R}/eval/{{benchmark}}/{{model}}.json",
+        samples=f"{R}/eval/{{benchmark}}/{{model}}.samples.jsonl",
     params:
         model=lambda w: eval_model_path(w.model),
         k=config["eval"]["k"],
@@ -35,9 +40,9 @@ rule evaluate:
         seed=config["eval"]["seed"],
         backend_options=js(config["eval"]["backend_options"]),
     log:
-        logfile("evaluate", "{model}"),
+        logfile("evaluate", "{benchmark}/{model}"),
     benchmark:
-        bench("evaluate", "{model}")
+        bench("evaluate", "{benchmark}/{model}")
     threads: res("evaluate")["cpus"]
     resources:
         **stage_resources("evaluate"),
