@@ -1,6 +1,7 @@
-"""A tiny world built once per test session with the pipeline's own modules:
-task data, a tokenizer, two random tiny Qwen3 teachers, a student base, SFT
-data from teacher A, pi_ref (a few SFT steps), its rollouts and teacher caches."""
+"""Built once per test session: a tiny world made with the pipeline's own modules
+(task data, a tokenizer, two random tiny Qwen3 teachers, a student base, SFT
+data from teacher A, pi_ref (a few SFT steps), its rollouts and teacher caches),
+and one reduced run of the whole pipeline through Snakemake (tiny_run)."""
 from __future__ import annotations
 
 import json
@@ -51,3 +52,14 @@ def world(tmp_path_factory) -> dict[str, Path]:
         teacher_cache.build_cache(str(w[f"teacher_{t}"]), w["rollouts"], root / f"cache-{t}.parquet", label=t)
         w[f"cache_{t}"] = root / f"cache-{t}.parquet"
     return w
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """tests/configs/tiny.yaml end to end through Snakemake, once per session, in a copy of the repository."""
+    from test_pipeline import copy_repo, snakemake
+
+    work = copy_repo(tmp_path_factory.mktemp("repo"), "tests/configs")
+    config = ["--configfile", "tests/configs/tiny.yaml"]
+    snakemake(*config, cwd=work)
+    return work, config

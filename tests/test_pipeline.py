@@ -110,22 +110,14 @@ def test_bad_config_stops_snakemake_before_any_job(tmp_path):
     assert not (tmp_path / "results").exists()
 
 
-# ---- one reduced run, end to end, in a copy of the repository -------------------------------
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    work = copy_repo(tmp_path_factory.mktemp("repo"), "tests/configs")
-    config = ["--configfile", "tests/configs/tiny.yaml"]
-    snakemake(*config, cwd=work)
-    return work, config
-
-
+# ---- one reduced run, end to end, in a copy of the repository (the tiny_run fixture of conftest.py)
 def test_tiny_run_writes_the_report(tiny_run):
     work, _ = tiny_run
     report = work / "results/tiny/report"
     models = pd.read_csv(report / "models.csv", keep_default_na=False)
     assert list(models["role"]) == ["teacher", "student_base", "sft", "lightning_opd", "standard_opd"]
-    assert models["n_problems"].eq(12).all()
-    assert models["avg@2"].between(0, 1).all()
+    assert models["synth_arith n_problems"].eq(12).all()
+    assert models["synth_arith avg@2"].between(0, 1).all()
     assert (models["device_hours"] > 0).all()
     assert list(models.loc[models.role.str.endswith("_opd"), "teacher_consistent"]) == ["yes", "yes"]
     table = pd.read_csv(report / "table.csv")
@@ -192,7 +184,7 @@ def test_paper_config_dag_needs_no_download(paper, tmp_path):
     override = write_yaml(tmp_path / "o.yaml", {"results_dir": str(tmp_path / "results")})
     result = snakemake("-n", "--configfile", f"config/paper/{paper}.yaml", str(override))
     jobs = planned_jobs(result.stdout)
-    assert jobs["prepare_data"] == 3
+    assert jobs["prepare_data"] == 4  # sft, opd, and one eval set per benchmark (aime24, aime25)
     assert not {"task_data", "tokenizer", "pretrain_teacher", "pretrain_student_base"} & set(jobs)
     assert jobs["lightning_opd"] == 1
     assert jobs.get("standard_opd", 0) == (0 if paper == "qwen3-30b-a3b" else 1)
