@@ -5,6 +5,8 @@ import os
 import shlex
 from pathlib import Path
 
+from snakemake.exceptions import WorkflowError
+
 R = f"{config['results_dir']}/{config['experiment']}"
 SRC = Path(workflow.basedir).parent / "src"
 PKG = SRC / "lightning_opd"
@@ -148,6 +150,30 @@ BENCHMARKS = {benchmark_name(task): eval_task_yaml(task) for task in config["eva
 def eval_data(benchmark):
     """A benchmark's problems: its own prepared set under `data.eval`, or the synthetic task's held-out set."""
     return f"{R}/data/eval/{benchmark}.parquet" if "data" in config else f"{R}/data/eval.parquet"
+
+
+def dataset(split):
+    """`data.<split>`; `eval/<benchmark>` is the benchmark's entry of `data.eval`."""
+    kind, _, benchmark = split.partition("/")
+    return config["data"]["eval"][benchmark] if kind == "eval" else config["data"][split]
+
+
+for task, task_yaml in zip(config["eval"]["tasks"], BENCHMARKS.values()):
+    if not task_yaml.is_file():
+        raise WorkflowError(f"eval.tasks: {task!r}: {task_yaml} not found (give a task of "
+                            f"{PKG / 'lm_eval_tasks'} by name, or a path to a task yaml)")
+if len(BENCHMARKS) != len(config["eval"]["tasks"]):
+    raise WorkflowError(f"eval.tasks {config['eval']['tasks']}: two tasks share a name (a task yaml's file stem "
+                        "names its benchmark)")
+if "data" in config and set(config["data"]["eval"]) != set(BENCHMARKS):
+    raise WorkflowError(f"data.eval has datasets for {sorted(config['data']['eval'])} but eval.tasks names the "
+                        f"benchmarks {list(BENCHMARKS)}: give data.eval one dataset per benchmark, by its name")
+
+
+def eval_task_code(benchmark):
+    """The Python beside a task file and the shared checker: inputs, so that an edit reruns the evaluation."""
+    return sorted({os.path.relpath(p) for p in [*BENCHMARKS[benchmark].parent.glob("*.py"),
+                                                PKG / "lm_eval_tasks/answer_check.py"]})
 
 
 def opd_params(w):

@@ -3,11 +3,6 @@
 
 if "data" in config:
 
-    def dataset(split):
-        """`data.<split>`; `eval/<benchmark>` is the benchmark's entry of `data.eval`."""
-        kind, _, benchmark = split.partition("/")
-        return config["data"]["eval"][benchmark] if kind == "eval" else config["data"][split]
-
     rule prepare_data:
         input:
             local=lambda w: [p for p in [dataset(w.split)["source"]] if os.path.isfile(p)],

@@ -1,22 +1,4 @@
 # Stage 8: avg@k through lm-eval for every benchmark of `eval.tasks` and every model of the experiment.
-from snakemake.exceptions import WorkflowError
-
-for task, task_yaml in zip(config["eval"]["tasks"], BENCHMARKS.values()):
-    if not task_yaml.is_file():
-        raise WorkflowError(f"eval.tasks: {task!r}: {task_yaml} not found (give a task of "
-                            f"{PKG / 'lm_eval_tasks'} by name, or a path to a task yaml)")
-if len(BENCHMARKS) != len(config["eval"]["tasks"]):
-    raise WorkflowError(f"eval.tasks {config['eval']['tasks']}: two tasks share a name (a task yaml's file stem "
-                        "names its benchmark)")
-if "data" in config and set(config["data"]["eval"]) != set(BENCHMARKS):
-    raise WorkflowError(f"data.eval has datasets for {sorted(config['data']['eval'])} but eval.tasks names the "
-                        f"benchmarks {list(BENCHMARKS)}: give data.eval one dataset per benchmark, by its name")
-
-
-def eval_task_code(benchmark):
-    """The Python beside a task file and the shared checker: inputs, so that an edit reruns the evaluation."""
-    return sorted({os.path.relpath(p) for p in [*BENCHMARKS[benchmark].parent.glob("*.py"),
-                                                PKG / "lm_eval_tasks/answer_check.py"]})
 
 
 rule evaluate:
