@@ -64,8 +64,10 @@ def test_report_holds_table_plots_stage_costs_and_config(html_report):
     assert config["experiment"] == "tiny" and config["eval"]["k"] == 2 and config["eval"]["tasks"] == ["synth_arith"]
     assert config["lightning_opd"]["adam_beta2"] == 0.98  # from the default, not in tiny.yaml
     assert "experiment: tiny" in decoded(results["config.html"]).decode()
-    # captions and the global description from workflow/report/
-    assert "avg@2, the mean over problems" in page and "for experiment" in page
+    # the global description and the captions from workflow/report/, rendered with the config (docutils
+    # writes @ as &#64;)
+    assert "for experiment\\n<strong>tiny</strong>" in page and "Benchmarks: synth_arith, avg&#64;2" in page
+    assert "Accuracy of every model on each benchmark (synth_arith):\\navg&#64;2, the mean over problems" in page
 
 
 @pytest.mark.skipif(BROWSER is None, reason="no chromium: apt-get install chromium (make test installs it)")
@@ -89,7 +91,8 @@ def test_chromium_renders_the_table_and_a_plot_without_errors(html_report, tmp_p
         plot_path = next(p for p in paths if p.endswith("/accuracy_vs_cost.png"))
         browser.evaluate(f"app.setView({{content: 'img', contentPath: results[{json.dumps(plot_path)}].data_uri, "
                          f"resultPath: {json.dumps(plot_path)}}}), true")
-        width = browser.wait_until("(() => { const img = document.querySelector('#app img'); "
+        width = browser.wait_until(f"(() => {{ const img = [...document.querySelectorAll('img')].find("
+                                   f"i => i.src === results[{json.dumps(plot_path)}].data_uri); "
                                    "return img && img.complete && img.naturalWidth; })()")
         assert width == 605  # 5.5 in at 110 dpi
         assert browser.errors == []

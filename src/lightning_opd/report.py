@@ -184,7 +184,7 @@ table {{ border-collapse: collapse; }}
 th, td {{ border: 1px solid #ccc; padding: 0.3em 0.6em; }}
 th {{ background: #f0f0f0; }}
 td {{ text-align: right; }}
-td:first-child {{ text-align: left; }}
+td:first-child, th:first-child {{ text-align: left; }}
 pre {{ background: #f7f7f7; padding: 1em; }}
 </style></head>
 <body><h2>{title}</h2>
@@ -201,11 +201,12 @@ def write_frame(frame: pd.DataFrame, out_dir: Path, name: str, title: str) -> No
     """``name``.csv, .md and .html: the same table for scripts, for reading and for the HTML report."""
     with atomic_path(out_dir / f"{name}.csv") as tmp:
         frame.to_csv(tmp, index=False)
-    shown = frame.astype(object).where(frame.notna(), None)  # blank, not "nan", where a cell does not apply
+    # blank, not "nan" or "None", where a cell does not apply
+    shown = frame.astype(object).where(frame.notna(), None)
     with atomic_path(out_dir / f"{name}.md") as tmp:
         tmp.write_text(f"## {title}\n\n{shown.to_markdown(index=False, missingval='')}\n")
     with atomic_path(out_dir / f"{name}.html") as tmp:
-        tmp.write_text(html_page(title, shown.to_html(index=False, na_rep="", border=0)))
+        tmp.write_text(html_page(title, frame.to_html(index=False, na_rep="", border=0)))
 
 
 def write_config(config: dict[str, Any], out_dir: Path, experiment: str) -> None:
