@@ -104,10 +104,10 @@ def summary_table(models: pd.DataFrame, benchmarks: list[str], k: int) -> pd.Dat
         names.append(name)
     out = {"model": names}
     for acc in accs:
-        mean, std = table[f"{acc} mean"], table[f"{acc} std"].fillna(0.0)  # one seed: no spread
-        out[acc] = [f"{m:.4f} +- {sd:.4f}" for m, sd in zip(mean, std)]
+        table[f"{acc} std"] = table[f"{acc} std"].fillna(0.0)  # one seed: no spread
+        out[acc] = [f"{m:.4f} +- {sd:.4f}" for m, sd in zip(table[f"{acc} mean"], table[f"{acc} std"])]
     for acc in accs:
-        out[f"{acc} mean"], out[f"{acc} std"] = table[f"{acc} mean"].round(4), table[f"{acc} std"].fillna(0.0).round(4)
+        out[f"{acc} mean"], out[f"{acc} std"] = table[f"{acc} mean"].round(4), table[f"{acc} std"].round(4)
     out.update(seeds=table.seeds, device_hours=table.device_hours.round(5), cost_vs_standard_opd=ratios)
     return pd.DataFrame(out)
 
