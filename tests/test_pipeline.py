@@ -116,8 +116,8 @@ def test_tiny_run_writes_the_report(tiny_run):
     report = work / "results/tiny/report"
     models = pd.read_csv(report / "models.csv", keep_default_na=False)
     assert list(models["role"]) == ["teacher", "student_base", "sft", "lightning_opd", "standard_opd"]
-    assert models["n_problems"].eq(12).all()
-    assert models["avg@2"].between(0, 1).all()
+    assert models["synth_arith n_problems"].eq(12).all()
+    assert models["synth_arith avg@2"].between(0, 1).all()
     assert (models["device_hours"] > 0).all()
     assert list(models.loc[models.role.str.endswith("_opd"), "teacher_consistent"]) == ["yes", "yes"]
     table = pd.read_csv(report / "table.csv")
@@ -217,7 +217,7 @@ def test_paper_config_dag_needs_no_download(paper, tmp_path):
     override = write_yaml(tmp_path / "o.yaml", {"results_dir": str(tmp_path / "results")})
     result = snakemake("-n", "--configfile", f"config/paper/{paper}.yaml", str(override))
     jobs = planned_jobs(result.stdout)
-    assert jobs["prepare_data"] == 3
+    assert jobs["prepare_data"] == 4  # sft, opd, and one eval set per benchmark (aime24, aime25)
     assert not {"task_data", "tokenizer", "pretrain_teacher", "pretrain_student_base"} & set(jobs)
     assert jobs["lightning_opd"] == 1
     assert jobs.get("standard_opd", 0) == (0 if paper == "qwen3-30b-a3b" else 1)

@@ -1,7 +1,10 @@
-"""The report turns Snakemake benchmark files into device-hours."""
+"""The report turns Snakemake benchmark files into device-hours, and evaluations
+on several benchmarks into a column per benchmark."""
+import json
+
 import pytest
 
-from lightning_opd.report import benchmark_seconds, stage_costs
+from lightning_opd.report import benchmark_seconds, model_table, stage_costs, summary_table
 
 HEADER = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
 
@@ -29,3 +32,29 @@ def test_unreadable_benchmark_is_named(tmp_path):
     bad.write_text("not\ta benchmark\n1\t2\n")
     with pytest.raises(ValueError, match="bad.tsv: no 's'"):
         benchmark_seconds(bad)
+
+
+def test_a_column_per_benchmark_with_mean_and_std_over_seeds(tmp_path):
+    accuracy = {("sft-A", "aime24"): 0.5, ("sft-A", "aime25"): 0.25,
+                ("lightning-0", "aime24"): 0.6, ("lightning-0", "aime25"): 0.3,
+                ("lightning-1", "aime24"): 0.8, ("lightning-1", "aime25"): 0.2}
+    models = []
+    for label, role, seed in [("sft-A", "sft", ""), ("lightning-0", "lightning_opd", 0),
+                              ("lightning-1", "lightning_opd", 1)]:
+        evals = {}
+        for benchmark in ("aime24", "aime25"):
+            evals[benchmark] = str(tmp_path / f"{benchmark}-{label}.json")
+            (tmp_path / f"{benchmark}-{label}.json").write_text(json.dumps(
+                {"k": 32, "avg_at_k": accuracy[label, benchmark], "pass_at_k": 1.0, "n_problems": 30}))
+        models.append({"label": label, "role": role, "sft_teacher": "A", "opd_teacher": "" if role == "sft" else "A",
+                       "seed": seed, "evals": evals,
+                       "cost": [{"stage": "x", "benchmark": bench(tmp_path / f"{label}.tsv", 360.0), "devices": 8}]})
+    frame = model_table({"models": models})
+    assert frame["aime25 avg@32"].tolist() == [0.25, 0.3, 0.2] and frame["aime24 n_problems"].eq(30).all()
+    table = summary_table(frame, ["aime24", "aime25"], 32)
+    assert table.columns.tolist() == ["model", "aime24 avg@32", "aime25 avg@32", "aime24 avg@32 mean",
+                                      "aime24 avg@32 std", "aime25 avg@32 mean", "aime25 avg@32 std", "seeds",
+                                      "device_hours", "cost_vs_standard_opd"]
+    assert table["aime24 avg@32"].tolist() == ["0.5000 +- 0.0000", "0.7000 +- 0.1414"]
+    assert table["aime25 avg@32 mean"].tolist() == [0.25, 0.25]
+    assert table["seeds"].tolist() == [1, 2] and table["device_hours"].tolist() == [0.8, 0.8]

@@ -40,7 +40,7 @@ VLLM_ACTIVATION_GB = 2.0
 VLLM_BATCHED_TOKENS = 8192
 # unique problems of hub datasets whose size the planner cannot read offline
 KNOWN_PROMPTS = {"BytedTsinghua-SIA/DAPO-Math-17k": 17_917, "open-r1/DAPO-Math-17k-Processed": 17_398,
-                 "Maxwell-Jia/AIME_2024": 30}
+                 "Maxwell-Jia/AIME_2024": 30, "math-ai/aime25": 30, "HuggingFaceH4/MATH-500": 500}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,10 +240,17 @@ class Planner:
         return (r.get("processes") or r["gpus"] or 1) * r.get("nodes", 1)
 
     def prompts(self, split: str) -> int:
+        """Problems of a split; for `eval`, of all benchmarks together."""
         data = self.config.get("data")
+        benchmarks = len(self.config["eval"]["tasks"]) if split == "eval" else 1
         if data is None:
-            return self.config["task"].get(f"n_{split}", {"sft": 800, "opd": 512, "eval": 200}[split])
-        spec = data[split]
+            return benchmarks * self.config["task"].get(f"n_{split}", {"sft": 800, "opd": 512, "eval": 200}[split])
+        if split == "eval":
+            return sum(self.dataset_rows(spec) for spec in data["eval"].values())
+        return self.dataset_rows(data[split])
+
+    @staticmethod
+    def dataset_rows(spec: dict[str, Any]) -> int:
         if spec.get("limit"):
             return spec["limit"]
         source = Path(spec["source"])

@@ -1,12 +1,16 @@
-"""Stage 9: the experiment's report. Accuracy and measured cost of every
-model, the cost of every stage from Snakemake's benchmark files
-(device-hours = wall seconds x devices / 3600), and the OPD training curves.
+"""Stage 9: the experiment's report. Accuracy on every benchmark and measured
+cost of every model, the cost of every stage from Snakemake's benchmark files
+(device-hours = wall seconds x devices / 3600), the OPD training curves, and
+the resolved config. Tables are written as markdown, CSV and HTML (the HTML
+ones and the plots are what `snakemake --report` embeds).
 
 The manifest (JSON, written by the report rule) lists the models with their
-evaluation summaries and the benchmark files of the stages that made them."""
+evaluation summaries per benchmark and the benchmark files of the stages that
+made them."""
 from __future__ import annotations
 
 import argparse
+import html
 import json
 from pathlib import Path
 from typing import Any
@@ -36,18 +40,21 @@ def stage_costs(stages: list[dict[str, Any]]) -> pd.DataFrame:
         if not path.is_file():
             continue  # a stage this run did not execute (a model given by path, say)
         seconds = benchmark_seconds(path)
-        rows.append({"stage": entry["stage"], "job": path.stem, "wall_s": round(seconds, 2),
+        rows.append({"stage": entry["stage"], "job": entry.get("job", path.stem), "wall_s": round(seconds, 2),
                      "devices": entry["devices"], "device_hours": seconds * entry["devices"] / 3600})
     return pd.DataFrame(rows, columns=["stage", "job", "wall_s", "devices", "device_hours"])
+
+
+def accuracy_column(benchmark: str, k: int) -> str:
+    return f"{benchmark} avg@{k}"
 
 
 def model_table(manifest: dict[str, Any]) -> pd.DataFrame:
     rows = []
     for model in manifest["models"]:
-        summary = json.loads(Path(model["eval"]).read_text())
         costs = stage_costs(model["cost"])
         provenance = read_model_provenance(model["model_dir"]) if model.get("model_dir") else {}
-        rows.append({
+        row = {
             "model": model["label"],
             "role": model["role"],
             "teacher": model.get("teacher", ""),
@@ -55,12 +62,15 @@ def model_table(manifest: dict[str, Any]) -> pd.DataFrame:
             "opd_teacher": model.get("opd_teacher", ""),
             "teacher_consistent": {True: "yes", False: "no"}.get(provenance.get("teacher_consistent"), ""),
             "seed": model.get("seed", ""),
-            f"avg@{summary['k']}": round(summary["avg_at_k"], 4),
-            f"pass@{summary['k']}": round(summary["pass_at_k"], 4),
-            "n_problems": summary["n_problems"],
-            "device_hours": round(costs["device_hours"].sum(), 5),
-            "cost_stages": " + ".join(f"{s} {h:.5f}" for s, h in zip(costs["stage"], costs["device_hours"])),
-        })
+        }
+        for benchmark, path in model["evals"].items():
+            summary = json.loads(Path(path).read_text())
+            row[accuracy_column(benchmark, summary["k"])] = round(summary["avg_at_k"], 4)
+            row[f"{benchmark} pass@{summary['k']}"] = round(summary["pass_at_k"], 4)
+            row[f"{benchmark} n_problems"] = summary["n_problems"]
+        row["device_hours"] = round(costs["device_hours"].sum(), 5)
+        row["cost_stages"] = " + ".join(f"{s} {h:.5f}" for s, h in zip(costs["stage"], costs["device_hours"]))
+        rows.append(row)
     return pd.DataFrame(rows)
 
 
@@ -69,22 +79,21 @@ ROLE_NAMES = {"teacher": "teacher", "student_base": "student base", "sft": "SFT 
               "standard_opd": "standard OPD", "lightning_opd": "Lightning OPD"}
 
 
-def summary_table(models: pd.DataFrame, k: int) -> pd.DataFrame:
-    """The paper's table: one row per method and teacher pair, accuracy as
-    mean +- std over seeds, device-hours, and the cost ratio to standard OPD."""
-    acc = f"avg@{k}"
+def summary_table(models: pd.DataFrame, benchmarks: list[str], k: int) -> pd.DataFrame:
+    """The paper's table: one row per method and teacher pair, accuracy on every
+    benchmark as mean +- std over seeds, device-hours, and the cost ratio to standard OPD."""
+    accs = [accuracy_column(b, k) for b in benchmarks]
     models = models.assign(order=models["role"].map(ROLE_ORDER.index))
     keys = ["order", "role", "teacher", "sft_teacher", "opd_teacher", "teacher_consistent"]
     grouped = models.groupby(keys, sort=True, dropna=False)
-    table = grouped.agg(acc_mean=(acc, "mean"), acc_std=(acc, "std"), seeds=(acc, "size"),
+    aggregations = {f"{acc} {stat}": (acc, stat) for acc in accs for stat in ("mean", "std")}
+    table = grouped.agg(**aggregations, seeds=(accs[0], "size"),
                         device_hours=("device_hours", "mean")).reset_index()
-    table["acc_std"] = table["acc_std"].fillna(0.0)
     standard = table[table.role == "standard_opd"].set_index(["sft_teacher", "opd_teacher"])["device_hours"]
     ratios = []
     for row in table.itertuples():
         base = standard.get((row.sft_teacher, row.opd_teacher))
         ratios.append(round(row.device_hours / base, 3) if base and row.role.endswith("_opd") else None)
-    table["cost_vs_standard_opd"] = ratios
     names = []
     for row in table.itertuples():
         name = ROLE_NAMES[row.role] + (f" {row.teacher}" if row.teacher else "")
@@ -93,12 +102,14 @@ def summary_table(models: pd.DataFrame, k: int) -> pd.DataFrame:
         if row.teacher_consistent == "no":
             name += " INCONSISTENT"
         names.append(name)
-    return pd.DataFrame({
-        "model": names,
-        acc: [f"{m:.4f} +- {sd:.4f}" for m, sd in zip(table.acc_mean, table.acc_std)],
-        f"{acc}_mean": table.acc_mean.round(4), f"{acc}_std": table.acc_std.round(4), "seeds": table.seeds,
-        "device_hours": table.device_hours.round(5), "cost_vs_standard_opd": table.cost_vs_standard_opd,
-    })
+    out = {"model": names}
+    for acc in accs:
+        table[f"{acc} std"] = table[f"{acc} std"].fillna(0.0)  # one seed: no spread
+        out[acc] = [f"{m:.4f} +- {sd:.4f}" for m, sd in zip(table[f"{acc} mean"], table[f"{acc} std"])]
+    for acc in accs:
+        out[f"{acc} mean"], out[f"{acc} std"] = table[f"{acc} mean"].round(4), table[f"{acc} std"].round(4)
+    out.update(seeds=table.seeds, device_hours=table.device_hours.round(5), cost_vs_standard_opd=ratios)
+    return pd.DataFrame(out)
 
 
 def save_figure(fig, out: Path) -> None:
@@ -109,25 +120,26 @@ def save_figure(fig, out: Path) -> None:
     plt.close(fig)
 
 
-def plot_accuracy_vs_cost(models: pd.DataFrame, k: int, kind: str, out: Path) -> None:
+def plot_accuracy_vs_cost(models: pd.DataFrame, benchmark: str, k: int, kind: str, out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    acc = accuracy_column(benchmark, k)
     fig, axis = plt.subplots(figsize=(5.5, 4))
     opd = models[models.role.str.endswith("_opd")]
     for (role, sft_t, opd_t), group in opd.groupby(["role", "sft_teacher", "opd_teacher"]):
         # one seed has no spread: std() is NaN there, drawn as no error bar
-        axis.errorbar(group.device_hours.mean(), group[f"avg@{k}"].mean(),
-                      yerr=group[f"avg@{k}"].std(ddof=1) if len(group) > 1 else 0.0,
+        axis.errorbar(group.device_hours.mean(), group[acc].mean(),
+                      yerr=group[acc].std(ddof=1) if len(group) > 1 else 0.0,
                       xerr=group.device_hours.std(ddof=1) if len(group) > 1 else 0.0, marker="o", capsize=3,
                       label=f"{ROLE_NAMES[role]} SFT {sft_t} / OPD {opd_t}")
-    for value in models.loc[models.role == "sft", f"avg@{k}"]:
+    for value in models.loc[models.role == "sft", acc]:
         axis.axhline(value, ls="--", color="gray", lw=0.8)
     axis.set_xlabel(f"OPD stage cost ({kind}-hours)")
-    axis.set_ylabel(f"avg@{k}")
-    axis.set_title("accuracy against cost (dashed: pi_ref)", fontsize=9)
+    axis.set_ylabel(acc)
+    axis.set_title(f"{benchmark}: accuracy against cost (dashed: pi_ref)", fontsize=9)
     axis.grid(alpha=0.3)
     axis.legend(fontsize=6)
     fig.tight_layout()
@@ -164,32 +176,73 @@ def plot_training_curves(manifest: dict[str, Any], out: Path) -> None:
     save_figure(fig, out)
 
 
-def write_frame(frame: pd.DataFrame, md: Path, csv: Path, title: str) -> None:
-    with atomic_path(csv) as tmp:
+HTML_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body {{ font-family: sans-serif; font-size: 14px; margin: 1.5em; }}
+table {{ border-collapse: collapse; }}
+th, td {{ border: 1px solid #ccc; padding: 0.3em 0.6em; }}
+th {{ background: #f0f0f0; }}
+td {{ text-align: right; }}
+td:first-child, th:first-child {{ text-align: left; }}
+pre {{ background: #f7f7f7; padding: 1em; }}
+</style></head>
+<body><h2>{title}</h2>
+{body}
+</body></html>
+"""
+
+
+def html_page(title: str, body: str) -> str:
+    return HTML_PAGE.format(title=html.escape(title), body=body)
+
+
+def write_frame(frame: pd.DataFrame, out_dir: Path, name: str, title: str) -> None:
+    """``name``.csv, .md and .html: the same table for scripts, for reading and for the HTML report."""
+    with atomic_path(out_dir / f"{name}.csv") as tmp:
         frame.to_csv(tmp, index=False)
-    with atomic_path(md) as tmp:
-        shown = frame.astype(object).where(frame.notna(), None)  # blank, not "nan", where a cell does not apply
+    # blank, not "nan" or "None", where a cell does not apply
+    shown = frame.astype(object).where(frame.notna(), None)
+    with atomic_path(out_dir / f"{name}.md") as tmp:
         tmp.write_text(f"## {title}\n\n{shown.to_markdown(index=False, missingval='')}\n")
+    with atomic_path(out_dir / f"{name}.html") as tmp:
+        tmp.write_text(html_page(title, frame.to_html(index=False, na_rep="", border=0)))
+
+
+def write_config(config: dict[str, Any], out_dir: Path, experiment: str) -> None:
+    """The resolved config (every --configfile merged over the default): as YAML, reusable with
+    --configfile, and as an HTML page for the report."""
+    import yaml
+
+    text = yaml.safe_dump(config, sort_keys=False, width=110)
+    with atomic_path(out_dir / "config.yaml") as tmp:
+        tmp.write_text(text)
+    with atomic_path(out_dir / "config.html") as tmp:
+        tmp.write_text(html_page(f"{experiment}: the resolved config", f"<pre>{html.escape(text)}</pre>"))
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--manifest", required=True, help="JSON: models, their evals and cost stages")
+    parser.add_argument("--config", required=True, help="JSON: the resolved pipeline config, written beside the tables")
     parser.add_argument("--out-dir", type=Path, required=True)
     args = parser.parse_args(argv)
     manifest = json.loads(args.manifest)
+    experiment = manifest["experiment"]
     kind = "GPU" if manifest["device_kind"] == "gpu" else "CPU core"
     models = model_table(manifest)
-    k = manifest["eval"]["k"]
+    k, benchmarks = manifest["eval"]["k"], manifest["eval"]["benchmarks"]
     with atomic_path(args.out_dir / "models.csv") as tmp:
         models.to_csv(tmp, index=False)
-    table = summary_table(models, k)
-    write_frame(table, args.out_dir / "table.md", args.out_dir / "table.csv",
-                f"{manifest['experiment']}: avg@{k} (mean +- std over seeds) and measured cost ({kind}-hours)")
-    plot_accuracy_vs_cost(models, k, kind, args.out_dir / "accuracy_vs_cost.png")
-    write_frame(stage_costs(manifest["stages"]), args.out_dir / "stage_costs.md", args.out_dir / "stage_costs.csv",
-                f"{manifest['experiment']}: cost of every stage ({kind}-hours)")
+    table = summary_table(models, benchmarks, k)
+    write_frame(table, args.out_dir, "table",
+                f"{experiment}: avg@{k} on {', '.join(benchmarks)} (mean +- std over seeds) "
+                f"and measured cost ({kind}-hours)")
+    plot_accuracy_vs_cost(models, benchmarks[0], k, kind, args.out_dir / "accuracy_vs_cost.png")
+    write_frame(stage_costs(manifest["stages"]), args.out_dir, "stage_costs",
+                f"{experiment}: cost of every stage ({kind}-hours)")
     plot_training_curves(manifest, args.out_dir / "opd_training_curve.png")
+    write_config(json.loads(args.config), args.out_dir, experiment)
     print(table.to_string(index=False))
 
 

@@ -11,6 +11,8 @@ from typing import NamedTuple
 
 from snakemake.exceptions import WorkflowError
 
+from snakemake.exceptions import WorkflowError
+
 R = f"{config['results_dir']}/{config['experiment']}"
 SRC = Path(workflow.basedir).parent / "src"
 PKG = SRC / "lightning_opd"
@@ -319,6 +321,48 @@ def eval_labels():
     return labels
 
 
+# ---- the benchmarks: `eval.tasks`, each a wildcard of the evaluation rule
+def eval_task_yaml(task):
+    """An lm-eval task file: a task of src/lightning_opd/lm_eval_tasks/ by name, or a path to a task yaml."""
+    return Path(task) if task.endswith((".yaml", ".yml")) else PKG / "lm_eval_tasks" / task / f"{task}.yaml"
+
+
+def benchmark_name(task):
+    """A benchmark's name in paths, data.eval and the report: the task name, or a task yaml's file stem."""
+    return eval_task_yaml(task).stem
+
+
+BENCHMARKS = {benchmark_name(task): eval_task_yaml(task) for task in config["eval"]["tasks"]}
+
+
+def eval_data(benchmark):
+    """A benchmark's problems: its own prepared set under `data.eval`, or the synthetic task's held-out set."""
+    return f"{R}/data/eval/{benchmark}.parquet" if "data" in config else f"{R}/data/eval.parquet"
+
+
+def dataset(split):
+    """`data.<split>`; `eval/<benchmark>` is the benchmark's entry of `data.eval`."""
+    kind, _, benchmark = split.partition("/")
+    return config["data"]["eval"][benchmark] if kind == "eval" else config["data"][split]
+
+
+for task, task_yaml in zip(config["eval"]["tasks"], BENCHMARKS.values()):
+    if not task_yaml.is_file():
+        raise WorkflowError(f"eval.tasks: {task!r}: {task_yaml} not found (give a task of "
+                            f"{PKG / 'lm_eval_tasks'} by name, or a path to a task yaml)")
+if len(BENCHMARKS) != len(config["eval"]["tasks"]):
+    raise WorkflowError(f"eval.tasks {config['eval']['tasks']}: two tasks share a name (a task yaml's file stem "
+                        "names its benchmark)")
+if "data" in config and set(config["data"]["eval"]) != set(BENCHMARKS):
+    raise WorkflowError(f"data.eval has datasets for {sorted(config['data']['eval'])} but eval.tasks names the "
+                        f"benchmarks {list(BENCHMARKS)}: give data.eval one dataset per benchmark, by its name")
+
+
+def eval_task_code(benchmark):
+    """The Python a benchmark's task file calls: inputs, so that an edit reruns its evaluation."""
+    return task_code(BENCHMARKS[benchmark])
+
+
 def opd_params(w):
     # the mismatch switch reaches only inconsistent runs, so flipping it does
     # not invalidate the consistent ones
@@ -328,7 +372,7 @@ def opd_params(w):
 
 # ---- the report's manifest: models, their evaluations and the stages that made them
 def stage_entry(name, pattern):
-    return {"stage": name, "benchmark": bench(name, pattern), "devices": devices(name)}
+    return {"stage": name, "job": pattern or name, "benchmark": bench(name, pattern), "devices": devices(name)}
 
 
 def report_manifest():
@@ -351,18 +395,18 @@ def report_manifest():
             models.append({"label": label, "role": f"{method}_opd", "sft_teacher": sft_t, "opd_teacher": opd_t,
                            "seed": seed, "model_dir": f"{R}/models/{label}", "cost": cost[method]})
     for m in models:
-        m["eval"] = f"{R}/eval/{m['label']}.json"
+        m["evals"] = {b: f"{R}/eval/{b}/{m['label']}.json" for b in BENCHMARKS}
     if "data" in config:
-        stages = [stage_entry("prepare_data", split) for split in ("sft", "opd", "eval")]
+        stages = [stage_entry("prepare_data", split) for split in ("sft", "opd", *(f"eval/{b}" for b in BENCHMARKS))]
     else:
         stages = [stage_entry("task_data", "")]
     if "build" in config["tokenizer"]:
         stages.append(stage_entry("tokenizer", ""))
     stages += [entry for m in models for entry in m["cost"] if entry not in stages]
-    stages += [stage_entry("evaluate", m["label"]) for m in models]
+    stages += [stage_entry("evaluate", f"{b}/{m['label']}") for b in BENCHMARKS for m in models]
     kind = "gpu" if any(res(k)["gpus"] for k in ("generate", "train", "evaluate")) else "cpu"
     return {"experiment": config["experiment"], "device_kind": kind, "models": models, "stages": stages,
-            "eval": {"k": config["eval"]["k"]}}
+            "eval": {"k": config["eval"]["k"], "benchmarks": list(BENCHMARKS)}}
 
 
 def dataset_options(spec):
@@ -380,6 +424,7 @@ wildcard_constraints:
     opd_teacher="[A-Za-z0-9]+",
     seed="[0-9]+",
     model="[A-Za-z0-9_\\-]+",
+    benchmark="[A-Za-z0-9_\\-]+",
     scatteritem="[0-9]+-of-[0-9]+",
 
 

@@ -5,16 +5,17 @@ if "data" in config:
 
     rule prepare_data:
         input:
-            local=lambda w: [p for p in [config["data"][w.split]["source"]] if os.path.isfile(p)],
+            local=lambda w: [p for p in [dataset(w.split)["source"]] if os.path.isfile(p)],
             code=code_inputs("prepare_data"),
         output:
             f"{R}/data/{{split}}.parquet",
         wildcard_constraints:
-            split="sft|opd|eval",
+            split="sft|opd|eval/[A-Za-z0-9_\\-]+",
         params:
             cmd=command("prepare_data"),
-            source=lambda w: config["data"][w.split]["source"],
-            options=lambda w: dataset_options(config["data"][w.split]),
+            source=lambda w: dataset(w.split)["source"],
+            options=lambda w: dataset_options(dataset(w.split)),
+            name=lambda w: w.split.rpartition("/")[2],  # the id prefix: sft, opd or the benchmark
         log:
             logfile("prepare_data", "{split}"),
         benchmark:
@@ -26,7 +27,7 @@ if "data" in config:
             "../envs/train.yaml"
         shell:
             "{params.cmd} --source {params.source:q} {params.options:q} "
-            "--name {wildcards.split:q} --out {output:q} > {log:q} 2>&1"
+            "--name {params.name:q} --out {output:q} > {log:q} 2>&1"
 
 
 else:

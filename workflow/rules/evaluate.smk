@@ -1,25 +1,16 @@
-# Stage 8: avg@k through lm-eval for every model of the experiment.
-from snakemake.exceptions import WorkflowError
-
-# `eval.task`: a task of src/lightning_opd/lm_eval_tasks/ by name, or a path to a task yaml.
-EVAL_TASK_NAME = config["eval"]["task"]
-EVAL_TASK = (Path(EVAL_TASK_NAME) if EVAL_TASK_NAME.endswith((".yaml", ".yml"))
-             else PKG / "lm_eval_tasks" / EVAL_TASK_NAME / f"{EVAL_TASK_NAME}.yaml")
-if not EVAL_TASK.is_file():
-    raise WorkflowError(f"eval.task {EVAL_TASK_NAME!r}: {EVAL_TASK} not found (give a task of "
-                        f"{PKG / 'lm_eval_tasks'} by name, or a path to a task yaml)")
+# Stage 8: avg@k through lm-eval for every benchmark of `eval.tasks` and every model of the experiment.
 
 
 rule evaluate:
     input:
         model=lambda w: built(eval_model_path(w.model)),
-        eval_file=f"{R}/data/eval.parquet",
-        task=os.path.relpath(EVAL_TASK),
-        task_code=task_code(EVAL_TASK),
+        eval_file=lambda w: eval_data(w.benchmark),
+        task=lambda w: os.path.relpath(BENCHMARKS[w.benchmark]),
+        task_code=lambda w: eval_task_code(w.benchmark),
         code=code_inputs("evaluate"),
     output:
-        summary=f"{R}/eval/{{model}}.json",
-        samples=f"{R}/eval/{{model}}.samples.jsonl",
+        summary=f"{R}/eval/{{benchmark}}/{{model}}.json",
+        samples=f"{R}/eval/{{benchmark}}/{{model}}.samples.jsonl",
     params:
         cmd=command("evaluate"),
         model=lambda w: eval_model_path(w.model),
@@ -35,9 +26,9 @@ rule evaluate:
         think_end=(["--think-end-token", str(config["eval"]["think_end_token"])]
                    if config["eval"].get("think_end_token") is not None else []),
     log:
-        logfile("evaluate", "{model}"),
+        logfile("evaluate", "{benchmark}/{model}"),
     benchmark:
-        bench("evaluate", "{model}")
+        bench("evaluate", "{benchmark}/{model}")
     threads: rule_threads("evaluate")
     resources:
         **rule_resources("evaluate"),

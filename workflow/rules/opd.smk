@@ -78,7 +78,7 @@ rule lightning_opd:
     input:
         init=f"{R}/models/sft-{{sft_teacher}}",
         cache=f"{R}/cache/sft-{{sft_teacher}}_teacher-{{opd_teacher}}.parquet",
-        drift_prompts=f"{R}/data/eval.parquet",
+        drift_prompts=eval_data(next(iter(BENCHMARKS))),  # the first benchmark's problems
         code=code_inputs("lightning_opd"),
     output:
         directory(f"{R}/models/lightning-sft-{{sft_teacher}}_teacher-{{opd_teacher}}_seed-{{seed}}"),
@@ -110,7 +110,7 @@ rule standard_opd:
         init=f"{R}/models/sft-{{sft_teacher}}",
         teacher=lambda w: built(teacher_path(w.opd_teacher)),
         prompts=f"{R}/data/opd.parquet",
-        drift_prompts=f"{R}/data/eval.parquet",
+        drift_prompts=eval_data(next(iter(BENCHMARKS))),  # the first benchmark's problems
         code=code_inputs("standard_opd"),
     output:
         directory(f"{R}/models/standard-sft-{{sft_teacher}}_teacher-{{opd_teacher}}_seed-{{seed}}"),

@@ -1,23 +1,35 @@
-# Stage 9: the report: accuracy and measured cost per model, cost of every
-# stage (from the benchmark files), and the OPD training curves.
+# Stage 9: the report: accuracy on every benchmark and measured cost per model, cost of every
+# stage (from the benchmark files), the OPD training curves and the resolved config. The outputs
+# marked report() make `snakemake --report report.html`, with the captions of workflow/report/.
 
 
 rule report:
     input:
-        evals=expand("{R}/eval/{model}.json", R=R, model=eval_labels()),
+        evals=expand("{R}/eval/{benchmark}/{model}.json", R=R, benchmark=BENCHMARKS, model=eval_labels()),
         opd_models=[f"{R}/models/{label}" for label in opd_labels()],
         code=code_inputs("report"),
     output:
+        table_html=report(f"{R}/report/table.html", caption="../report/accuracy_table.rst",
+                          category="1. Accuracy and cost", labels={"result": "accuracy and cost per model"}),
+        cost_plot=report(f"{R}/report/accuracy_vs_cost.png", caption="../report/accuracy_vs_cost.rst",
+                         category="1. Accuracy and cost", labels={"result": "accuracy against OPD cost"}),
         table_md=f"{R}/report/table.md",
         table_csv=f"{R}/report/table.csv",
+        models_csv=f"{R}/report/models.csv",
+        curve=report(f"{R}/report/opd_training_curve.png", caption="../report/training_curves.rst",
+                     category="2. OPD training", labels={"result": "training curves"}),
+        stages_html=report(f"{R}/report/stage_costs.html", caption="../report/stage_costs.rst",
+                           category="3. Stage costs", labels={"result": "cost of every stage"}),
         stages_md=f"{R}/report/stage_costs.md",
         stages_csv=f"{R}/report/stage_costs.csv",
-        models_csv=f"{R}/report/models.csv",
-        curve=f"{R}/report/opd_training_curve.png",
-        cost_plot=f"{R}/report/accuracy_vs_cost.png",
+        config_html=report(f"{R}/report/config.html", caption="../report/config.rst", category="4. Config",
+                           labels={"result": "resolved config"}),
+        config_yaml=report(f"{R}/report/config.yaml", caption="../report/config.rst", category="4. Config",
+                           labels={"result": "resolved config (YAML, for --configfile)"}),
     params:
         cmd=command("report"),
         manifest=js(report_manifest()),
+        config=lambda w: js(config),  # a function: the prompt template's {problem} is no wildcard
         out_dir=lambda w, output: os.path.dirname(output.table_md),
     log:
         logfile("report"),
@@ -29,5 +41,5 @@ rule report:
     conda:
         "../envs/report.yaml"
     shell:
-        "{params.cmd} --manifest {params.manifest} --out-dir {params.out_dir:q} > {log:q} 2>&1 "
-        "&& cat {output.table_md:q}"
+        "{params.cmd} --manifest {params.manifest} --config {params.config} --out-dir {params.out_dir:q} "
+        "> {log:q} 2>&1 && cat {output.table_md:q}"
