@@ -18,7 +18,8 @@ os.environ.update(PYTHONPATH=os.pathsep.join(filter(None, [str(SRC), os.environ.
 # edit of the code reruns the stage (Snakemake does not see it otherwise).
 SHARED_CODE = ["__init__.py", "artifacts.py", "hparams.py", "provenance.py", "modeling.py"]
 TRAIN_CODE = ["training.py", "launch.py"]
-BACKEND_CODE = ["backends/__init__.py", "backends/base.py", "backends/hf.py", "backends/vllm.py", "sampling.py"]
+BACKEND_CODE = ["backends/__init__.py", "backends/base.py", "backends/hf.py", "backends/vllm.py", "sampling.py",
+                "logprobs.py"]
 
 
 def code(*modules):

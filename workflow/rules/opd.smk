@@ -77,7 +77,8 @@ rule lightning_opd:
         init=f"{R}/models/sft-{{sft_teacher}}",
         cache=f"{R}/cache/sft-{{sft_teacher}}_teacher-{{opd_teacher}}.parquet",
         drift_prompts=f"{R}/data/eval.parquet",
-        code=code("lightning_opd.py", "opd_trainer.py", "opd_loss.py", "backends/hf.py", "sampling.py", *TRAIN_CODE),
+        code=code("lightning_opd.py", "opd_trainer.py", "opd_loss.py", "logprobs.py", "backends/hf.py", "sampling.py",
+                  *TRAIN_CODE),
     output:
         directory(f"{R}/models/lightning-sft-{{sft_teacher}}_teacher-{{opd_teacher}}_seed-{{seed}}"),
     params:
@@ -87,6 +88,7 @@ rule lightning_opd:
         tracking=lambda w: tracking("lightning_opd", opd_label("lightning", w.sft_teacher, w.opd_teacher, w.seed)),
         drift_n=config["opd_drift"]["n_prompts"],
         drift_tokens=config["opd_drift"]["max_new_tokens"],
+        drift_every=config["opd_drift"].get("every_steps") or 0,
     log:
         logfile("lightning_opd", "sft-{sft_teacher}_teacher-{opd_teacher}_seed-{seed}"),
     benchmark:
@@ -99,7 +101,8 @@ rule lightning_opd:
     shell:
         "{params.launch} lightning_opd.lightning_opd --init {input.init:q} --cache {input.cache:q} --opd {params.opd} "
         "--out {output:q} --checkpoint-root {params.ckpt:q} --drift-prompts {input.drift_prompts:q} "
-        "--drift-n {params.drift_n:q} --drift-max-new-tokens {params.drift_tokens:q} --tracking {params.tracking} "
+        "--drift-n {params.drift_n:q} --drift-max-new-tokens {params.drift_tokens:q} "
+        "--drift-every {params.drift_every:q} --tracking {params.tracking} "
         "2>&1 | tee {log:q}"
 
 
@@ -109,7 +112,8 @@ rule standard_opd:
         teacher=lambda w: built(teacher_path(w.opd_teacher)),
         prompts=f"{R}/data/opd.parquet",
         drift_prompts=f"{R}/data/eval.parquet",
-        code=code("standard_opd.py", "opd_trainer.py", "opd_loss.py", "backends/hf.py", "sampling.py", *TRAIN_CODE),
+        code=code("standard_opd.py", "opd_trainer.py", "opd_loss.py", "logprobs.py", "backends/hf.py", "sampling.py",
+                  *TRAIN_CODE),
     output:
         directory(f"{R}/models/standard-sft-{{sft_teacher}}_teacher-{{opd_teacher}}_seed-{{seed}}"),
     params:
@@ -123,6 +127,7 @@ rule standard_opd:
         tracking=lambda w: tracking("standard_opd", opd_label("standard", w.sft_teacher, w.opd_teacher, w.seed)),
         drift_n=config["opd_drift"]["n_prompts"],
         drift_tokens=config["opd_drift"]["max_new_tokens"],
+        drift_every=config["opd_drift"].get("every_steps") or 0,
     log:
         logfile("standard_opd", "sft-{sft_teacher}_teacher-{opd_teacher}_seed-{seed}"),
     benchmark:
@@ -138,4 +143,5 @@ rule standard_opd:
         "--sampling {params.sampling} --prompt-template {params.template:q} "
         "--chat-template-kwargs {params.chat_template} --out {output:q} "
         "--checkpoint-root {params.ckpt:q} --drift-prompts {input.drift_prompts:q} --drift-n {params.drift_n:q} "
-        "--drift-max-new-tokens {params.drift_tokens:q} --tracking {params.tracking} 2>&1 | tee {log:q}"
+        "--drift-max-new-tokens {params.drift_tokens:q} --drift-every {params.drift_every:q} "
+        "--tracking {params.tracking} 2>&1 | tee {log:q}"
