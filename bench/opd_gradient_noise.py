@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 
 from lightning_opd.artifacts import read_cache
+from lightning_opd.logprobs import response_logprobs
 from lightning_opd.modeling import load_model, load_tokenizer
 from lightning_opd.opd_loss import opd_loss
-from lightning_opd.opd_trainer import opd_example, response_logprobs
+from lightning_opd.opd_trainer import opd_example
 from lightning_opd.training import PadCollator
 
 

@@ -2,8 +2,8 @@
 one teacher scoring pass, on a Qwen3-shaped model with random weights.
 
 The step is the pipeline's own code path: `response_logprobs` + `opd_loss`,
-backward, AdamW; the scoring pass is the `hf` backend's forward and
-`token_logprobs` under inference mode. FLOPs per token follow the usual
+backward, AdamW; the scoring pass is the `hf` backend's `next_token_logprobs`
+(chunked forward of the output layer) under inference mode. FLOPs per token follow the usual
 count: 2 x (matmul parameters, lm_head included) + 2 x layers x context x
 attention width for the causal attention, forward; 3x that for a training
 step. MFU = achieved FLOP/s over the device's peak (--peak-tflops; H100 SXM
@@ -21,9 +21,8 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, Qwen3Config
 
-from lightning_opd.backends.hf import token_logprobs
+from lightning_opd.logprobs import next_token_logprobs, response_logprobs
 from lightning_opd.opd_loss import opd_loss
-from lightning_opd.opd_trainer import response_logprobs
 
 SHAPES = {
     "tiny": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
@@ -99,8 +98,7 @@ def main() -> None:
     @torch.inference_mode()
     def scoring_pass() -> None:
         model.eval()
-        logits = model(input_ids=ids, attention_mask=batch["attention_mask"], use_cache=False).logits[:, :-1]
-        token_logprobs(logits, ids[:, 1:])
+        next_token_logprobs(model, batch, labels[:, 1:] != -100)
 
     tokens = args.batch * args.seq_len
     per_token = forward_flops_per_token(config, args.seq_len)

@@ -43,6 +43,10 @@ def max_weight_diff(a: Path, b: Path) -> float:
     return max((x[k].float() - y[k].float()).abs().max().item() for k in x)
 
 
+def tokens_logged(model_dir: Path) -> list[tuple[float, float]]:
+    return [(e["tokens_per_step"], e["response_tokens_per_step"]) for e in read_train_log(model_dir) if "loss" in e]
+
+
 def step_logs(model_dir: Path) -> list[float]:
     """Loss and gradient norm of every step, as logged (averaged over processes)."""
     return [e[key] for e in read_train_log(model_dir) if "loss" in e for key in ("loss", "grad_norm")]
@@ -88,6 +92,15 @@ def test_lightning_opd_on_two_processes_equals_one(world, uneven_cache, one_proc
     assert moved > 1e-3  # training changed the model well above the tolerance below
     assert max_weight_diff(out, one_process_opd) < 1e-6
     assert step_logs(out) == pytest.approx(step_logs(one_process_opd), rel=1e-4, abs=1e-6)
+    assert tokens_logged(out) == tokens_logged(one_process_opd)  # summed over the processes
+
+
+def test_logged_tokens_per_step_add_up_to_the_cache(one_process_opd, uneven_cache):
+    rows = pq.read_table(uneven_cache).to_pylist()
+    logged = tokens_logged(one_process_opd)
+    assert len(logged) == 3  # one log per step, 12 rows in steps of 4
+    assert sum(t for t, _ in logged) == sum(len(r["prompt_ids"]) + len(r["response_ids"]) for r in rows)
+    assert sum(r for _, r in logged) == sum(len(r["response_ids"]) for r in rows)
 
 
 def test_sft_on_two_processes_equals_one(world, tmp_path):
@@ -132,6 +145,6 @@ def test_sharded_frozen_model_scores_and_samples_like_the_whole_one(world, tmp_p
         head_dim=64, max_position_embeddings=256), tokenizer)).save_pretrained(tmp_path / "model")
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone",
                              str(Path(__file__).with_name("check_sharded_frozen.py")), str(tmp_path / "model"),
-                             str(world["rollouts"])], env=ENV, capture_output=True, text=True, timeout=300)
+                             str(world["rollouts"]), str(world["teacher_B"])], env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert result.stdout.count("sharded scoring and sampling match the whole model") == 2
+    assert result.stdout.count("sharded scoring, sampling, gradients and drift match the whole model") == 2

@@ -18,6 +18,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from lightning_opd.artifacts import METADATA_KEY
+from lightning_opd.provenance import read_train_log
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
@@ -183,6 +184,20 @@ def test_tiny_run_renders_every_prompt_with_the_chat_template_kwargs(tiny_run):
         provenance = json.loads((results / "models" / model / "provenance.json").read_text())
         assert provenance["chat_template_kwargs"] == kwargs, model
     assert json.loads((results / "eval/sft-A.json").read_text())["chat_template_kwargs"] == kwargs
+
+
+def test_tiny_run_logs_drift_and_the_tokens_of_a_step(tiny_run):
+    work, _ = tiny_run
+    logs = {method: [e for e in read_train_log(next((work / "results/tiny/models").glob(f"{method}-*")))
+                     if "loss" in e] for method in ("lightning", "standard")}
+    for method, entries in logs.items():  # a log per step (logging_steps 1), drift at each (every_steps null)
+        assert len(entries) == 4, method  # 32 prompts, 8 per step
+        assert all(e["drift_kl_ref"] >= 0 and e["tokens_per_step"] > e["response_tokens_per_step"] > 0
+                   for e in entries), method
+    # over the epoch every prompt comes once per sample: standard OPD's n = 2 samples hold its tokens twice
+    prompt_tokens = {m: sum(e["tokens_per_step"] - e["response_tokens_per_step"] for e in entries)
+                     for m, entries in logs.items()}
+    assert prompt_tokens["standard"] == 2 * prompt_tokens["lightning"]
 
 
 def test_second_run_does_nothing(tiny_run):

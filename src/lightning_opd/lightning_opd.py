@@ -18,8 +18,8 @@ from lightning_opd.modeling import DEFAULT_PROMPT_TEMPLATE, check_context, load_
 from lightning_opd.opd_trainer import OPDTrainer, add_output_arguments, drift_reference, opd_example
 from lightning_opd.provenance import (check_same_tokenizer, check_teacher_consistency, describe_model, file_sha256,
                                       sft_teacher_of)
-from lightning_opd.training import (checkpoint_dir, collator, frozen_dtype, load_for_fsdp, params_record, save_final,
-                                    tracking_params, train_with_resume, training_arguments)
+from lightning_opd.training import (accumulation, checkpoint_dir, collator, frozen_dtype, load_for_fsdp, params_record,
+                                    save_final, tracking_params, train_with_resume, training_arguments, world_size)
 
 
 def load_checked_cache(cache_path: Path, init: dict, tokenizer, allow_mismatch: bool) -> tuple[list[dict], dict]:
@@ -55,11 +55,12 @@ def main(argv: list[str] | None = None) -> None:
     key = {"stage": "lightning_opd", "init": init["fingerprint"], "cache": file_sha256(args.cache),
            "opd": params_record(params)}
     model = load_for_fsdp(args.init, params)
-    reference, drift_batch = drift_reference(
+    reference, drift_batches = drift_reference(
         args.init, tokenizer, args.drift_prompts, args.drift_n,
         meta["rollouts"].get("prompt_template") or DEFAULT_PROMPT_TEMPLATE, args.drift_max_new_tokens,
-        frozen_dtype(params), meta["rollouts"].get("chat_template_kwargs"))
-    trainer = OPDTrainer(model=model, tau=params.tau, reference=reference, drift_batch=drift_batch,
+        accumulation(params, world_size())[0], frozen_dtype(params), meta["rollouts"].get("chat_template_kwargs"))
+    trainer = OPDTrainer(model=model, tau=params.tau, reference=reference, drift_batches=drift_batches,
+                         drift_every=args.drift_every,
                          args=training_arguments(params, checkpoint_dir(args.checkpoint_root, key), tracking),
                          train_dataset=Dataset.from_list(examples),
                          data_collator=collator(params, tokenizer.pad_token_id))

@@ -3,17 +3,18 @@ hold token ids, a response mask and the teacher's per-token log-probs.
 Lightning OPD feeds it the cache; standard OPD builds such batches live.
 
 Both log the OPD metrics of `opd_loss` (per-token reverse KL to the teacher
-on the training batch among them) and, given a frozen copy of pi_ref and a
-held-out batch, the drift KL(pi_theta || pi_ref) on held-out sequences."""
+on the training batch among them), the tokens of an optimiser step and, given
+a frozen copy of pi_ref and held-out sequences, the drift KL(pi_theta || pi_ref)
+on them (each process takes its share of the sequences)."""
 from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
-from lightning_opd.backends.hf import token_logprobs
+from lightning_opd.logprobs import drift_kl_sum, response_logprobs
 from lightning_opd.opd_loss import opd_loss
 from lightning_opd.training import IGNORE_INDEX, add_tracking_argument, supervised_example
 
@@ -23,27 +24,6 @@ def opd_example(prompt: list[int], response: list[int], teacher_logprobs: list[f
     example = supervised_example(prompt, response)
     example["teacher_logprobs"] = [0.0] * len(prompt) + [float(x) for x in teacher_logprobs]
     return example
-
-
-def response_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log pi_theta of every next token, mask of response tokens), both (batch, tokens - 1).
-    Takes padded batches (attention_mask) and packed ones (position_ids)."""
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    logits = model(**inputs, use_cache=False).logits[:, :-1]
-    mask = batch["labels"][:, 1:] != IGNORE_INDEX
-    return token_logprobs(logits, batch["input_ids"][:, 1:]), mask
-
-
-@torch.no_grad()
-def drift_kl(model, reference, batch: dict[str, torch.Tensor]) -> float:
-    """Exact per-token KL(pi_theta || pi_ref) over the full vocabulary, averaged
-    over the response positions of a fixed held-out batch."""
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    current = torch.log_softmax(model(**inputs).logits[:, :-1].float(), dim=-1)
-    ref = torch.log_softmax(reference(**inputs).logits[:, :-1].float(), dim=-1)
-    kl = (current.exp() * (current - ref)).sum(-1)
-    mask = (batch["labels"][:, 1:] != IGNORE_INDEX).float()
-    return float((kl * mask).sum() / mask.sum().clamp(min=1))
 
 
 def shard_frozen(model):
@@ -66,13 +46,35 @@ def shard_frozen(model):
     return model
 
 
+class LogEvery(TrainerCallback):
+    """Makes the Trainer log at every multiple of ``steps`` too (drift is computed in a log)."""
+
+    def __init__(self, steps: int):
+        self.steps = steps
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.steps == 0:
+            control.should_log = True
+        return control
+
+
 class OPDTrainer(Trainer):
-    def __init__(self, *args, tau: float | None = None, reference=None, drift_batch=None, **kwargs):
+    """``drift_batches``: this process's share of the held-out sequences, as
+    batches (every process gets as many); ``drift_every``: optimiser steps
+    between drift measurements (None: at every training log)."""
+
+    def __init__(self, *args, tau: float | None = None, reference=None, drift_batches=None,
+                 drift_every: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.tau = tau
         self.reference = self.frozen(reference) if reference is not None else None
-        self.drift_batch = drift_batch
+        self.drift_batches = drift_batches or []
+        self.drift_every = drift_every
+        if self.reference is not None and drift_every:
+            self.add_callback(LogEvery(drift_every))
         self._metrics: dict[str, list[float]] = defaultdict(list)
+        self._tokens = torch.zeros(2, dtype=torch.float64)  # (tokens, response tokens) since the last log
+        self._last_log_step = 0
 
     def frozen(self, model):
         """A model this trainer only runs forward, sharded like the trained one under FSDP."""
@@ -90,17 +92,34 @@ class OPDTrainer(Trainer):
             loss = loss * self.accelerator.num_processes
         for name, value in metrics.items():
             self._metrics[name].append(value)
+        tokens = inputs["attention_mask"].sum() if "attention_mask" in inputs else inputs["input_ids"].numel()
+        self._tokens += torch.tensor([float(tokens), float(inputs["labels"].ne(IGNORE_INDEX).sum())])
         return (loss, None) if return_outputs else loss
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        if "loss" in logs:  # a training log: add the OPD metrics averaged since the last one
+        if "loss" in logs:  # a training log (every process makes it): add the OPD metrics since the last one
             logs.update({name: sum(v) / len(v) for name, v in self._metrics.items() if v})
             self._metrics.clear()
-            if self.reference is not None and self.drift_batch is not None:
-                model = self.accelerator.unwrap_model(self.model)
-                batch = {k: v.to(model.device) for k, v in self.drift_batch.items()}
-                logs["drift_kl_ref"] = drift_kl(model, self.reference, batch)
+            steps = max(1, self.state.global_step - self._last_log_step)
+            tokens = self.accelerator.reduce(self._tokens.to(self.accelerator.device), "sum").tolist()
+            logs["tokens_per_step"], logs["response_tokens_per_step"] = tokens[0] / steps, tokens[1] / steps
+            self._tokens.zero_()
+            self._last_log_step = self.state.global_step
+            if self.reference is not None and self.drift_batches and (
+                    not self.drift_every or self.state.global_step % self.drift_every == 0):
+                logs["drift_kl_ref"] = self.drift()
         super().log(logs, *args, **kwargs)
+
+    def drift(self) -> float:
+        """KL(pi_theta || pi_ref) per response token of the held-out sequences,
+        each process measuring its share once, summed over the processes."""
+        model = self.accelerator.unwrap_model(self.model)
+        totals = torch.zeros(2, dtype=torch.float64)
+        for batch in self.drift_batches:
+            kl, count = drift_kl_sum(model, self.reference, {k: v.to(model.device) for k, v in batch.items()})
+            totals += torch.tensor([kl, count], dtype=torch.float64)
+        kl, count = self.accelerator.reduce(totals.to(self.accelerator.device), "sum").tolist()
+        return kl / max(count, 1.0)
 
 
 def add_output_arguments(parser) -> None:
@@ -110,27 +129,41 @@ def add_output_arguments(parser) -> None:
     parser.add_argument("--drift-prompts", type=Path, help="held-out prompts on which KL(pi_theta || pi_ref) is logged")
     parser.add_argument("--drift-n", type=int, default=64, help="how many of them (0: no drift logging)")
     parser.add_argument("--drift-max-new-tokens", type=int, default=128)
+    parser.add_argument("--drift-every", type=int, default=0,
+                        help="optimiser steps between drift measurements (0: at every training log)")
     add_tracking_argument(parser)
 
 
 def drift_reference(init: str, tokenizer, prompts_path: Path | None, n_prompts: int, prompt_template: str,
-                    max_new_tokens: int, dtype: str = "float32", chat_template_kwargs: dict | None = None):
-    """A frozen copy of pi_ref and a held-out batch (one pi_ref sample per
-    prompt, temperature 1) on which `drift_kl` is measured during training;
-    (None, None) without prompts or when ``n_prompts`` is 0."""
+                    max_new_tokens: int, rows_per_batch: int, dtype: str = "float32",
+                    chat_template_kwargs: dict | None = None):
+    """A frozen copy of pi_ref and this process's share of the held-out
+    sequences (one pi_ref sample per prompt, temperature 1) on which
+    `drift_kl_sum` is measured during training, as batches of at most
+    ``rows_per_batch`` rows; (None, []) without prompts or when ``n_prompts`` is 0."""
     if not prompts_path or not n_prompts:
-        return None, None
+        return None, []
     from lightning_opd.artifacts import TASK_SCHEMA, read_table
     from lightning_opd.sampling import sample_with
     from lightning_opd.hparams import SamplingParams
     from lightning_opd.modeling import load_model, prompt_ids, stop_token_ids
-    from lightning_opd.training import PadCollator
+    from lightning_opd.training import PadCollator, process_rank, world_size
 
     reference = load_model(init, dtype=dtype).eval()  # on this process's device to sample; sharded later under FSDP
     problems = read_table(prompts_path, TASK_SCHEMA)[0].column("problem").to_pylist()[:n_prompts]
-    prompts = [prompt_ids(tokenizer, p, prompt_template, chat_template_kwargs) for p in problems]
-    params = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=max_new_tokens, seed=0, batch_size=len(prompts))
-    samples = sample_with(reference, prompts, params, stop_token_ids(reference, tokenizer), tokenizer.pad_token_id,
-                          progress=False)
-    batch = PadCollator(tokenizer.pad_token_id)([supervised_example(p, s[0].response_ids) for p, s in zip(prompts, samples)])
-    return reference, batch
+    prompts = [prompt_ids(tokenizer, p, prompt_template, chat_template_kwargs)
+               for p in problems[process_rank()::world_size()]]
+    examples = []
+    if prompts:
+        params = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=max_new_tokens, seed=0,
+                                batch_size=len(prompts))
+        samples = sample_with(reference, prompts, params, stop_token_ids(reference, tokenizer),
+                              tokenizer.pad_token_id, progress=False)
+        examples = [supervised_example(p, s[0].response_ids) for p, s in zip(prompts, samples)]
+    batches = [examples[i:i + rows_per_batch] for i in range(0, len(examples), rows_per_batch)]
+    # under FSDP every process must run as many forward passes: one short of
+    # sequences runs a one-token sequence that counts for nothing
+    per_process = -(-len(problems) // world_size())
+    passes = -(-per_process // rows_per_batch)
+    batches += [[supervised_example([tokenizer.pad_token_id], [])]] * (passes - len(batches))
+    return reference, [PadCollator(tokenizer.pad_token_id)(rows) for rows in batches]

@@ -3,7 +3,12 @@ responses for a batch of OPD prompts and a live teacher, loaded for the
 purpose, scores them; then the same OPD loss and optimiser as Lightning OPD
 (they share `OPDTrainer` and `opd_loss`). Teacher consistency is checked the
 same way: the live teacher must be the teacher that wrote the student's SFT
-data unless the config allows a mismatch."""
+data unless the config allows a mismatch.
+
+A step's global batch is ``batch_size`` prompts x ``n`` samples each, i.e.
+``batch_size * n`` sequences; ``micro_batch_size`` counts sequences (as in
+Lightning OPD, where a sequence is one cached rollout), so one forward pass
+holds ``micro_batch_size / n`` prompts' samples."""
 from __future__ import annotations
 
 import argparse
@@ -17,14 +22,15 @@ from datasets import Dataset
 from lightning_opd.artifacts import TASK_SCHEMA, read_table
 from lightning_opd.hparams import OPDParams, SamplingParams, from_dict, parse_hparams
 from lightning_opd.modeling import (DEFAULT_PROMPT_TEMPLATE, add_chat_template_argument, check_context, load_tokenizer,
-                                    prompt_ids, stop_token_ids)
-from lightning_opd.opd_trainer import (OPDTrainer, add_output_arguments, drift_reference, opd_example,
-                                       response_logprobs)
+                                     prompt_ids, stop_token_ids)
+from lightning_opd.logprobs import response_logprobs
+from lightning_opd.opd_trainer import OPDTrainer, add_output_arguments, drift_reference, opd_example
 from lightning_opd.provenance import (check_teacher_consistency, describe_model, file_sha256, sft_teacher_of,
                                       tokenizer_fingerprint)
 from lightning_opd.sampling import sample_with
-from lightning_opd.training import (PadCollator, checkpoint_dir, collator, frozen_dtype, load_for_fsdp, params_record,
-                                    save_final, tracking_params, train_with_resume, training_arguments)
+from lightning_opd.training import (PadCollator, accumulation, checkpoint_dir, collator, frozen_dtype, load_for_fsdp,
+                                    params_record, save_final, tracking_params, train_with_resume, training_arguments,
+                                    world_size)
 
 
 class OnlineOPDTrainer(OPDTrainer):
@@ -68,6 +74,18 @@ def live_prompts(tokenizer, prompts_path: Path, template: str, chat_template_kwa
     return [prompt_ids(tokenizer, p, template, chat_template_kwargs) for p in table.column("problem").to_pylist()]
 
 
+def in_prompts(params: OPDParams, n: int) -> OPDParams:
+    """``params`` with ``micro_batch_size`` turned from sequences into the
+    prompts whose ``n`` samples make them up (the trainer's dataset holds prompts)."""
+    if params.micro_batch_size is None:
+        return params
+    if params.micro_batch_size % n:
+        raise ValueError(f"--opd micro_batch_size (config lightning_opd.micro_batch_size) {params.micro_batch_size}: "
+                         f"standard OPD's micro-batch counts sequences and every prompt gives n = {n} of them "
+                         "(standard_opd.sampling.n); make it a multiple of n")
+    return dataclasses.replace(params, micro_batch_size=params.micro_batch_size // n)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--init", required=True, help="pi_ref: the SFT model to start from")
@@ -82,6 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     params = parse_hparams(OPDParams, args.opd, "--opd")
     sampling = from_dict(SamplingParams, json.loads(args.sampling), "--sampling")
+    train_params = in_prompts(params, sampling.n)
     tracking = tracking_params(args.tracking)
 
     init = describe_model(args.init)
@@ -103,16 +122,16 @@ def main(argv: list[str] | None = None) -> None:
            "prompts": file_sha256(args.prompts), "opd": params_record(params), "sampling": params_record(sampling),
            "prompt_template": args.prompt_template, "chat_template_kwargs": args.chat_template_kwargs}
     model = load_for_fsdp(args.init, params)
-    reference, drift_batch = drift_reference(
-        args.init, tokenizer, args.drift_prompts, args.drift_n, args.prompt_template,
-        args.drift_max_new_tokens, frozen_dtype(params), args.chat_template_kwargs)
+    reference, drift_batches = drift_reference(
+        args.init, tokenizer, args.drift_prompts, args.drift_n, args.prompt_template, args.drift_max_new_tokens,
+        accumulation(train_params, world_size())[0] * sampling.n, frozen_dtype(params), args.chat_template_kwargs)
     trainer = OnlineOPDTrainer(
-        model=model, tau=params.tau, reference=reference, drift_batch=drift_batch,
+        model=model, tau=params.tau, reference=reference, drift_batches=drift_batches, drift_every=args.drift_every,
         teacher=load_for_fsdp(args.teacher, params, dtype=frozen_dtype(params)),
         sampling=sampling,
         pad_id=tokenizer.pad_token_id, stop_ids=stop_token_ids(model, tokenizer),
         batcher=collator(params, tokenizer.pad_token_id),
-        args=training_arguments(params, checkpoint_dir(args.checkpoint_root, key), tracking),
+        args=training_arguments(train_params, checkpoint_dir(args.checkpoint_root, key), tracking),
         train_dataset=Dataset.from_list(prompts),
         data_collator=lambda rows: {"prompt_ids": [r["prompt_ids"] for r in rows]},
     )

@@ -78,6 +78,11 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def process_rank() -> int:
+    """This process's rank among them (torchrun sets RANK; 0 without it)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def uses_fsdp(params: TrainParams) -> bool:
     """FSDP is configured and there is more than one process to shard over."""
     return params.fsdp is not None and world_size() > 1

@@ -89,6 +89,7 @@ rule lightning_opd:
         tracking=lambda w: tracking("lightning_opd", opd_label("lightning", w.sft_teacher, w.opd_teacher, w.seed)),
         drift_n=config["opd_drift"]["n_prompts"],
         drift_tokens=config["opd_drift"]["max_new_tokens"],
+        drift_every=config["opd_drift"].get("every_steps") or 0,
     log:
         logfile("lightning_opd", "sft-{sft_teacher}_teacher-{opd_teacher}_seed-{seed}"),
     benchmark:
@@ -101,7 +102,8 @@ rule lightning_opd:
     shell:
         "{params.cmd} --init {input.init:q} --cache {input.cache:q} --opd {params.opd} "
         "--out {output:q} --checkpoint-root {params.ckpt:q} --drift-prompts {input.drift_prompts:q} "
-        "--drift-n {params.drift_n:q} --drift-max-new-tokens {params.drift_tokens:q} --tracking {params.tracking} "
+        "--drift-n {params.drift_n:q} --drift-max-new-tokens {params.drift_tokens:q} "
+        "--drift-every {params.drift_every:q} --tracking {params.tracking} "
         "2>&1 | tee {log:q}"
 
 
@@ -125,6 +127,7 @@ rule standard_opd:
         tracking=lambda w: tracking("standard_opd", opd_label("standard", w.sft_teacher, w.opd_teacher, w.seed)),
         drift_n=config["opd_drift"]["n_prompts"],
         drift_tokens=config["opd_drift"]["max_new_tokens"],
+        drift_every=config["opd_drift"].get("every_steps") or 0,
     log:
         logfile("standard_opd", "sft-{sft_teacher}_teacher-{opd_teacher}_seed-{seed}"),
     benchmark:
@@ -140,4 +143,5 @@ rule standard_opd:
         "--sampling {params.sampling} --prompt-template {params.template:q} "
         "--chat-template-kwargs {params.chat_template} --out {output:q} "
         "--checkpoint-root {params.ckpt:q} --drift-prompts {input.drift_prompts:q} --drift-n {params.drift_n:q} "
-        "--drift-max-new-tokens {params.drift_tokens:q} --tracking {params.tracking} 2>&1 | tee {log:q}"
+        "--drift-max-new-tokens {params.drift_tokens:q} --drift-every {params.drift_every:q} "
+        "--tracking {params.tracking} 2>&1 | tee {log:q}"

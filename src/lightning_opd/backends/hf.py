@@ -10,18 +10,9 @@ from tqdm import tqdm
 
 from lightning_opd.backends.base import Backend, GenerationResult, request_seed
 from lightning_opd.hparams import SamplingParams
+from lightning_opd.logprobs import next_token_logprobs
 from lightning_opd.modeling import load_model, load_tokenizer, stop_token_ids
 from lightning_opd.sampling import length_sorted_batches, sample_with
-
-
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log-softmax of ``logits`` at ``targets`` without materialising the full
-    log-softmax (vocabularies are 150K wide at paper scale)."""
-    logits = logits.float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    picked = torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1)
-    return picked - torch.logsumexp(logits, dim=-1)
 
 
 class HFBackend(Backend):
@@ -49,13 +40,14 @@ class HFBackend(Backend):
             width = max(lengths[i] for i in batch)
             input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
             attention = torch.zeros((len(batch), width), dtype=torch.long)
+            response = torch.zeros((len(batch), width - 1), dtype=torch.bool)
             for row, i in enumerate(batch):  # right padding keeps positions identical to training
                 input_ids[row, :lengths[i]] = torch.tensor(prompts[i] + responses[i])
                 attention[row, :lengths[i]] = 1
-            input_ids, attention = input_ids.to(self.device), attention.to(self.device)
-            logits = self.model(input_ids=input_ids, attention_mask=attention).logits
-            logprobs = token_logprobs(logits[:, :-1], input_ids[:, 1:], temperature).cpu()
+                start = len(prompts[i]) - 1  # position t predicts token t + 1
+                response[row, start:start + len(responses[i])] = True
+            inputs = {"input_ids": input_ids.to(self.device), "attention_mask": attention.to(self.device)}
+            logprobs = next_token_logprobs(self.model, inputs, response.to(self.device), temperature).cpu()
             for row, i in enumerate(batch):
-                start = len(prompts[i]) - 1  # logits at position t predict token t + 1
-                scores[i] = logprobs[row, start:start + len(responses[i])].numpy().astype(np.float32)
+                scores[i] = logprobs[row][response[row]].numpy().astype(np.float32)
         return scores

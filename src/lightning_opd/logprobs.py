@@ -1,0 +1,151 @@
+"""Every log-prob the project computes from a transformers causal LM, with
+memory bounded by a chunk of tokens rather than by the whole batch.
+
+A full log-softmax over Qwen3's 151,936-wide output costs 0.6 MB per token in
+fp32, and autograd keeps several such copies: a 16K-token micro-batch would
+need ~40 GB for log-probs alone. Here the output layer is applied to a chunk
+of tokens at a time (logits upcast to fp32 per chunk), only at the positions
+asked for, and in training each chunk is checkpointed: backward recomputes
+its logits instead of keeping them, as fused linear cross-entropy kernels do.
+The extra memory is O(chunk x vocab) whatever the number of tokens.
+
+The chunks run inside the model's own forward, in place of its output layer
+(`get_output_embeddings()`): under FSDP the output layer's weight is gathered
+exactly when the model's forward (and backward) would gather it, so the same
+code runs on one device, under DDP and with FSDP2 (DTensor) parameters.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable
+
+import torch
+from accelerate.utils import extract_model_from_parallel
+from torch.utils.checkpoint import checkpoint
+
+# fp32 logits of one chunk: 128 MiB is 220 tokens at Qwen3's 151,936-wide
+# output (one vocabulary-sized matmul of 220 tokens still fills a GPU) and
+# the whole micro-batch at the tiny models' 512
+CHUNK_BYTES = 128 * 2 ** 20
+
+Linear = Callable[[torch.Tensor], torch.Tensor]
+
+
+def default_chunk_tokens(model) -> int:
+    """Tokens per chunk such that the chunk's fp32 logits take `CHUNK_BYTES`."""
+    vocab_size = extract_model_from_parallel(model).get_output_embeddings().weight.shape[0]
+    return max(1, CHUNK_BYTES // (4 * vocab_size))
+
+
+@contextmanager
+def _output_layer_replaced(model, compute: Callable[[torch.Tensor, Linear], torch.Tensor]):
+    """While inside, the model's forward hands its final hidden states to
+    ``compute(hidden, linear)`` instead of its output layer, and returns what
+    that gives as ``logits``; ``linear`` is the output layer without its hooks.
+    FSDP's hooks on the layer (and on the model) still run around the call."""
+    inner = extract_model_from_parallel(model)
+    config = getattr(inner, "config", None)
+    if getattr(config, "final_logit_softcapping", None):
+        raise NotImplementedError(f"{type(inner).__name__}: the output layer's logits are soft-capped after the "
+                                  "layer, which chunked log-probs do not reproduce")
+    head = inner.get_output_embeddings()
+    linear, patched = head.forward, head.__dict__.get("forward")
+    head.forward = lambda hidden: compute(hidden, linear)
+    try:
+        yield
+    finally:
+        if patched is None:
+            del head.forward  # back to the class's forward
+        else:
+            head.forward = patched
+
+
+def _forward(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    model_inputs = {k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids") if k in inputs}
+    return model(**model_inputs, use_cache=False).logits
+
+
+def _target_logprobs(linear: Linear, hidden: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    logits = linear(hidden).float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
+
+
+def _chunked_target_logprobs(hidden: torch.Tensor, linear: Linear, targets: torch.Tensor, select: torch.Tensor,
+                             temperature: float, chunk: int) -> torch.Tensor:
+    picked_hidden, picked_targets = hidden[select], targets[select]
+    pieces = []
+    for h, t in zip(picked_hidden.split(chunk), picked_targets.split(chunk)):
+        if torch.is_grad_enabled():
+            # saves the chunk's hidden states only; backward recomputes its logits
+            pieces.append(checkpoint(_target_logprobs, linear, h, t, temperature,
+                                     use_reentrant=False, preserve_rng_state=False))
+        else:
+            pieces.append(_target_logprobs(linear, h, t, temperature))
+    values = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+    return torch.zeros(select.shape, dtype=torch.float32, device=hidden.device).masked_scatter(select, values)
+
+
+def next_token_logprobs(model, inputs: dict[str, torch.Tensor], select: torch.Tensor, temperature: float = 1.0,
+                        chunk_tokens: int | None = None) -> torch.Tensor:
+    """log pi(x_{t+1} | x_{<=t}) / temperature-scaled, shape (batch, tokens - 1),
+    at the positions where ``select`` (same shape) is true, 0 elsewhere.
+    ``inputs``: input_ids and attention_mask (padded) or position_ids (packed).
+    Differentiable when grad is enabled; chunks of ``chunk_tokens`` tokens
+    (default: `CHUNK_BYTES` of fp32 logits)."""
+    ids = inputs["input_ids"]
+    targets = torch.nn.functional.pad(ids[:, 1:], (0, 1))  # position t predicts token t + 1
+    where = torch.nn.functional.pad(select.bool(), (0, 1))
+    chunk = chunk_tokens or default_chunk_tokens(model)
+    compute = lambda hidden, linear: _chunked_target_logprobs(hidden, linear, targets, where, temperature, chunk)
+    with _output_layer_replaced(model, compute):
+        return _forward(model, inputs)[:, :-1]
+
+
+def _response_mask(labels: torch.Tensor) -> torch.Tensor:
+    """Positions whose next token is a response token, (batch, tokens - 1)."""
+    # imported here: the scoring backends use this module without the training stack
+    from lightning_opd.training import IGNORE_INDEX
+    return labels[:, 1:] != IGNORE_INDEX
+
+
+def response_logprobs(model, batch: dict[str, torch.Tensor], chunk_tokens: int | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log pi_theta of every next token that is a response token, else 0;
+    the mask of those positions), both (batch, tokens - 1). Padded batches
+    (attention_mask) and packed ones (position_ids) alike."""
+    mask = _response_mask(batch["labels"])
+    return next_token_logprobs(model, batch, mask, chunk_tokens=chunk_tokens), mask
+
+
+def _kl_per_token(hidden: torch.Tensor, linear: Linear, reference_hidden: torch.Tensor, reference_linear: Linear,
+                  select: torch.Tensor, chunk: int) -> torch.Tensor:
+    values = []
+    for h, r in zip(hidden[select].split(chunk), reference_hidden[select].split(chunk)):
+        current = torch.log_softmax(linear(h).float(), dim=-1)
+        reference = torch.log_softmax(reference_linear(r).float(), dim=-1)
+        values.append((current.exp() * (current - reference)).sum(-1))
+    values = torch.cat(values) if values else hidden.new_zeros(0, dtype=torch.float32)
+    return torch.zeros(select.shape, dtype=torch.float32, device=hidden.device).masked_scatter(select, values)
+
+
+@torch.no_grad()
+def drift_kl_sum(model, reference, batch: dict[str, torch.Tensor], chunk_tokens: int | None = None
+                 ) -> tuple[float, int]:
+    """(sum over the response positions of ``batch`` of the exact per-token
+    KL(pi_theta || pi_ref) over the full vocabulary, number of those positions).
+    The reference's forward runs inside the model's, at its output layer, so
+    that both output layers are gathered (under FSDP) while the chunks need them."""
+    select = torch.nn.functional.pad(_response_mask(batch["labels"]), (0, 1))
+    chunk = chunk_tokens or default_chunk_tokens(model)
+
+    def in_reference(reference_hidden, reference_linear):
+        def in_model(hidden, linear):
+            return _kl_per_token(hidden, linear, reference_hidden, reference_linear, select, chunk)
+        with _output_layer_replaced(model, in_model):
+            return _forward(model, batch)
+
+    with _output_layer_replaced(reference, in_reference):
+        kl = _forward(reference, batch)
+    return float(kl.sum()), int(select.sum())
