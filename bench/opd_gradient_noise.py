@@ -43,7 +43,9 @@ def main() -> None:
     teacher = load_model(args.experiment / f"models/teacher-{args.opd_teacher}").eval()
     pad = PadCollator(load_tokenizer(student_dir).pad_token_id)
     rows = cache.to_pylist()
-    print(f"{'rollouts':>9} {'tokens':>8} {'cos(tau=none)':>14} {'cos(tau=1)':>11} {'|g_sampled|':>12} {'|g_exact|':>10}")
+    print(
+        f"{'rollouts':>9} {'tokens':>8} {'cos(tau=none)':>14} {'cos(tau=1)':>11} {'|g_sampled|':>12} {'|g_exact|':>10}"
+    )
     for n in (64, 256, len(rows)):
         batch = pad([opd_example(r["prompt_ids"], r["response_ids"], r["teacher_logprobs"]) for r in rows[:n]])
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
@@ -58,7 +60,10 @@ def main() -> None:
             grad = flat_grad(student, opd_loss(sampled_lp, batch["teacher_logprobs"][:, 1:], response_mask, tau)[0])
             cosines.append(torch.nn.functional.cosine_similarity(grad, exact, dim=0).item())
             norm = norm or grad.norm().item()
-        print(f"{n:>9} {int(mask.sum()):>8} {cosines[0]:>14.3f} {cosines[1]:>11.3f} {norm:>12.3f} {exact.norm().item():>10.3f}")
+        print(
+            f"{n:>9} {int(mask.sum()):>8} {cosines[0]:>14.3f} {cosines[1]:>11.3f} {norm:>12.3f} "
+            f"{exact.norm().item():>10.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -16,12 +16,12 @@ import torch
 from math_verify import parse, verify
 
 from lightning_opd.artifacts import TASK_SCHEMA, read_cache, read_table
-from lightning_opd.sampling import sample_with
 from lightning_opd.hparams import SamplingParams
-from lightning_opd.modeling import load_model, load_tokenizer, prompt_ids, stop_token_ids
 from lightning_opd.logprobs import response_logprobs
+from lightning_opd.modeling import load_model, load_tokenizer, prompt_ids, stop_token_ids
 from lightning_opd.opd_loss import opd_loss
 from lightning_opd.opd_trainer import opd_example
+from lightning_opd.sampling import sample_with
 from lightning_opd.training import PadCollator
 
 

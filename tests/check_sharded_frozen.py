@@ -15,11 +15,11 @@ import sys
 import pyarrow.parquet as pq
 import torch
 
-from lightning_opd.sampling import sample_with
 from lightning_opd.hparams import SamplingParams, TrainParams
-from lightning_opd.modeling import load_model
 from lightning_opd.logprobs import drift_kl_sum, response_logprobs
+from lightning_opd.modeling import load_model
 from lightning_opd.opd_trainer import shard_frozen
+from lightning_opd.sampling import sample_with
 from lightning_opd.training import PadCollator, load_for_fsdp, supervised_example
 
 

@@ -23,12 +23,23 @@ def main(shape_json: str, train_json: str, prompt_tokens: int, response_tokens: 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(Qwen3Config(**shape, tie_word_embeddings=True))
     vocab = shape["vocab_size"]
-    rows = [opd_example(torch.randint(vocab, (prompt_tokens,)).tolist(), torch.randint(vocab, (response_tokens,)).tolist(),
-                        (-torch.rand(response_tokens) * 5).tolist()) for _ in range(train["batch_size"])]
+    rows = [
+        opd_example(
+            torch.randint(vocab, (prompt_tokens,)).tolist(),
+            torch.randint(vocab, (response_tokens,)).tolist(),
+            (-torch.rand(response_tokens) * 5).tolist(),
+        )
+        for _ in range(train["batch_size"])
+    ]
     params = OPDParams(**train)
     with tempfile.TemporaryDirectory() as out:
-        trainer = OPDTrainer(model=model, tau=None, args=training_arguments(params, out),
-                             train_dataset=Dataset.from_list(rows), data_collator=collator(params, 0))
+        trainer = OPDTrainer(
+            model=model,
+            tau=None,
+            args=training_arguments(params, out),
+            train_dataset=Dataset.from_list(rows),
+            data_collator=collator(params, 0),
+        )
         trainer.train()
     print(json.dumps({"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9}))
 

@@ -140,7 +140,7 @@ class Chromium:
                 self.process.wait()
             self.profile.cleanup()
 
-    def __enter__(self) -> "Chromium":
+    def __enter__(self) -> Chromium:
         return self
 
     def __exit__(self, *exc) -> None:

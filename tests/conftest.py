@@ -16,8 +16,15 @@ from lightning_opd.hparams import ArchParams, SamplingParams
 from lightning_opd.modeling import load_tokenizer, tiny_qwen3_config
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_ARCH = ArchParams(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                       num_key_value_heads=1, head_dim=32, max_position_embeddings=256)  # vLLM on CPU needs head_dim >= 32
+TINY_ARCH = ArchParams(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=32,
+    max_position_embeddings=256,
+)  # vLLM on CPU needs head_dim >= 32
 
 
 def random_model(tokenizer_dir: Path, out: Path, seed: int) -> Path:
@@ -33,8 +40,9 @@ def random_model(tokenizer_dir: Path, out: Path, seed: int) -> Path:
 def world(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("world")
     data = root / "data"
-    task_data.main(["--out-dir", str(data), "--hparams", json.dumps(
-        {"n_teacher": 60, "n_sft": 16, "n_opd": 12, "n_eval": 8})])
+    task_data.main(
+        ["--out-dir", str(data), "--hparams", json.dumps({"n_teacher": 60, "n_sft": 16, "n_opd": 12, "n_eval": 8})]
+    )
     build_tokenizer.main(["--task-files", str(data / "teacher.parquet"), "--out", str(root / "tokenizer")])
     w = {"root": root, "data": data, "tokenizer": root / "tokenizer"}
     w["teacher_A"] = random_model(w["tokenizer"], root / "teacher-A", seed=1)
@@ -42,9 +50,21 @@ def world(tmp_path_factory) -> dict[str, Path]:
     w["student_base"] = random_model(w["tokenizer"], root / "student_base", seed=3)
     sampling = SamplingParams(max_new_tokens=12, batch_size=16, seed=0)
     generate.sample(str(w["teacher_A"]), data / "sft.parquet", root / "sft_data-A.parquet", sampling, label="A")
-    sft.main(["--base", str(w["student_base"]), "--sft-data", str(root / "sft_data-A.parquet"),
-              "--train", json.dumps({"max_steps": 2, "batch_size": 8, "save_steps": 100}), "--keep-unfinished",
-              "--out", str(root / "sft-A"), "--checkpoint-root", str(root / "ckpt")])
+    sft.main(
+        [
+            "--base",
+            str(w["student_base"]),
+            "--sft-data",
+            str(root / "sft_data-A.parquet"),
+            "--train",
+            json.dumps({"max_steps": 2, "batch_size": 8, "save_steps": 100}),
+            "--keep-unfinished",
+            "--out",
+            str(root / "sft-A"),
+            "--checkpoint-root",
+            str(root / "ckpt"),
+        ]
+    )
     w["sft_A"] = root / "sft-A"
     generate.sample(str(w["sft_A"]), data / "opd.parquet", root / "rollouts.parquet", sampling, label="sft-A")
     w["rollouts"] = root / "rollouts.parquet"

@@ -125,7 +125,8 @@ def prepare(benchmark: str, tmp_path: Path) -> Path:
 
 def run_task(world, benchmark: str, eval_file: Path, out: Path) -> tuple[dict, list[dict]]:
     evaluate.main(["--model", str(world["teacher_A"]), "--eval-file", str(eval_file), "--out", str(out),
-                   "--k", str(K), "--max-gen-toks", "24", "--batch-size", "16", "--task-yaml", str(task_yaml(benchmark))])
+                   "--k", str(K), "--max-gen-toks", "24", "--batch-size", "16",
+                   "--task-yaml", str(task_yaml(benchmark))])
     samples = [json.loads(line) for line in out.with_suffix(".samples.jsonl").read_text().splitlines()]
     return json.loads(out.read_text()), samples
 
@@ -146,11 +147,14 @@ def test_prepared_hub_schema_file_is_the_task_parquet(benchmark, tmp_path):
     assert table.column("id").to_pylist() == [f"{benchmark}-{i:07d}" for i in range(len(SETS[benchmark]))]
 
 
-@pytest.mark.parametrize("benchmark, right, wrong", [
-    ("aime24", "<think>7^100 = 1 mod 1000</think>\n\nThe remainder is $\\boxed{001}$.", "\\boxed{7}"),
-    ("aime25", "The remainder is $\\boxed{1}$.", "\\boxed{1000}"),
-    ("math500", "$\\frac73+\\frac73=\\boxed{\\dfrac{14}{3}}$", "\\boxed{\\frac{7}{3}}"),
-])
+@pytest.mark.parametrize(
+    "benchmark, right, wrong",
+    [
+        ("aime24", "<think>7^100 = 1 mod 1000</think>\n\nThe remainder is $\\boxed{001}$.", "\\boxed{7}"),
+        ("aime25", "The remainder is $\\boxed{1}$.", "\\boxed{1000}"),
+        ("math500", "$\\frac73+\\frac73=\\boxed{\\dfrac{14}{3}}$", "\\boxed{\\frac{7}{3}}"),
+    ],
+)
 def test_task_prompt_target_and_scoring(benchmark, right, wrong, tmp_path):
     from lm_eval.tasks import TaskManager
 
@@ -158,7 +162,9 @@ def test_task_prompt_target_and_scoring(benchmark, right, wrong, tmp_path):
     task = TaskManager().load([config])["tasks"][benchmark]
     doc = next(iter(task.test_docs()))
     problem, answer = SETS[benchmark][0]
-    assert task.doc_to_text(doc) == problem + "\nPlease reason step by step, and put your final answer within \\boxed{}."
+    assert (
+        task.doc_to_text(doc) == problem + "\nPlease reason step by step, and put your final answer within \\boxed{}."
+    )
     assert task.doc_to_target(doc) == answer
     assert task.config.repeats == K and task.config.generation_kwargs["max_gen_toks"] == 64
     # the task scores through the shared checker: a right answer counts (the random tiny
@@ -172,7 +178,10 @@ def test_task_defaults_are_the_paper_protocol(benchmark):
     assert config["task"] == benchmark
     assert config["repeats"] == 32 and config["filter_list"][0]["filter"][0]["k"] == 32
     assert {k: config["generation_kwargs"][k] for k in ("do_sample", "temperature", "top_p")} == {
-        "do_sample": True, "temperature": 0.6, "top_p": 0.95}
+        "do_sample": True,
+        "temperature": 0.6,
+        "top_p": 0.95,
+    }
     assert config["process_results"] == "lightning_opd.lm_eval_tasks.answer_check.avg_at_k"
 
 
@@ -195,19 +204,27 @@ def test_task_end_to_end(benchmark, world, tmp_path):
 
 # ---- the config key and the DAG ---------------------------------------------------------------
 def dry_run(*configfiles: Path | str) -> subprocess.CompletedProcess:
-    return subprocess.run([SNAKEMAKE, "--workflow-profile", "none", "--cores", "2", "-n", "-p",
-                           "--configfile", *map(str, configfiles)], cwd=REPO, capture_output=True, text=True,
-                          timeout=300, env=ENV)
+    return subprocess.run(
+        [SNAKEMAKE, "--workflow-profile", "none", "--cores", "2", "-n", "-p", "--configfile", *map(str, configfiles)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ENV,
+    )
 
 
 def task_yamls(output: str) -> list[str]:
     return re.findall(r"--task-yaml (\S+)", output)
 
 
-@pytest.mark.parametrize("configfile, tasks, n_models", [
-    ("config/paper/qwen3-8b.yaml", ["aime24", "aime25"], 5),
-    (None, ["synth_arith"], 5),
-])
+@pytest.mark.parametrize(
+    "configfile, tasks, n_models",
+    [
+        ("config/paper/qwen3-8b.yaml", ["aime24", "aime25"], 5),
+        (None, ["synth_arith"], 5),
+    ],
+)
 def test_dry_run_evaluates_every_model_on_every_benchmark(configfile, tasks, n_models, tmp_path):
     override = tmp_path / "o.yaml"
     override.write_text(yaml.safe_dump({"results_dir": str(tmp_path / "results")}))
@@ -231,12 +248,15 @@ def test_eval_task_can_be_a_yaml_path_and_a_missing_one_is_named(tmp_path):
     mine.parent.mkdir()
     mine.write_text(task_yaml("aime24").read_text().replace("task: aime24", "task: my_aime"))
     override = tmp_path / "o.yaml"
-    override.write_text(yaml.safe_dump({"results_dir": str(tmp_path / "results"),
-                                        "eval": {"tasks": ["synth_arith", str(mine)]}}))
+    override.write_text(
+        yaml.safe_dump({"results_dir": str(tmp_path / "results"), "eval": {"tasks": ["synth_arith", str(mine)]}})
+    )
     result = dry_run(override)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert set(task_yamls(result.stdout)) == {os.path.relpath(mine, REPO),
-                                              "src/lightning_opd/lm_eval_tasks/synth_arith/synth_arith.yaml"}
+    assert set(task_yamls(result.stdout)) == {
+        os.path.relpath(mine, REPO),
+        "src/lightning_opd/lm_eval_tasks/synth_arith/synth_arith.yaml",
+    }
     assert "/eval/my_aime/teacher-A.json" in result.stdout  # the yaml's file stem names the benchmark
 
     override.write_text(yaml.safe_dump({"results_dir": str(tmp_path / "results"), "eval": {"tasks": ["aime26"]}}))
@@ -245,18 +265,27 @@ def test_eval_task_can_be_a_yaml_path_and_a_missing_one_is_named(tmp_path):
     assert "eval.tasks: 'aime26'" in result.stdout and "lm_eval_tasks/aime26/aime26.yaml not found" in result.stdout
 
 
-@pytest.mark.parametrize("change, message", [
-    # the one-benchmark form of earlier versions is refused with the new form spelled out
-    ({"eval": {"task": "aime24"}}, "eval.task and a single data.eval dataset were replaced by eval.tasks"),
-    ({"data": {"eval": {"source": "Maxwell-Jia/AIME_2024", "problem_field": "Problem"}}},
-     "eval.task and a single data.eval dataset were replaced by eval.tasks"),
-    # every benchmark needs its dataset, and every dataset its benchmark
-    ({"eval": {"tasks": ["aime24"]}},
-     "data.eval has datasets for ['aime24', 'aime25'] but eval.tasks names the benchmarks ['aime24']"),
-    ({"eval": {"tasks": ["aime24", "aime25", "math500"]}},
-     "data.eval has datasets for ['aime24', 'aime25'] but eval.tasks names the benchmarks "
-     "['aime24', 'aime25', 'math500']"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        # the one-benchmark form of earlier versions is refused with the new form spelled out
+        ({"eval": {"task": "aime24"}}, "eval.task and a single data.eval dataset were replaced by eval.tasks"),
+        (
+            {"data": {"eval": {"source": "Maxwell-Jia/AIME_2024", "problem_field": "Problem"}}},
+            "eval.task and a single data.eval dataset were replaced by eval.tasks",
+        ),
+        # every benchmark needs its dataset, and every dataset its benchmark
+        (
+            {"eval": {"tasks": ["aime24"]}},
+            "data.eval has datasets for ['aime24', 'aime25'] but eval.tasks names the benchmarks ['aime24']",
+        ),
+        (
+            {"eval": {"tasks": ["aime24", "aime25", "math500"]}},
+            "data.eval has datasets for ['aime24', 'aime25'] but eval.tasks names the benchmarks "
+            "['aime24', 'aime25', 'math500']",
+        ),
+    ],
+)
 def test_paper_config_refuses_benchmarks_without_data(change, message, tmp_path):
     override = tmp_path / "o.yaml"
     override.write_text(yaml.safe_dump({"results_dir": str(tmp_path / "results"), **change}))
@@ -266,10 +295,16 @@ def test_paper_config_refuses_benchmarks_without_data(change, message, tmp_path)
     assert not (tmp_path / "results").exists()
 
 
-@pytest.mark.parametrize("tasks, message", [
-    (["aime 24"], "does not match"), ([24], "24 is not of type 'string'"), ([], "should be non-empty"),
-    (["aime24", "aime24"], "has non-unique elements"), ("aime24", "'aime24' is not of type 'array'"),
-])
+@pytest.mark.parametrize(
+    "tasks, message",
+    [
+        (["aime 24"], "does not match"),
+        ([24], "24 is not of type 'string'"),
+        ([], "should be non-empty"),
+        (["aime24", "aime24"], "has non-unique elements"),
+        ("aime24", "'aime24' is not of type 'array'"),
+    ],
+)
 def test_schema_rejects_bad_eval_tasks(tasks, message):
     config = yaml.safe_load((REPO / "config/config.yaml").read_text())
     config["eval"]["tasks"] = tasks

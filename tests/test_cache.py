@@ -53,7 +53,9 @@ def test_length_mismatch_is_refused_naming_file_and_row(world, tmp_path):
         rows[3]["teacher_logprobs"] = rows[3]["teacher_logprobs"][:-1]
 
     bad = rewrite(world["cache_A"], tmp_path / "short.parquet", drop_last_logprob)
-    with pytest.raises(ArtifactError, match=r"short\.parquet: row 'opd-000003' has \d+ response tokens but \d+ teacher"):
+    with pytest.raises(
+        ArtifactError, match=r"short\.parquet: row 'opd-000003' has \d+ response tokens but \d+ teacher"
+    ):
         read_cache(bad)
 
 

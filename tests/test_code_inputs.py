@@ -17,6 +17,7 @@ from modulefinder import ModuleFinder
 from pathlib import Path
 
 import pytest
+
 from test_pipeline import REPO, planned_jobs, snakemake
 
 SRC = REPO / "src"

@@ -8,6 +8,7 @@ import re
 
 import pytest
 import yaml
+
 from test_pipeline import REPO, planned_jobs, snakemake
 
 SCHEMA = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())
@@ -59,15 +60,22 @@ def opd_hyperparameters(dry_run_output: str) -> dict:
 def test_scientific_notation_in_a_config_file(tmp_path):
     # written by hand: YAML 1.1 reads 1e-5 (no dot) as the string "1e-5"
     override = tmp_path / "o.yaml"
-    override.write_text(f"results_dir: {tmp_path / 'results'}\nlightning_opd: {{learning_rate: 1e-5, max_steps: 2e1}}\n")
+    override.write_text(
+        f"results_dir: {tmp_path / 'results'}\nlightning_opd: {{learning_rate: 1e-5, max_steps: 2e1}}\n"
+    )
     assert yaml.safe_load(override.read_text())["lightning_opd"]["learning_rate"] == "1e-5"
     opd = opd_hyperparameters(snakemake("-n", "-p", "--configfile", str(override)).stdout)
     assert opd["learning_rate"] == 1e-5 and opd["max_steps"] == 20 and isinstance(opd["max_steps"], int)
 
 
 def test_scientific_notation_and_other_typed_values_in_nested_config(tmp_path):
-    result = snakemake("-n", "-p", "--config", f"results_dir={tmp_path / 'results'}",
-                       "lightning_opd={learning_rate: 2.0e-5, tau: null, packing: true, epochs: 3}")
+    result = snakemake(
+        "-n",
+        "-p",
+        "--config",
+        f"results_dir={tmp_path / 'results'}",
+        "lightning_opd={learning_rate: 2.0e-5, tau: null, packing: true, epochs: 3}",
+    )
     opd = opd_hyperparameters(result.stdout)
     assert opd["learning_rate"] == 2e-5 and opd["tau"] is None and opd["packing"] is True and opd["epochs"] == 3
     assert opd["adam_beta2"] == 0.98  # the other keys of config/config.yaml stay
@@ -77,14 +85,23 @@ def test_scientific_notation_and_other_typed_values_in_nested_config(tmp_path):
 def test_a_nested_override_reruns_what_it_changes(tiny_run):
     """The same value written as 1e-5 in --config and as 1.0e-5 in the config: nothing to do."""
     work, config = tiny_run
-    assert planned_jobs(snakemake("-n", *config, "--config", "lightning_opd={learning_rate: 1e-5}", cwd=work).stdout) == {}
+    assert (
+        planned_jobs(snakemake("-n", *config, "--config", "lightning_opd={learning_rate: 1e-5}", cwd=work).stdout) == {}
+    )
 
 
-@pytest.mark.parametrize("override, message, key", [
-    ("eval={k: 2.5}", "'2.5' is not of type 'integer'", "['eval']['k']"),
-    ("lightning_opd={learning_rate: 1e-5x}", "'1e-5x' is not of type 'number'", "['lightning_opd']['learning_rate']"),
-    ("sft={keep_unfinished: maybe}", "'maybe' is not of type 'boolean'", "['sft']['keep_unfinished']"),
-])
+@pytest.mark.parametrize(
+    "override, message, key",
+    [
+        ("eval={k: 2.5}", "'2.5' is not of type 'integer'", "['eval']['k']"),
+        (
+            "lightning_opd={learning_rate: 1e-5x}",
+            "'1e-5x' is not of type 'number'",
+            "['lightning_opd']['learning_rate']",
+        ),
+        ("sft={keep_unfinished: maybe}", "'maybe' is not of type 'boolean'", "['sft']['keep_unfinished']"),
+    ],
+)
 def test_values_of_the_wrong_type_are_refused_with_the_key(override, message, key, tmp_path):
     result = snakemake("-n", "--config", f"results_dir={tmp_path / 'results'}", override, check=False)
     output = result.stdout + result.stderr

@@ -26,7 +26,9 @@ def test_consistent_cache_trains(world, tmp_path):
 
 
 def test_inconsistent_cache_is_refused_without_the_switch(world, tmp_path):
-    with pytest.raises(TeacherConsistencyError, match="SFT data was written by teacher A .* OPD would learn from teacher B"):
+    with pytest.raises(
+        TeacherConsistencyError, match="SFT data was written by teacher A .* OPD would learn from teacher B"
+    ):
         run(world, world["cache_B"], tmp_path / "lopd")
     assert not (tmp_path / "lopd").exists()
     assert not list(tmp_path.glob(".lopd*"))
@@ -51,9 +53,20 @@ def test_tokenizer_mismatch_is_refused(world, tmp_path):
 
 def test_cache_of_another_policy_is_refused(world, tmp_path):
     with pytest.raises(ArtifactError, match="rollouts were sampled by .* not by the OPD init model"):
-        lightning_opd.main(["--init", str(world["student_base"]), "--cache", str(world["cache_A"]),
-                            "--opd", json.dumps(TWO_STEPS), "--out", str(tmp_path / "lopd"),
-                            "--checkpoint-root", str(tmp_path / "ckpt")])
+        lightning_opd.main(
+            [
+                "--init",
+                str(world["student_base"]),
+                "--cache",
+                str(world["cache_A"]),
+                "--opd",
+                json.dumps(TWO_STEPS),
+                "--out",
+                str(tmp_path / "lopd"),
+                "--checkpoint-root",
+                str(tmp_path / "ckpt"),
+            ]
+        )
 
 
 def test_cache_with_misaligned_lengths_leaves_no_output(world, tmp_path):

@@ -145,6 +145,7 @@ def test_sharded_frozen_model_scores_and_samples_like_the_whole_one(world, tmp_p
         head_dim=64, max_position_embeddings=256), tokenizer)).save_pretrained(tmp_path / "model")
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone",
                              str(Path(__file__).with_name("check_sharded_frozen.py")), str(tmp_path / "model"),
-                             str(world["rollouts"]), str(world["teacher_B"])], env=ENV, capture_output=True, text=True, timeout=300)
+                             str(world["rollouts"]), str(world["teacher_B"])],
+                            env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert result.stdout.count("sharded scoring, sampling, gradients and drift match the whole model") == 2

@@ -14,11 +14,11 @@ import platform
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 from packaging.version import Version
+
 from test_code_inputs import command_code, rule_commands
 from test_pipeline import ENV, REPO, SNAKEMAKE, snakemake
 

@@ -126,7 +126,8 @@ def test_tiny_run_writes_the_report(tiny_run):
                                        "standard OPD (SFT data: A, OPD teacher: A)",
                                        "Lightning OPD (SFT data: A, OPD teacher: A)"]
     assert table["cost_vs_standard_opd"].tolist()[3] == 1.0
-    lightning, standard = (models.loc[models.role == r, "device_hours"].item() for r in ("lightning_opd", "standard_opd"))
+    lightning, standard = (models.loc[models.role == r, "device_hours"].item()
+                           for r in ("lightning_opd", "standard_opd"))
     assert table["cost_vs_standard_opd"].tolist()[4] == pytest.approx(lightning / standard, abs=1e-3)
     stages = pd.read_csv(report / "stage_costs.csv")
     assert set(STAGES) - {"report"} <= set(stages["stage"])
@@ -157,9 +158,13 @@ def test_tiny_run_reports_every_trainer_to_tensorboard(tiny_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     results = tiny_run[0] / "results/tiny"
-    for stage, label in [("pretrain_teacher", "teacher-A"), ("pretrain_student_base", "student_base"),
-                         ("sft", "sft-A"), ("lightning_opd", "lightning-sft-A_teacher-A_seed-0"),
-                         ("standard_opd", "standard-sft-A_teacher-A_seed-0")]:
+    for stage, label in [
+        ("pretrain_teacher", "teacher-A"),
+        ("pretrain_student_base", "student_base"),
+        ("sft", "sft-A"),
+        ("lightning_opd", "lightning-sft-A_teacher-A_seed-0"),
+        ("standard_opd", "standard-sft-A_teacher-A_seed-0"),
+    ]:
         events = EventAccumulator(str(results / "tracking" / stage / label))
         events.Reload()
         log = [json.loads(line) for line in (results / "models" / label / "train_log.jsonl").read_text().splitlines()]
@@ -176,8 +181,10 @@ def test_tiny_run_renders_every_prompt_with_the_chat_template_kwargs(tiny_run):
     for artifact in ("sft_data/teacher-A.parquet", "rollouts/sft-A.parquet"):
         table = pq.read_table(results / artifact)
         assert json.loads(table.schema.metadata[METADATA_KEY])["chat_template_kwargs"] == kwargs, artifact
-        assert all(tokenizer.decode(ids).endswith("assistant\n<think>\n\n</think>\n\n")
-                   for ids in table.column("prompt_ids").to_pylist()), artifact
+        assert all(
+            tokenizer.decode(ids).endswith("assistant\n<think>\n\n</think>\n\n")
+            for ids in table.column("prompt_ids").to_pylist()
+        ), artifact
     cache = json.loads(pq.read_schema(results / "cache/sft-A_teacher-A.parquet").metadata[METADATA_KEY])
     assert cache["rollouts"]["chat_template_kwargs"] == kwargs
     for model in ("sft-A", "lightning-sft-A_teacher-A_seed-0", "standard-sft-A_teacher-A_seed-0"):
@@ -188,15 +195,19 @@ def test_tiny_run_renders_every_prompt_with_the_chat_template_kwargs(tiny_run):
 
 def test_tiny_run_logs_drift_and_the_tokens_of_a_step(tiny_run):
     work, _ = tiny_run
-    logs = {method: [e for e in read_train_log(next((work / "results/tiny/models").glob(f"{method}-*")))
-                     if "loss" in e] for method in ("lightning", "standard")}
+    logs = {
+        method: [e for e in read_train_log(next((work / "results/tiny/models").glob(f"{method}-*"))) if "loss" in e]
+        for method in ("lightning", "standard")
+    }
     for method, entries in logs.items():  # a log per step (logging_steps 1), drift at each (every_steps null)
         assert len(entries) == 4, method  # 32 prompts, 8 per step
-        assert all(e["drift_kl_ref"] >= 0 and e["tokens_per_step"] > e["response_tokens_per_step"] > 0
-                   for e in entries), method
+        assert all(
+            e["drift_kl_ref"] >= 0 and e["tokens_per_step"] > e["response_tokens_per_step"] > 0 for e in entries
+        ), method
     # over the epoch every prompt comes once per sample: standard OPD's n = 2 samples hold its tokens twice
-    prompt_tokens = {m: sum(e["tokens_per_step"] - e["response_tokens_per_step"] for e in entries)
-                     for m, entries in logs.items()}
+    prompt_tokens = {
+        m: sum(e["tokens_per_step"] - e["response_tokens_per_step"] for e in entries) for m, entries in logs.items()
+    }
     assert prompt_tokens["standard"] == 2 * prompt_tokens["lightning"]
 
 
@@ -240,8 +251,9 @@ def test_paper_config_dag_needs_no_download(paper, tmp_path):
 
 
 def test_training_across_nodes_asks_slurm_for_all_gpus_and_launches_per_node(tmp_path):
-    override = write_yaml(tmp_path / "o.yaml", {"results_dir": str(tmp_path / "results"),
-                                                "resources": {"train": {"gpus": 8, "nodes": 2}}})
+    override = write_yaml(
+        tmp_path / "o.yaml", {"results_dir": str(tmp_path / "results"), "resources": {"train": {"gpus": 8, "nodes": 2}}}
+    )
     result = snakemake("-n", "-p", "--configfile", "config/paper/qwen3-8b.yaml", str(override))
     sft = result.stdout.split("rule sft:")[1].split("rule ")[0]
     assert "gpu=16" in sft and "nodes=2" in sft  # the SLURM plugin's --gpus is per job

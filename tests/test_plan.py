@@ -13,8 +13,16 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3MoeConfig
 
-from lightning_opd.plan import (QWEN3_SHAPES, PlanError, check, load_config, model_shape, plan, shape_from_config,
-                                training_memory)
+from lightning_opd.plan import (
+    QWEN3_SHAPES,
+    PlanError,
+    check,
+    load_config,
+    model_shape,
+    plan,
+    shape_from_config,
+    training_memory,
+)
 from test_pipeline import REPO, snakemake, write_yaml
 
 PAPER = ["qwen3-4b", "qwen3-8b", "qwen3-30b-a3b", "qwen3-4b-1gpu"]

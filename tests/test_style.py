@@ -17,9 +17,13 @@ def run(*command: str) -> subprocess.CompletedProcess:
 
 def test_ruff_is_clean():
     result = run(str(BIN / "ruff"), "check", "--no-cache", "src", "tests", "bench")
-    assert result.returncode == 0, f"`ruff check src tests bench` (fix with `ruff check --fix`):\n{result.stdout}{result.stderr}"
+    assert result.returncode == 0, (
+        f"`ruff check src tests bench` (fix with `ruff check --fix`):\n{result.stdout}{result.stderr}"
+    )
 
 
 def test_snakefmt_is_clean():
     result = run(str(BIN / "snakefmt"), "--check", "--diff", "workflow")
-    assert result.returncode == 0, f"`snakefmt --check workflow` (fix with `snakefmt workflow`):\n{result.stdout}{result.stderr}"
+    assert result.returncode == 0, (
+        f"`snakefmt --check workflow` (fix with `snakefmt workflow`):\n{result.stdout}{result.stderr}"
+    )

@@ -13,8 +13,9 @@ import math
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -159,10 +160,13 @@ def read_table(path: Path | str, schema: pa.Schema) -> tuple[pa.Table, dict[str,
     except ValueError as error:
         raise ArtifactError(f"{path}: the provenance metadata is not valid JSON ({error}); "
                             "delete the file and rerun the stage that wrote it") from None
-    required = SAMPLES_METADATA if schema.equals(SAMPLES_SCHEMA) else CACHE_METADATA if schema.equals(CACHE_SCHEMA) else ()
+    required = (SAMPLES_METADATA if schema.equals(SAMPLES_SCHEMA)
+                else CACHE_METADATA if schema.equals(CACHE_SCHEMA) else ())
     if missing := [key for key in required if not _has(meta, key)]:
-        raise ArtifactError(f"{path}: the provenance metadata lacks {missing}; the file was written by an older "
-                            "or foreign version: delete it and rerun the stage that wrote it")
+        raise ArtifactError(
+            f"{path}: the provenance metadata lacks {missing}; the file was written by an older "
+            "or foreign version: delete it and rerun the stage that wrote it"
+        )
     return table.select(schema.names), meta
 
 

@@ -18,8 +18,13 @@ import pyarrow.parquet as pq
 from lightning_opd.artifacts import SAMPLES_SCHEMA, TASK_SCHEMA, read_table
 from lightning_opd.backends import BACKENDS, get_backend, gpus_per_engine
 from lightning_opd.hparams import SamplingParams, parse_hparams
-from lightning_opd.modeling import (DEFAULT_PROMPT_TEMPLATE, add_chat_template_argument, check_context, load_tokenizer,
-                                    prompt_ids)
+from lightning_opd.modeling import (
+    DEFAULT_PROMPT_TEMPLATE,
+    add_chat_template_argument,
+    check_context,
+    load_tokenizer,
+    prompt_ids,
+)
 from lightning_opd.provenance import describe_model, file_sha256, tokenizer_fingerprint
 from lightning_opd.shards import Part, ShardTask, add_shard_arguments, run_sharded
 
@@ -75,10 +80,16 @@ def sample(model: str, prompts_path: Path, out: Path, params: SamplingParams, ba
     backend_options, chat_template_kwargs = backend_options or {}, chat_template_kwargs or {}
     tasks, _ = read_table(prompts_path, TASK_SCHEMA)
     tokenizer = load_tokenizer(model)
-    lengths = {row_id: len(prompt_ids(tokenizer, problem, prompt_template, chat_template_kwargs)) + params.max_new_tokens
-               for row_id, problem in zip(tasks.column("id").to_pylist(), tasks.column("problem").to_pylist())}
-    check_context(model, lengths, prompts_path,
-                  "prompt + max_new_tokens must fit: lower max_new_tokens of the sampling params or drop long prompts")
+    lengths = {
+        row_id: len(prompt_ids(tokenizer, problem, prompt_template, chat_template_kwargs)) + params.max_new_tokens
+        for row_id, problem in zip(tasks.column("id").to_pylist(), tasks.column("problem").to_pylist())
+    }
+    check_context(
+        model,
+        lengths,
+        prompts_path,
+        "prompt + max_new_tokens must fit: lower max_new_tokens of the sampling params or drop long prompts",
+    )
     model_record = describe_model(model)
     metadata = {
         "stage": "generate",
@@ -93,13 +104,31 @@ def sample(model: str, prompts_path: Path, out: Path, params: SamplingParams, ba
         "shard_size": shard_size,  # the transformers backend seeds per shard
     }
     # everything the samples depend on; not data_parallel, which does not change them
-    key = {"stage": "generate", "model": model_record["fingerprint"], "prompts": metadata["prompts"]["sha256"],
-           "prompt_template": prompt_template, "chat_template_kwargs": chat_template_kwargs,
-           "sampling": metadata["sampling"], "backend": backend, "backend_options": backend_options}
+    key = {
+        "stage": "generate",
+        "model": model_record["fingerprint"],
+        "prompts": metadata["prompts"]["sha256"],
+        "prompt_template": prompt_template,
+        "chat_template_kwargs": chat_template_kwargs,
+        "sampling": metadata["sampling"],
+        "backend": backend,
+        "backend_options": backend_options,
+    }
     task = SampleTask(model, prompts_path, params, backend, backend_options, prompt_template, chat_template_kwargs)
-    run_sharded(task, name=f"generate {label}".strip(), n_rows=tasks.num_rows, shard_size=shard_size, key=key,
-                work_root=work_dir, out=out, schema=SAMPLES_SCHEMA, metadata=metadata,
-                data_parallel=data_parallel, gpus_per_engine=gpus_per_engine(backend, backend_options), part=part)
+    run_sharded(
+        task,
+        name=f"generate {label}".strip(),
+        n_rows=tasks.num_rows,
+        shard_size=shard_size,
+        key=key,
+        work_root=work_dir,
+        out=out,
+        schema=SAMPLES_SCHEMA,
+        metadata=metadata,
+        data_parallel=data_parallel,
+        gpus_per_engine=gpus_per_engine(backend, backend_options),
+        part=part,
+    )
     finished = pq.read_table(out, columns=["finished"]).column("finished").to_pylist()
     print(f"{len(finished)} samples ({sum(finished)} finished) -> {out}")
 
@@ -118,9 +147,21 @@ def main(argv: list[str] | None = None) -> None:
     add_shard_arguments(parser, DEFAULT_SHARD_SIZE)
     args = parser.parse_args(argv)
 
-    sample(args.model, args.prompts, args.out, parse_hparams(SamplingParams, args.sampling, "--sampling"),
-           args.backend, args.label, args.prompt_template, json.loads(args.backend_options), args.chat_template_kwargs,
-           shard_size=args.shard_size, work_dir=args.work_dir, data_parallel=args.data_parallel, part=args.part)
+    sample(
+        args.model,
+        args.prompts,
+        args.out,
+        parse_hparams(SamplingParams, args.sampling, "--sampling"),
+        args.backend,
+        args.label,
+        args.prompt_template,
+        json.loads(args.backend_options),
+        args.chat_template_kwargs,
+        shard_size=args.shard_size,
+        work_dir=args.work_dir,
+        data_parallel=args.data_parallel,
+        part=args.part,
+    )
 
 
 if __name__ == "__main__":

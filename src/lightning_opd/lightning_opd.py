@@ -16,10 +16,26 @@ from lightning_opd.artifacts import ArtifactError, read_cache
 from lightning_opd.hparams import OPDParams, parse_hparams
 from lightning_opd.modeling import DEFAULT_PROMPT_TEMPLATE, check_context, load_tokenizer
 from lightning_opd.opd_trainer import OPDTrainer, add_output_arguments, drift_reference, opd_example
-from lightning_opd.provenance import (check_same_tokenizer, check_teacher_consistency, describe_model, file_sha256,
-                                      sft_teacher_of)
-from lightning_opd.training import (accumulation, checkpoint_dir, collator, frozen_dtype, load_for_fsdp, params_record,
-                                    save_final, tracking_params, train_with_resume, training_arguments, world_size)
+from lightning_opd.provenance import (
+    check_same_tokenizer,
+    check_teacher_consistency,
+    describe_model,
+    file_sha256,
+    sft_teacher_of,
+)
+from lightning_opd.training import (
+    accumulation,
+    checkpoint_dir,
+    collator,
+    frozen_dtype,
+    load_for_fsdp,
+    params_record,
+    save_final,
+    tracking_params,
+    train_with_resume,
+    training_arguments,
+    world_size,
+)
 
 
 def load_checked_cache(cache_path: Path, init: dict, tokenizer, allow_mismatch: bool) -> tuple[list[dict], dict]:

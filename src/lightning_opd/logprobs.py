@@ -16,8 +16,8 @@ code runs on one device, under DDP and with FSDP2 (DTensor) parameters.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
-from typing import Callable
 
 import torch
 from accelerate.utils import extract_model_from_parallel
@@ -98,7 +98,10 @@ def next_token_logprobs(model, inputs: dict[str, torch.Tensor], select: torch.Te
     targets = torch.nn.functional.pad(ids[:, 1:], (0, 1))  # position t predicts token t + 1
     where = torch.nn.functional.pad(select.bool(), (0, 1))
     chunk = chunk_tokens or default_chunk_tokens(model)
-    compute = lambda hidden, linear: _chunked_target_logprobs(hidden, linear, targets, where, temperature, chunk)
+
+    def compute(hidden, linear):
+        return _chunked_target_logprobs(hidden, linear, targets, where, temperature, chunk)
+
     with _output_layer_replaced(model, compute):
         return _forward(model, inputs)[:, :-1]
 

@@ -144,9 +144,9 @@ def drift_reference(init: str, tokenizer, prompts_path: Path | None, n_prompts: 
     if not prompts_path or not n_prompts:
         return None, []
     from lightning_opd.artifacts import TASK_SCHEMA, read_table
-    from lightning_opd.sampling import sample_with
     from lightning_opd.hparams import SamplingParams
     from lightning_opd.modeling import load_model, prompt_ids, stop_token_ids
+    from lightning_opd.sampling import sample_with
     from lightning_opd.training import PadCollator, process_rank, world_size
 
     reference = load_model(init, dtype=dtype).eval()  # on this process's device to sample; sharded later under FSDP

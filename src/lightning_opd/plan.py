@@ -191,7 +191,8 @@ def training_memory(shape: Shape, train: dict[str, Any], seq_tokens: int, world:
     seq_tokens = shape.seq(seq_tokens)
     tokens = micro * seq_tokens
     act_bytes = 2 if train.get("bf16") else 4
-    checkpointing = bool((train.get("fsdp") or {}).get("activation_checkpointing") or train.get("gradient_checkpointing"))
+    fsdp = train.get("fsdp") or {}
+    checkpointing = bool(fsdp.get("activation_checkpointing") or train.get("gradient_checkpointing"))
     optimiser = 0 if train.get("optim", "adamw_torch") == "sgd" else 8
     parts = {
         "weights": 4 * shape.params / sharded / GB,  # fp32 master weights (load_model's dtype)
@@ -263,8 +264,15 @@ class Planner:
         return KNOWN_PROMPTS.get(spec["source"], 0)
 
     # ---- memory models
-    def training(self, stage: str, shape: Shape, train: dict[str, Any], seq_tokens: int,
-                 frozen: dict[str, Shape], sampled_kv_tokens: int = 0) -> StagePlan:
+    def training(
+        self,
+        stage: str,
+        shape: Shape,
+        train: dict[str, Any],
+        seq_tokens: int,
+        frozen: dict[str, Shape],
+        sampled_kv_tokens: int = 0,
+    ) -> StagePlan:
         kind = "train"
         world, on_gpu, limit = self.processes(kind), self.on_gpu(kind), self.limit_gb(kind)
         parts, note = training_memory(shape, train, seq_tokens, world, on_gpu, frozen, sampled_kv_tokens)
@@ -280,8 +288,18 @@ class Planner:
         devices = f"{world} x {'GPU' if on_gpu else 'CPU proc'}" + (" FSDP" if sharded else "")
         return StagePlan(stage, devices, sum(parts.values()), limit, parts, {}, knob, note=note)
 
-    def inference(self, stage: str, kind: str, section: str, shape: Shape, backend: str, options: dict[str, Any],
-                  seq_tokens: int, batch_seqs: int, scoring: bool) -> StagePlan:
+    def inference(
+        self,
+        stage: str,
+        kind: str,
+        section: str,
+        shape: Shape,
+        backend: str,
+        options: dict[str, Any],
+        seq_tokens: int,
+        batch_seqs: int,
+        scoring: bool,
+    ) -> StagePlan:
         limit = self.limit_gb(kind)
         seq_tokens = shape.seq(seq_tokens)
         if backend == "vllm":
@@ -305,21 +323,39 @@ class Planner:
                 knob = f"{section}.backend_options.tensor_parallel_size"
             else:
                 knob = f"{section}.backend_options.max_model_len (or gpu_memory_utilization, tensor_parallel_size)"
-            plan = StagePlan(stage, f"{tp} x GPU (vLLM TP)", peak, limit, parts, {}, knob,
-                             note=f"[KV for {sequences:.1f} sequences of {max_len} tokens]")
+            plan = StagePlan(
+                stage,
+                f"{tp} x GPU (vLLM TP)",
+                peak,
+                limit,
+                parts,
+                {},
+                knob,
+                note=f"[KV for {sequences:.1f} sequences of {max_len} tokens]",
+            )
             if asked > gpus:  # vLLM needs tensor_parallel_size GPUs in the job
                 plan.blocked = True
                 plan.knob = f"{section}.backend_options.tensor_parallel_size ({asked} > resources.{kind}.gpus {gpus})"
             return plan
         act_bytes = 2 if options.get("dtype") in ("bfloat16", "float16") else 4
-        parts = {"weights": act_bytes * shape.params / GB,
-                 "kv_cache": batch_seqs * seq_tokens * shape.kv_bytes_per_token(1, act_bytes) / GB,
-                 "logprobs": LOGPROB_COPIES * min(LOGPROB_CHUNK_TOKENS, batch_seqs * seq_tokens) * shape.vocab * 4 / GB
-                 if scoring else batch_seqs * shape.vocab * 4 / GB,
-                 "overhead": GPU_OVERHEAD_GB if self.on_gpu(kind) else CPU_BASELINE_GB}
+        parts = {
+            "weights": act_bytes * shape.params / GB,
+            "kv_cache": batch_seqs * seq_tokens * shape.kv_bytes_per_token(1, act_bytes) / GB,
+            "logprobs": LOGPROB_COPIES * min(LOGPROB_CHUNK_TOKENS, batch_seqs * seq_tokens) * shape.vocab * 4 / GB
+            if scoring
+            else batch_seqs * shape.vocab * 4 / GB,
+            "overhead": GPU_OVERHEAD_GB if self.on_gpu(kind) else CPU_BASELINE_GB,
+        }
         devices = "1 x GPU (hf)" if self.on_gpu(kind) else "1 x CPU proc (hf)"
-        return StagePlan(stage, devices, sum(parts.values()), limit, parts, {},
-                         f"{section}.sampling.batch_size (or the vllm backend)")
+        return StagePlan(
+            stage,
+            devices,
+            sum(parts.values()),
+            limit,
+            parts,
+            {},
+            f"{section}.sampling.batch_size (or the vllm backend)",
+        )
 
     def generation_options(self, stage: str) -> tuple[str, dict[str, Any]]:
         """(config section, backend options) of sft_data or rollouts: their own, else `generation`'s."""
@@ -337,9 +373,17 @@ class Planner:
         gen = c["generation"]
         for t in runs["sft_teachers"]:
             section, options = self.generation_options("sft_data")
-            p = self.inference(f"sft_data[{t}]", "generate", section, self.teachers[t], gen["backend"],
-                               options, PROMPT_TOKENS + sft_sampling["max_new_tokens"],
-                               sft_sampling.get("batch_size", 128) * sft_sampling.get("n", 1), scoring=False)
+            p = self.inference(
+                f"sft_data[{t}]",
+                "generate",
+                section,
+                self.teachers[t],
+                gen["backend"],
+                options,
+                PROMPT_TOKENS + sft_sampling["max_new_tokens"],
+                sft_sampling.get("batch_size", 128) * sft_sampling.get("n", 1),
+                scoring=False,
+            )
             p.tokens = {"generated": n_sft * sft_sampling.get("n", 1) * sft_sampling["max_new_tokens"]}
             plans.append(p)
         sft_train = c["sft"]["train"]
@@ -349,16 +393,33 @@ class Planner:
         plans.append(p)
         roll = c["rollouts"]["sampling"]
         section, options = self.generation_options("rollouts")
-        p = self.inference("rollouts", "generate", section, self.student, gen["backend"], options,
-                           PROMPT_TOKENS + roll["max_new_tokens"], roll.get("batch_size", 128) * roll.get("n", 1),
-                           scoring=False)
+        p = self.inference(
+            "rollouts",
+            "generate",
+            section,
+            self.student,
+            gen["backend"],
+            options,
+            PROMPT_TOKENS + roll["max_new_tokens"],
+            roll.get("batch_size", 128) * roll.get("n", 1),
+            scoring=False,
+        )
         p.tokens = {"generated": n_opd * roll.get("n", 1) * roll["max_new_tokens"]}
         plans.append(p)
         cache = c["teacher_cache"]
         cache_seq = PROMPT_TOKENS + min(cache["max_response_tokens"], roll["max_new_tokens"])
         for t in runs["opd_teachers"]:
-            p = self.inference(f"teacher_cache[{t}]", "generate", "teacher_cache", self.teachers[t], cache["backend"],
-                               cache["backend_options"], cache_seq, roll.get("batch_size", 128), scoring=True)
+            p = self.inference(
+                f"teacher_cache[{t}]",
+                "generate",
+                "teacher_cache",
+                self.teachers[t],
+                cache["backend"],
+                cache["backend_options"],
+                cache_seq,
+                roll.get("batch_size", 128),
+                scoring=True,
+            )
             p.tokens = {"scored": n_opd * roll.get("n", 1) * cache_seq}
             plans.append(p)
         opd = c["lightning_opd"]
@@ -372,18 +433,35 @@ class Planner:
             world = self.processes("train")
             micro = opd.get("micro_batch_size") or max(1, opd["batch_size"] // world)
             teacher = self.teachers[runs["opd_teachers"][0]]
-            p = self.training("standard_opd", self.student, opd, seq, {**drift, "teacher": teacher},
-                              sampled_kv_tokens=micro * seq)
+            p = self.training(
+                "standard_opd", self.student, opd, seq, {**drift, "teacher": teacher}, sampled_kv_tokens=micro * seq
+            )
             steps = self.opd_steps(opd, n_opd * s.get("n", 1))
-            p.tokens = {"generated": steps * opd["batch_size"] * s["max_new_tokens"],
-                        "scored": steps * opd["batch_size"] * seq, "trained": steps * opd["batch_size"] * seq}
+            p.tokens = {
+                "generated": steps * opd["batch_size"] * s["max_new_tokens"],
+                "scored": steps * opd["batch_size"] * seq,
+                "trained": steps * opd["batch_size"] * seq,
+            }
             plans.append(p)
         e = c["eval"]
         biggest = max([self.student, *self.teachers.values()], key=lambda s: s.params)
-        p = self.inference("evaluate", "evaluate", "eval", biggest, e["backend"], e["backend_options"],
-                           PROMPT_TOKENS + e["max_gen_toks"], e["batch_size"], scoring=False)
-        models = len(c["teachers"]) + 1 + len(runs["sft_teachers"]) + len(list(self.opd_runs())) * (
-            2 if c["standard_opd"]["enabled"] else 1)
+        p = self.inference(
+            "evaluate",
+            "evaluate",
+            "eval",
+            biggest,
+            e["backend"],
+            e["backend_options"],
+            PROMPT_TOKENS + e["max_gen_toks"],
+            e["batch_size"],
+            scoring=False,
+        )
+        models = (
+            len(c["teachers"])
+            + 1
+            + len(runs["sft_teachers"])
+            + len(list(self.opd_runs())) * (2 if c["standard_opd"]["enabled"] else 1)
+        )
         p.tokens = {"generated": models * n_eval * e["k"] * e["max_gen_toks"]}
         p.note = (p.note + f" [largest of {models} models]").strip()
         plans.append(p)
@@ -411,11 +489,15 @@ def check(plans: list[StagePlan], where: str = "the config") -> None:
     """Raise PlanError naming every stage that does not fit and its knob."""
     bad = [p for p in plans if not p.fits]
     if bad:
-        raise PlanError(f"{where} cannot fit the declared memory (resources.<kind>.gpu_mem_gb, default "
-                        f"{DEFAULT_GPU_MEM_GB:.0f}; mem_mb on CPU):\n" + "\n".join(
-                            f"  {p.stage}: needs {p.peak_gb:.1f} GB per rank, has {p.limit_gb:.0f} GB"
-                            f"{' (and more GPUs than the job has)' if p.blocked else ''}: turn {p.knob}"
-                            for p in bad))
+        raise PlanError(
+            f"{where} cannot fit the declared memory (resources.<kind>.gpu_mem_gb, default "
+            f"{DEFAULT_GPU_MEM_GB:.0f}; mem_mb on CPU):\n"
+            + "\n".join(
+                f"  {p.stage}: needs {p.peak_gb:.1f} GB per rank, has {p.limit_gb:.0f} GB"
+                f"{' (and more GPUs than the job has)' if p.blocked else ''}: turn {p.knob}"
+                for p in bad
+            )
+        )
 
 
 def report(plans: list[StagePlan]) -> str:
@@ -427,8 +509,10 @@ def load_config(configfiles: list[Path], base: Path) -> dict[str, Any]:
     import yaml
 
     def merge(a, b):
-        return {**a, **{k: merge(a[k], v) if isinstance(v, dict) and isinstance(a.get(k), dict) else v
-                        for k, v in b.items()}}
+        return {
+            **a,
+            **{k: merge(a[k], v) if isinstance(v, dict) and isinstance(a.get(k), dict) else v for k, v in b.items()},
+        }
 
     config = yaml.safe_load(base.read_text())
     for f in configfiles:

@@ -85,26 +85,46 @@ def prepare(source: str, out: Path, split: str, problem_field: str, answer_field
             problem = str(field(row, problem_field))
             answer = str(field(row, answer_field)) if answer_field else ""
         except (KeyError, IndexError, TypeError) as error:
-            raise ArtifactError(f"{source}: row {index} has no field {problem_field!r} / {answer_field!r} ({error!r})") from None
+            raise ArtifactError(
+                f"{source}: row {index} has no field {problem_field!r} / {answer_field!r} ({error!r})"
+            ) from None
         problem = unwrap(problem, pattern, source, index)
         key = normalised(problem)
         if key in seen:
             duplicates += 1
             continue
         seen.add(key)
-        rows.append({"id": f"{name}-{index:07d}", "problem": problem, "answer": answer,
-                     "solution": "", "solution_words": ""})
+        rows.append(
+            {"id": f"{name}-{index:07d}", "problem": problem, "answer": answer, "solution": "", "solution_words": ""}
+        )
     unique = len(rows)
     if seed is not None:
         random.Random(seed).shuffle(rows)
     rows = rows[:limit] if limit else rows
-    print(f"{source}: {unique + duplicates} rows, {duplicates} duplicates dropped, {unique} unique problems"
-          + (f", shuffled with seed {seed}" if seed is not None else "") + f", {len(rows)} kept", flush=True)
-    write_table(out, rows, TASK_SCHEMA, {
-        "stage": "prepare_data", "source": source, "split": split,
-        "revision": None if is_local(source) else revision,
-        "problem_field": problem_field, "answer_field": answer_field, "problem_regex": problem_regex,
-        "rows": unique + duplicates, "duplicates_dropped": duplicates, "seed": seed, "limit": limit})
+    print(
+        f"{source}: {unique + duplicates} rows, {duplicates} duplicates dropped, {unique} unique problems"
+        + (f", shuffled with seed {seed}" if seed is not None else "")
+        + f", {len(rows)} kept",
+        flush=True,
+    )
+    write_table(
+        out,
+        rows,
+        TASK_SCHEMA,
+        {
+            "stage": "prepare_data",
+            "source": source,
+            "split": split,
+            "revision": None if is_local(source) else revision,
+            "problem_field": problem_field,
+            "answer_field": answer_field,
+            "problem_regex": problem_regex,
+            "rows": unique + duplicates,
+            "duplicates_dropped": duplicates,
+            "seed": seed,
+            "limit": limit,
+        },
+    )
     return len(rows)
 
 
@@ -114,8 +134,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--split", default="train")
     parser.add_argument("--revision", default=None, help="hub dataset revision (commit, branch or tag)")
     parser.add_argument("--problem-field", required=True, help="dotted path, e.g. prompt.0.content")
-    parser.add_argument("--problem-regex", default=None,
-                        help="regular expression with a group (?P<problem>...) that strips a wrapper")
+    parser.add_argument(
+        "--problem-regex", default=None, help="regular expression with a group (?P<problem>...) that strips a wrapper"
+    )
     parser.add_argument("--answer-field", default=None, help="dotted path; none for SFT prompts")
     parser.add_argument("--name", required=True, help="id prefix, e.g. sft / opd / eval")
     parser.add_argument("--seed", type=int, default=None, help="shuffle with this seed before the limit")
@@ -123,8 +144,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     try:
-        n = prepare(args.source, args.out, args.split, args.problem_field, args.answer_field, args.name,
-                    args.limit, args.seed, args.revision, args.problem_regex)
+        n = prepare(
+            args.source,
+            args.out,
+            args.split,
+            args.problem_field,
+            args.answer_field,
+            args.name,
+            args.limit,
+            args.seed,
+            args.revision,
+            args.problem_regex,
+        )
     except ValueError as error:  # ArtifactError included: one clear line, no traceback
         raise SystemExit(f"prepare_data: {error}") from None
     print(f"{n} problems from {args.source} -> {args.out}")

@@ -15,8 +15,17 @@ from lightning_opd.hparams import ArchParams, TaskParams, TrainParams, parse_hpa
 from lightning_opd.modeling import load_tokenizer, prompt_ids, tiny_qwen3_config
 from lightning_opd.provenance import file_sha256, tokenizer_fingerprint
 from lightning_opd.task import SOLUTION_STYLES, arithmetic_facts
-from lightning_opd.training import (add_tracking_argument, checkpoint_dir, collator, params_record, save_final,
-                                    supervised_example, tracking_params, train_with_resume, training_arguments)
+from lightning_opd.training import (
+    add_tracking_argument,
+    checkpoint_dir,
+    collator,
+    params_record,
+    save_final,
+    supervised_example,
+    tracking_params,
+    train_with_resume,
+    training_arguments,
+)
 
 CORPORA = ("solutions", "raw_solutions", "facts")
 
@@ -30,7 +39,9 @@ def corpus_examples(corpus: str, style: str, task_file: Path, tokenizer) -> list
         return [supervised_example(prompt_ids(tokenizer, problem), tokenizer(solution)["input_ids"] + eos)
                 for problem, solution in pairs]
     if corpus == "raw_solutions":  # plain text, no chat turns: what a base model saw in pretraining
-        return [supervised_example([], tokenizer(f"{problem} {solution}")["input_ids"] + eos) for problem, solution in pairs]
+        return [
+            supervised_example([], tokenizer(f"{problem} {solution}")["input_ids"] + eos) for problem, solution in pairs
+        ]
     facts = arithmetic_facts(TaskParams(**meta["params"]))
     return [supervised_example([], tokenizer(fact)["input_ids"] + eos) for fact in facts]
 
@@ -38,7 +49,9 @@ def corpus_examples(corpus: str, style: str, task_file: Path, tokenizer) -> list
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokenizer", required=True)
-    parser.add_argument("--task-file", type=Path, required=True, help="task parquet whose gold solutions are the corpus")
+    parser.add_argument(
+        "--task-file", type=Path, required=True, help="task parquet whose gold solutions are the corpus"
+    )
     parser.add_argument("--corpus", choices=CORPORA, required=True)
     parser.add_argument("--style", choices=SOLUTION_STYLES, default="chain")
     parser.add_argument("--arch", default="{}", help="JSON of ArchParams fields")
@@ -57,11 +70,21 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(train.seed)
     model = AutoModelForCausalLM.from_config(tiny_qwen3_config(arch, tokenizer))
     print(f"{args.label or 'model'}: {model.num_parameters() / 1e6:.2f}M parameters, {len(examples)} examples")
-    key = {"stage": "pretrain", "corpus": args.corpus, "style": args.style, "arch": params_record(arch),
-           "train": params_record(train), "task": file_sha256(args.task_file),
-           "tokenizer": tokenizer_fingerprint(tokenizer)}
-    trainer = Trainer(model=model, args=training_arguments(train, checkpoint_dir(args.checkpoint_root, key), tracking),
-                      train_dataset=Dataset.from_list(examples), data_collator=collator(train, tokenizer.pad_token_id))
+    key = {
+        "stage": "pretrain",
+        "corpus": args.corpus,
+        "style": args.style,
+        "arch": params_record(arch),
+        "train": params_record(train),
+        "task": file_sha256(args.task_file),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+    }
+    trainer = Trainer(
+        model=model,
+        args=training_arguments(train, checkpoint_dir(args.checkpoint_root, key), tracking),
+        train_dataset=Dataset.from_list(examples),
+        data_collator=collator(train, tokenizer.pad_token_id),
+    )
     train_with_resume(trainer)
     save_final(trainer, tokenizer, args.out, {**key, "label": args.label})
     print(f"-> {args.out}")

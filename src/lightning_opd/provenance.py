@@ -11,8 +11,9 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from lightning_opd.hub import split_revision
 
@@ -25,7 +26,7 @@ _CONFIG_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")
 _RACY_SECONDS = 2.0
 
 
-def _short(digest: "hashlib._Hash") -> str:
+def _short(digest: hashlib._Hash) -> str:
     return digest.hexdigest()[:16]
 
 

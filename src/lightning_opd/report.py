@@ -98,7 +98,11 @@ def summary_table(models: pd.DataFrame, benchmarks: list[str], k: int) -> pd.Dat
     for row in table.itertuples():
         name = ROLE_NAMES[row.role] + (f" {row.teacher}" if row.teacher else "")
         if row.sft_teacher or row.opd_teacher:
-            name += f" (SFT data: {row.sft_teacher}" + (f", OPD teacher: {row.opd_teacher}" if row.opd_teacher else "") + ")"
+            name += (
+                f" (SFT data: {row.sft_teacher}"
+                + (f", OPD teacher: {row.opd_teacher}" if row.opd_teacher else "")
+                + ")"
+            )
         if row.teacher_consistent == "no":
             name += " INCONSISTENT"
         names.append(name)
@@ -131,10 +135,15 @@ def plot_accuracy_vs_cost(models: pd.DataFrame, benchmark: str, k: int, kind: st
     opd = models[models.role.str.endswith("_opd")]
     for (role, sft_t, opd_t), group in opd.groupby(["role", "sft_teacher", "opd_teacher"]):
         # one seed has no spread: std() is NaN there, drawn as no error bar
-        axis.errorbar(group.device_hours.mean(), group[acc].mean(),
-                      yerr=group[acc].std(ddof=1) if len(group) > 1 else 0.0,
-                      xerr=group.device_hours.std(ddof=1) if len(group) > 1 else 0.0, marker="o", capsize=3,
-                      label=f"{ROLE_NAMES[role]} SFT {sft_t} / OPD {opd_t}")
+        axis.errorbar(
+            group.device_hours.mean(),
+            group[acc].mean(),
+            yerr=group[acc].std(ddof=1) if len(group) > 1 else 0.0,
+            xerr=group.device_hours.std(ddof=1) if len(group) > 1 else 0.0,
+            marker="o",
+            capsize=3,
+            label=f"{ROLE_NAMES[role]} SFT {sft_t} / OPD {opd_t}",
+        )
     for value in models.loc[models.role == "sft", acc]:
         axis.axhline(value, ls="--", color="gray", lw=0.8)
     axis.set_xlabel(f"OPD stage cost ({kind}-hours)")
@@ -152,10 +161,12 @@ def plot_training_curves(manifest: dict[str, Any], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("advantage", "reward proxy: mean log pi_T - log pi_theta"),
-              ("reverse_kl", "per-token reverse KL to teacher (train batch)"),
-              ("drift_kl_ref", "drift: KL(pi_theta || pi_ref), held-out"),
-              ("student_logprob", "student log-prob of its training tokens")]
+    panels = [
+        ("advantage", "reward proxy: mean log pi_T - log pi_theta"),
+        ("reverse_kl", "per-token reverse KL to teacher (train batch)"),
+        ("drift_kl_ref", "drift: KL(pi_theta || pi_ref), held-out"),
+        ("student_logprob", "student log-prob of its training tokens"),
+    ]
     n_runs = sum(1 for m in manifest["models"] if m.get("model_dir"))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4 + 0.18 * (n_runs + 3) // 4))
     for model in manifest["models"]:
@@ -235,12 +246,19 @@ def main(argv: list[str] | None = None) -> None:
     with atomic_path(args.out_dir / "models.csv") as tmp:
         models.to_csv(tmp, index=False)
     table = summary_table(models, benchmarks, k)
-    write_frame(table, args.out_dir, "table",
-                f"{experiment}: avg@{k} on {', '.join(benchmarks)} (mean +- std over seeds) "
-                f"and measured cost ({kind}-hours)")
+    write_frame(
+        table,
+        args.out_dir,
+        "table",
+        f"{experiment}: avg@{k} on {', '.join(benchmarks)} (mean +- std over seeds) and measured cost ({kind}-hours)",
+    )
     plot_accuracy_vs_cost(models, benchmarks[0], k, kind, args.out_dir / "accuracy_vs_cost.png")
-    write_frame(stage_costs(manifest["stages"]), args.out_dir, "stage_costs",
-                f"{experiment}: cost of every stage ({kind}-hours)")
+    write_frame(
+        stage_costs(manifest["stages"]),
+        args.out_dir,
+        "stage_costs",
+        f"{experiment}: cost of every stage ({kind}-hours)",
+    )
     plot_training_curves(manifest, args.out_dir / "opd_training_curve.png")
     write_config(json.loads(args.config), args.out_dir, experiment)
     print(table.to_string(index=False))

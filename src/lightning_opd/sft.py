@@ -13,10 +13,18 @@ from lightning_opd.artifacts import SAMPLES_SCHEMA, ArtifactError, read_table
 from lightning_opd.hparams import TrainParams, parse_hparams
 from lightning_opd.modeling import DEFAULT_PROMPT_TEMPLATE, check_context, load_tokenizer, prompt_ids
 from lightning_opd.provenance import check_same_tokenizer, describe_model, file_sha256
-from lightning_opd.training import (add_tracking_argument, checkpoint_dir, collator, load_for_fsdp, params_record,
-                                    save_final, supervised_example, tracking_params, train_with_resume,
-                                    training_arguments)
-
+from lightning_opd.training import (
+    add_tracking_argument,
+    checkpoint_dir,
+    collator,
+    load_for_fsdp,
+    params_record,
+    save_final,
+    supervised_example,
+    tracking_params,
+    train_with_resume,
+    training_arguments,
+)
 
 PROBE_ROWS = 64
 
@@ -34,7 +42,7 @@ def check_same_prompts(sft_data: Path, meta: dict, rows: list[dict], tokenizer, 
         if stored != mine:
             at = next((i for i, (a, b) in enumerate(zip(stored, mine)) if a != b), min(len(stored), len(mine)))
 
-            def show(ids):
+            def show(ids, at=at):
                 return repr(tokenizer.decode(ids[max(0, at - 8):at + 24]))
 
             raise ArtifactError(

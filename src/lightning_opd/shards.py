@@ -63,7 +63,7 @@ class Part:
     count: int
 
     @classmethod
-    def parse(cls, text: str) -> "Part":
+    def parse(cls, text: str) -> Part:
         try:
             index, count = (int(x) for x in text.split("-of-"))
         except ValueError:
@@ -255,7 +255,7 @@ def _die_with_parent() -> None:
 
 
 def _worker(engine: int, task: ShardTask, shards: list[range], work_dir: Path, schema: pa.Schema,
-            jobs: "multiprocessing.Queue", results: "multiprocessing.Queue") -> None:
+            jobs: multiprocessing.Queue, results: multiprocessing.Queue) -> None:
     _die_with_parent()
     index = None
     try:
@@ -266,7 +266,7 @@ def _worker(engine: int, task: ShardTask, shards: list[range], work_dir: Path, s
             results.put(("done", engine, index, tokens))
     except BaseException:
         results.put(("failed", engine, index, traceback.format_exc()))
-        raise SystemExit(1)
+        raise SystemExit(1) from None
 
 
 def _run_workers(task: ShardTask, todo: list[int], shards: list[range], work_dir: Path, schema: pa.Schema,

@@ -21,16 +21,38 @@ from datasets import Dataset
 
 from lightning_opd.artifacts import TASK_SCHEMA, read_table
 from lightning_opd.hparams import OPDParams, SamplingParams, from_dict, parse_hparams
-from lightning_opd.modeling import (DEFAULT_PROMPT_TEMPLATE, add_chat_template_argument, check_context, load_tokenizer,
-                                     prompt_ids, stop_token_ids)
 from lightning_opd.logprobs import response_logprobs
+from lightning_opd.modeling import (
+    DEFAULT_PROMPT_TEMPLATE,
+    add_chat_template_argument,
+    check_context,
+    load_tokenizer,
+    prompt_ids,
+    stop_token_ids,
+)
 from lightning_opd.opd_trainer import OPDTrainer, add_output_arguments, drift_reference, opd_example
-from lightning_opd.provenance import (check_teacher_consistency, describe_model, file_sha256, sft_teacher_of,
-                                      tokenizer_fingerprint)
+from lightning_opd.provenance import (
+    check_teacher_consistency,
+    describe_model,
+    file_sha256,
+    sft_teacher_of,
+    tokenizer_fingerprint,
+)
 from lightning_opd.sampling import sample_with
-from lightning_opd.training import (PadCollator, accumulation, checkpoint_dir, collator, frozen_dtype, load_for_fsdp,
-                                    params_record, save_final, tracking_params, train_with_resume, training_arguments,
-                                    world_size)
+from lightning_opd.training import (
+    PadCollator,
+    accumulation,
+    checkpoint_dir,
+    collator,
+    frozen_dtype,
+    load_for_fsdp,
+    params_record,
+    save_final,
+    tracking_params,
+    train_with_resume,
+    training_arguments,
+    world_size,
+)
 
 
 class OnlineOPDTrainer(OPDTrainer):
@@ -114,32 +136,64 @@ def main(argv: list[str] | None = None) -> None:
                for ids in live_prompts(tokenizer, args.prompts, args.prompt_template, args.chat_template_kwargs)]
     lengths = {i: len(p["prompt_ids"]) + sampling.max_new_tokens for i, p in enumerate(prompts)}
     for model in (args.init, args.teacher):
-        check_context(model, lengths, args.prompts, "prompt + max_new_tokens must fit: lower standard_opd.sampling.max_new_tokens")
-    print(f"standard OPD on {len(prompts)} prompts x {sampling.n} live samples, teacher {args.teacher_label} "
-          f"({'consistent' if consistent else 'INCONSISTENT'} with the SFT teacher)")
+        check_context(model, lengths, args.prompts,
+                      "prompt + max_new_tokens must fit: lower standard_opd.sampling.max_new_tokens")
+    print(
+        f"standard OPD on {len(prompts)} prompts x {sampling.n} live samples, teacher {args.teacher_label} "
+        f"({'consistent' if consistent else 'INCONSISTENT'} with the SFT teacher)"
+    )
 
-    key = {"stage": "standard_opd", "init": init["fingerprint"], "teacher": teacher["fingerprint"],
-           "prompts": file_sha256(args.prompts), "opd": params_record(params), "sampling": params_record(sampling),
-           "prompt_template": args.prompt_template, "chat_template_kwargs": args.chat_template_kwargs}
+    key = {
+        "stage": "standard_opd",
+        "init": init["fingerprint"],
+        "teacher": teacher["fingerprint"],
+        "prompts": file_sha256(args.prompts),
+        "opd": params_record(params),
+        "sampling": params_record(sampling),
+        "prompt_template": args.prompt_template,
+        "chat_template_kwargs": args.chat_template_kwargs,
+    }
     model = load_for_fsdp(args.init, params)
     reference, drift_batches = drift_reference(
-        args.init, tokenizer, args.drift_prompts, args.drift_n, args.prompt_template, args.drift_max_new_tokens,
-        accumulation(train_params, world_size())[0] * sampling.n, frozen_dtype(params), args.chat_template_kwargs)
+        args.init,
+        tokenizer,
+        args.drift_prompts,
+        args.drift_n,
+        args.prompt_template,
+        args.drift_max_new_tokens,
+        accumulation(train_params, world_size())[0] * sampling.n,
+        frozen_dtype(params),
+        args.chat_template_kwargs,
+    )
     trainer = OnlineOPDTrainer(
-        model=model, tau=params.tau, reference=reference, drift_batches=drift_batches, drift_every=args.drift_every,
+        model=model,
+        tau=params.tau,
+        reference=reference,
+        drift_batches=drift_batches,
+        drift_every=args.drift_every,
         teacher=load_for_fsdp(args.teacher, params, dtype=frozen_dtype(params)),
         sampling=sampling,
-        pad_id=tokenizer.pad_token_id, stop_ids=stop_token_ids(model, tokenizer),
+        pad_id=tokenizer.pad_token_id,
+        stop_ids=stop_token_ids(model, tokenizer),
         batcher=collator(params, tokenizer.pad_token_id),
         args=training_arguments(train_params, checkpoint_dir(args.checkpoint_root, key), tracking),
         train_dataset=Dataset.from_list(prompts),
         data_collator=lambda rows: {"prompt_ids": [r["prompt_ids"] for r in rows]},
     )
     train_with_resume(trainer)
-    save_final(trainer, tokenizer, args.out, {
-        **key, "method": "standard_opd", "init_model": init, "teacher": teacher,
-        "sft_teacher": sft_teacher_of(init), "teacher_consistent": consistent,
-    })
+    save_final(
+        trainer,
+        tokenizer,
+        args.out,
+        {
+            **key,
+            "method": "standard_opd",
+            "init_model": init,
+            "teacher": teacher,
+            "sft_teacher": sft_teacher_of(init),
+            "teacher_consistent": consistent,
+        },
+    )
     print(f"-> {args.out}")
 
 

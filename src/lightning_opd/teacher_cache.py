@@ -65,9 +65,17 @@ def build_cache(teacher: str, rollouts_path: Path, out: Path, backend: str = "hf
     tokenizer = load_tokenizer(teacher)
     check_same_tokenizer(rollouts_path, meta, tokenizer, f"the teacher {teacher}")
     kept = max_response_tokens or None
-    lengths = {row_id: len(p) + len(r[:kept]) for row_id, p, r in zip(
-        table.column("id").to_pylist(), table.column("prompt_ids").to_pylist(), table.column("response_ids").to_pylist())}
-    check_context(teacher, lengths, rollouts_path, "lower teacher_cache.max_response_tokens (or sample shorter rollouts)")
+    lengths = {
+        row_id: len(p) + len(r[:kept])
+        for row_id, p, r in zip(
+            table.column("id").to_pylist(),
+            table.column("prompt_ids").to_pylist(),
+            table.column("response_ids").to_pylist(),
+        )
+    }
+    check_context(
+        teacher, lengths, rollouts_path, "lower teacher_cache.max_response_tokens (or sample shorter rollouts)"
+    )
     if backend == "vllm":
         from lightning_opd.backends.vllm import SCORING_ENGINE_OPTIONS
 
@@ -76,9 +84,13 @@ def build_cache(teacher: str, rollouts_path: Path, out: Path, backend: str = "hf
         engine_options = backend_options
     teacher_record = describe_model(teacher)
     policy = meta["model"]
-    rollouts = {"path": str(rollouts_path), "sha256": file_sha256(rollouts_path),
-                "sampling": meta["sampling"], "prompt_template": meta.get("prompt_template"),
-                "chat_template_kwargs": meta.get("chat_template_kwargs", {})}
+    rollouts = {
+        "path": str(rollouts_path),
+        "sha256": file_sha256(rollouts_path),
+        "sampling": meta["sampling"],
+        "prompt_template": meta.get("prompt_template"),
+        "chat_template_kwargs": meta.get("chat_template_kwargs", {}),
+    }
     metadata = {
         "stage": "teacher_cache",
         "teacher": {**teacher_record, "label": label},
@@ -91,13 +103,30 @@ def build_cache(teacher: str, rollouts_path: Path, out: Path, backend: str = "hf
         "backend": backend,
         "backend_options": engine_options,
     }
-    key = {"stage": "teacher_cache", "teacher": teacher_record["fingerprint"], "rollouts": rollouts["sha256"],
-           "temperature": temperature, "max_response_tokens": max_response_tokens, "backend": backend,
-           "backend_options": engine_options}
+    key = {
+        "stage": "teacher_cache",
+        "teacher": teacher_record["fingerprint"],
+        "rollouts": rollouts["sha256"],
+        "temperature": temperature,
+        "max_response_tokens": max_response_tokens,
+        "backend": backend,
+        "backend_options": engine_options,
+    }
     task = ScoreTask(teacher, rollouts_path, max_response_tokens, temperature, backend, backend_options)
-    run_sharded(task, name=f"teacher_cache {label}".strip(), n_rows=table.num_rows, shard_size=shard_size,
-                key=key, work_root=work_dir, out=out, schema=CACHE_SCHEMA, metadata=metadata,
-                data_parallel=data_parallel, gpus_per_engine=gpus_per_engine(backend, backend_options), part=part)
+    run_sharded(
+        task,
+        name=f"teacher_cache {label}".strip(),
+        n_rows=table.num_rows,
+        shard_size=shard_size,
+        key=key,
+        work_root=work_dir,
+        out=out,
+        schema=CACHE_SCHEMA,
+        metadata=metadata,
+        data_parallel=data_parallel,
+        gpus_per_engine=gpus_per_engine(backend, backend_options),
+        part=part,
+    )
     scores = pq.read_table(out, columns=["teacher_logprobs"]).column("teacher_logprobs").combine_chunks()
     flat = scores.flatten().to_numpy(zero_copy_only=False)
     mean = float(np.mean(flat)) if len(flat) else float("nan")
@@ -116,9 +145,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backend-options", default="{}", help="JSON passed to the backend")
     add_shard_arguments(parser, DEFAULT_SHARD_SIZE)
     args = parser.parse_args(argv)
-    build_cache(args.teacher, args.rollouts, args.out, args.backend, args.label, args.max_response_tokens,
-                args.temperature, json.loads(args.backend_options), shard_size=args.shard_size,
-                work_dir=args.work_dir, data_parallel=args.data_parallel, part=args.part)
+    build_cache(
+        args.teacher,
+        args.rollouts,
+        args.out,
+        args.backend,
+        args.label,
+        args.max_response_tokens,
+        args.temperature,
+        json.loads(args.backend_options),
+        shard_size=args.shard_size,
+        work_dir=args.work_dir,
+        data_parallel=args.data_parallel,
+        part=args.part,
+    )
 
 
 if __name__ == "__main__":

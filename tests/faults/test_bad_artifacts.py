@@ -8,8 +8,8 @@ import json
 import shutil
 
 import pytest
-
 from inject import assert_nothing_at, assert_refused, call, rewrite
+
 from lightning_opd import generate, lightning_opd, sft, teacher_cache
 
 TWO_STEPS = {"max_steps": 2, "batch_size": 4, "save_steps": 100, "learning_rate": 1e-4}

@@ -6,11 +6,10 @@ import re
 import shlex
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
-
 from inject import assert_refused
+
 from test_pipeline import ENV, REPO, SNAKEMAKE, copy_repo, planned_jobs, snakemake, write_yaml
 
 

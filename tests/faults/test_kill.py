@@ -10,19 +10,36 @@ import subprocess
 import sys
 
 from inject import ENV, assert_nothing_at, call, kill9, rewrite, start, wait_for
+
 from lightning_opd import generate, lightning_opd, teacher_cache
 
 
 def replicated(src, dst, times: int):
-    """A bigger copy of a prompt or rollout artifact (ids kept unique), so that a stage runs long enough to be killed."""
-    return rewrite(src, dst, mutate_rows=lambda rows: [{**r, "id": f"{r['id']}-{k}"} for k in range(times) for r in rows])
+    """A bigger copy of a prompt or rollout artifact (ids kept unique), so that a stage runs long enough
+    to be killed."""
+    return rewrite(
+        src, dst, mutate_rows=lambda rows: [{**r, "id": f"{r['id']}-{k}"} for k in range(times) for r in rows]
+    )
 
 
 def test_kill_during_generation(world, tmp_path):
-    prompts, out, log = replicated(world["data"] / "sft.parquet", tmp_path / "prompts.parquet", 2), \
-        tmp_path / "sft_data.parquet", tmp_path / "log"
-    argv = ["--model", world["teacher_A"], "--prompts", prompts, "--out", out, "--label", "A",
-            "--sampling", json.dumps({"max_new_tokens": 8, "batch_size": 1})]
+    prompts, out, log = (
+        replicated(world["data"] / "sft.parquet", tmp_path / "prompts.parquet", 2),
+        tmp_path / "sft_data.parquet",
+        tmp_path / "log",
+    )
+    argv = [
+        "--model",
+        world["teacher_A"],
+        "--prompts",
+        prompts,
+        "--out",
+        out,
+        "--label",
+        "A",
+        "--sampling",
+        json.dumps({"max_new_tokens": 8, "batch_size": 1}),
+    ]
     process = start("lightning_opd.generate", argv, log)
     wait_for(lambda: "| 1/32" in log.read_text(), process)  # one of 32 batches sampled
     kill9(process)
@@ -32,10 +49,23 @@ def test_kill_during_generation(world, tmp_path):
 
 
 def test_kill_during_teacher_cache(world, tmp_path):
-    rollouts, out, log = replicated(world["rollouts"], tmp_path / "rollouts.parquet", 10), \
-        tmp_path / "cache.parquet", tmp_path / "log"
-    argv = ["--teacher", world["teacher_A"], "--rollouts", rollouts, "--out", out, "--label", "A",
-            "--backend-options", json.dumps({"batch_size": 1})]
+    rollouts, out, log = (
+        replicated(world["rollouts"], tmp_path / "rollouts.parquet", 10),
+        tmp_path / "cache.parquet",
+        tmp_path / "log",
+    )
+    argv = [
+        "--teacher",
+        world["teacher_A"],
+        "--rollouts",
+        rollouts,
+        "--out",
+        out,
+        "--label",
+        "A",
+        "--backend-options",
+        json.dumps({"batch_size": 1}),
+    ]
     process = start("lightning_opd.teacher_cache", argv, log)
     wait_for(lambda: "| 2/120" in log.read_text(), process)
     kill9(process)
@@ -46,8 +76,20 @@ def test_kill_during_teacher_cache(world, tmp_path):
 
 def test_kill_during_training_resumes(world, tmp_path):
     out, ckpt, log = tmp_path / "lopd", tmp_path / "ckpt", tmp_path / "log"
-    argv = ["--init", world["sft_A"], "--cache", world["cache_A"], "--out", out, "--checkpoint-root", ckpt,
-            "--opd", json.dumps({"epochs": 10, "batch_size": 4, "save_steps": 3, "logging_steps": 1}), "--drift-n", 0]
+    argv = [
+        "--init",
+        world["sft_A"],
+        "--cache",
+        world["cache_A"],
+        "--out",
+        out,
+        "--checkpoint-root",
+        ckpt,
+        "--opd",
+        json.dumps({"epochs": 10, "batch_size": 4, "save_steps": 3, "logging_steps": 1}),
+        "--drift-n",
+        0,
+    ]
     process = start("lightning_opd.lightning_opd", argv, log)
     wait_for(lambda: any(ckpt.glob("*/checkpoint-6/trainer_state.json")), process)
     kill9(process)
@@ -65,19 +107,38 @@ def test_kill_during_training_resumes(world, tmp_path):
 
 def test_kill_in_the_middle_of_an_atomic_write_leaves_nothing_the_next_write_keeps(world, tmp_path):
     out = tmp_path / "samples.parquet"
-    writer = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time\n"
-        "from lightning_opd.artifacts import atomic_path\n"
-        f"with atomic_path({str(out)!r}) as tmp:\n"
-        "    tmp.write_bytes(b'half of a parquet file')\n"
-        "    print('writing', flush=True)\n"
-        "    time.sleep(120)\n")], env=ENV, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    writer = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import sys, time\n"
+                "from lightning_opd.artifacts import atomic_path\n"
+                f"with atomic_path({str(out)!r}) as tmp:\n"
+                "    tmp.write_bytes(b'half of a parquet file')\n"
+                "    print('writing', flush=True)\n"
+                "    time.sleep(120)\n"
+            ),
+        ],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     assert writer.stdout.readline().strip() == "writing"
     kill9(writer)
     assert not out.exists()
     assert len(list(tmp_path.glob(".samples.parquet.tmp-*"))) == 1  # what kill -9 leaves
-    argv = ["--model", world["teacher_A"], "--prompts", world["data"] / "opd.parquet", "--out", out,
-            "--sampling", json.dumps({"max_new_tokens": 4})]
+    argv = [
+        "--model",
+        world["teacher_A"],
+        "--prompts",
+        world["data"] / "opd.parquet",
+        "--out",
+        out,
+        "--sampling",
+        json.dumps({"max_new_tokens": 4}),
+    ]
     assert call(generate.main, argv).returncode == 0 and out.is_file()
     assert not list(tmp_path.glob(".samples.parquet.*")), "the next write of the path removes the leftover"
 
@@ -87,8 +148,20 @@ def test_staging_directory_of_a_killed_model_save_is_removed(world, tmp_path):
     staging = tmp_path / ".lopd.partial"  # what a kill between the weights and the final move leaves
     staging.mkdir()
     (staging / "model.safetensors").write_bytes(b"half")
-    argv = ["--init", world["sft_A"], "--cache", world["cache_A"], "--out", out, "--checkpoint-root", tmp_path / "c",
-            "--opd", json.dumps({"max_steps": 2, "batch_size": 4, "save_steps": 100}), "--drift-n", 0]
+    argv = [
+        "--init",
+        world["sft_A"],
+        "--cache",
+        world["cache_A"],
+        "--out",
+        out,
+        "--checkpoint-root",
+        tmp_path / "c",
+        "--opd",
+        json.dumps({"max_steps": 2, "batch_size": 4, "save_steps": 100}),
+        "--drift-n",
+        0,
+    ]
     assert call(lightning_opd.main, argv).returncode == 0
     assert (out / "model.safetensors").stat().st_size > 1000
     assert not staging.exists()

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from inject import assert_nothing_at, assert_refused, call, copy_model, small_filesystem
 from safetensors.torch import load_file
 from transformers import Trainer
 
-from inject import assert_nothing_at, assert_refused, call, copy_model, small_filesystem
 from lightning_opd import generate, lightning_opd, sft
 
 SIX_STEPS = {"max_steps": 6, "batch_size": 4, "save_steps": 2, "logging_steps": 1, "learning_rate": 1e-3,

@@ -57,8 +57,10 @@ if unknown := {name: s.kind for name, s in STAGES.items() if s.kind not in KINDS
 
 def stage(name):
     if name not in STAGES:
-        raise WorkflowError(f"no entry for the rule {name!r} in STAGES of workflow/rules/common.smk; add the "
-                            f"module it runs and its kind of resources, one of {KINDS}")
+        raise WorkflowError(
+            f"no entry for the rule {name!r} in STAGES of workflow/rules/common.smk; add the "
+            f"module it runs and its kind of resources, one of {KINDS}"
+        )
     return STAGES[name]
 
 
@@ -66,8 +68,10 @@ def check_stage_table(rules):
     """Every rule but the target rule `all` runs a module of the table."""
     missing = sorted(r.name for r in rules if r.name != "all" and r.name not in STAGES)
     if missing:
-        raise WorkflowError(f"rule(s) {missing} have no entry in STAGES (workflow/rules/common.smk): add the "
-                            f"module each runs and its kind of resources, one of {KINDS}")
+        raise WorkflowError(
+            f"rule(s) {missing} have no entry in STAGES (workflow/rules/common.smk): add the "
+            f"module each runs and its kind of resources, one of {KINDS}"
+        )
 
 
 # ---- code inputs: the package files a rule's module imports, followed transitively; inputs
@@ -137,8 +141,10 @@ def command(name):
         return f"python -m lightning_opd.{s.runs}"
     r = res(s.kind)
     processes = r.get("processes") or r["gpus"] or 1
-    return (f"python -m lightning_opd.launch --nproc-per-node {processes} --nnodes {r.get('nodes', 1)} "
-            f"lightning_opd.{s.runs}")
+    return (
+        f"python -m lightning_opd.launch --nproc-per-node {processes} --nnodes {r.get('nodes', 1)} "
+        f"lightning_opd.{s.runs}"
+    )
 
 
 def js(obj):
@@ -156,10 +162,17 @@ def tracking(stage, label):
     try:
         run_name = template.format(experiment=config["experiment"], stage=stage, label=label)
     except (KeyError, IndexError, ValueError) as error:
-        raise WorkflowError(f"tracking.run_name {template!r}: not a template of {{experiment}}, {{stage}} "
-                            f"and {{label}} ({error!r})") from None
-    return js({"report_to": t.get("report_to", []), "project": t.get("project") or config["experiment"],
-               "run_name": run_name, "log_dir": f"{R}/tracking/{stage}/{label}"})
+        raise WorkflowError(
+            f"tracking.run_name {template!r}: not a template of {{experiment}}, {{stage}} " f"and {{label}} ({error!r})"
+        ) from None
+    return js(
+        {
+            "report_to": t.get("report_to", []),
+            "project": t.get("project") or config["experiment"],
+            "run_name": run_name,
+            "log_dir": f"{R}/tracking/{stage}/{label}",
+        }
+    )
 
 
 # data preparation, tokenizer and report: one core and no GPU, whatever `default` says
@@ -231,8 +244,11 @@ def built(path):
 GEN_ARTIFACTS = {  # stage: (artifact, schema, job name)
     "sft_data": (f"{R}/sft_data/teacher-{{teacher}}.parquet", "samples", "{teacher}"),
     "rollouts": (f"{R}/rollouts/sft-{{sft_teacher}}.parquet", "samples", "{sft_teacher}"),
-    "teacher_cache": (f"{R}/cache/sft-{{sft_teacher}}_teacher-{{opd_teacher}}.parquet", "cache",
-                      "sft-{sft_teacher}_teacher-{opd_teacher}"),
+    "teacher_cache": (
+        f"{R}/cache/sft-{{sft_teacher}}_teacher-{{opd_teacher}}.parquet",
+        "cache",
+        "sft-{sft_teacher}_teacher-{opd_teacher}",
+    ),
 }
 GEN_STAGES = tuple(GEN_ARTIFACTS)
 
@@ -277,7 +293,8 @@ def gen_entries(stage, pattern):
         return [stage_entry(stage, pattern)]
     jobs = gen_option(stage, "jobs")
     return [stage_entry(stage, f"{pattern}_part-{i}-of-{jobs}") for i in range(1, jobs + 1)] + [
-        stage_entry(f"{stage}_gather", pattern)]
+        stage_entry(f"{stage}_gather", pattern)
+    ]
 
 
 scattergather:
@@ -348,14 +365,19 @@ def dataset(split):
 
 for task, task_yaml in zip(config["eval"]["tasks"], BENCHMARKS.values()):
     if not task_yaml.is_file():
-        raise WorkflowError(f"eval.tasks: {task!r}: {task_yaml} not found (give a task of "
-                            f"{PKG / 'lm_eval_tasks'} by name, or a path to a task yaml)")
+        raise WorkflowError(
+            f"eval.tasks: {task!r}: {task_yaml} not found (give a task of "
+            f"{PKG / 'lm_eval_tasks'} by name, or a path to a task yaml)"
+        )
 if len(BENCHMARKS) != len(config["eval"]["tasks"]):
-    raise WorkflowError(f"eval.tasks {config['eval']['tasks']}: two tasks share a name (a task yaml's file stem "
-                        "names its benchmark)")
+    raise WorkflowError(
+        f"eval.tasks {config['eval']['tasks']}: two tasks share a name (a task yaml's file stem " "names its benchmark)"
+    )
 if "data" in config and set(config["data"]["eval"]) != set(BENCHMARKS):
-    raise WorkflowError(f"data.eval has datasets for {sorted(config['data']['eval'])} but eval.tasks names the "
-                        f"benchmarks {list(BENCHMARKS)}: give data.eval one dataset per benchmark, by its name")
+    raise WorkflowError(
+        f"data.eval has datasets for {sorted(config['data']['eval'])} but eval.tasks names the "
+        f"benchmarks {list(BENCHMARKS)}: give data.eval one dataset per benchmark, by its name"
+    )
 
 
 def eval_task_code(benchmark):
@@ -378,22 +400,53 @@ def stage_entry(name, pattern):
 def report_manifest():
     models = []
     for t, spec in config["teachers"].items():
-        models.append({"label": f"teacher-{t}", "role": "teacher", "teacher": t,
-                       "cost": [stage_entry("pretrain_teacher", t)] if "build" in spec else []})
-    models.append({"label": "student_base", "role": "student_base",
-                   "cost": [stage_entry("pretrain_student_base", "")] if "build" in config["student_base"] else []})
+        models.append(
+            {
+                "label": f"teacher-{t}",
+                "role": "teacher",
+                "teacher": t,
+                "cost": [stage_entry("pretrain_teacher", t)] if "build" in spec else [],
+            }
+        )
+    models.append(
+        {
+            "label": "student_base",
+            "role": "student_base",
+            "cost": [stage_entry("pretrain_student_base", "")] if "build" in config["student_base"] else [],
+        }
+    )
     for t in RUNS["sft_teachers"]:
-        models.append({"label": f"sft-{t}", "role": "sft", "sft_teacher": t,
-                       "cost": [*gen_entries("sft_data", t), stage_entry("sft", t)]})
+        models.append(
+            {
+                "label": f"sft-{t}",
+                "role": "sft",
+                "sft_teacher": t,
+                "cost": [*gen_entries("sft_data", t), stage_entry("sft", t)],
+            }
+        )
     for sft_t, opd_t, seed in opd_runs():
         pair = f"sft-{sft_t}_teacher-{opd_t}"
-        cost = {"lightning": [*gen_entries("rollouts", sft_t), *gen_entries("teacher_cache", pair),
-                              stage_entry("lightning_opd", f"{pair}_seed-{seed}")],
-                "standard": [stage_entry("standard_opd", f"{pair}_seed-{seed}")]}
+        cost = {
+            "lightning": [
+                *gen_entries("rollouts", sft_t),
+                *gen_entries("teacher_cache", pair),
+                stage_entry("lightning_opd", f"{pair}_seed-{seed}"),
+            ],
+            "standard": [stage_entry("standard_opd", f"{pair}_seed-{seed}")],
+        }
         for method in METHODS:
             label = opd_label(method, sft_t, opd_t, seed)
-            models.append({"label": label, "role": f"{method}_opd", "sft_teacher": sft_t, "opd_teacher": opd_t,
-                           "seed": seed, "model_dir": f"{R}/models/{label}", "cost": cost[method]})
+            models.append(
+                {
+                    "label": label,
+                    "role": f"{method}_opd",
+                    "sft_teacher": sft_t,
+                    "opd_teacher": opd_t,
+                    "seed": seed,
+                    "model_dir": f"{R}/models/{label}",
+                    "cost": cost[method],
+                }
+            )
     for m in models:
         m["evals"] = {b: f"{R}/eval/{b}/{m['label']}.json" for b in BENCHMARKS}
     if "data" in config:
@@ -405,17 +458,27 @@ def report_manifest():
     stages += [entry for m in models for entry in m["cost"] if entry not in stages]
     stages += [stage_entry("evaluate", f"{b}/{m['label']}") for b in BENCHMARKS for m in models]
     kind = "gpu" if any(res(k)["gpus"] for k in ("generate", "train", "evaluate")) else "cpu"
-    return {"experiment": config["experiment"], "device_kind": kind, "models": models, "stages": stages,
-            "eval": {"k": config["eval"]["k"], "benchmarks": list(BENCHMARKS)}}
+    return {
+        "experiment": config["experiment"],
+        "device_kind": kind,
+        "models": models,
+        "stages": stages,
+        "eval": {"k": config["eval"]["k"], "benchmarks": list(BENCHMARKS)},
+    }
 
 
 def dataset_options(spec):
     """The command-line options of a `data.<split>` entry (quoted in the shell by :q)."""
-    flags = {"split": "--split", "revision": "--revision", "problem_field": "--problem-field",
-             "problem_regex": "--problem-regex", "answer_field": "--answer-field", "seed": "--seed",
-             "limit": "--limit"}
+    flags = {
+        "split": "--split",
+        "revision": "--revision",
+        "problem_field": "--problem-field",
+        "problem_regex": "--problem-regex",
+        "answer_field": "--answer-field",
+        "seed": "--seed",
+        "limit": "--limit",
+    }
     return [arg for key, flag in flags.items() if spec.get(key) is not None for arg in (flag, str(spec[key]))]
-
 
 
 wildcard_constraints:
@@ -426,7 +489,6 @@ wildcard_constraints:
     model="[A-Za-z0-9_\\-]+",
     benchmark="[A-Za-z0-9_\\-]+",
     scatteritem="[0-9]+-of-[0-9]+",
-
 
 
 # ---- the planner: every run (dry runs included) prints its per-stage prediction, and a config that

@@ -11,6 +11,15 @@ rule evaluate:
     output:
         summary=f"{R}/eval/{{benchmark}}/{{model}}.json",
         samples=f"{R}/eval/{{benchmark}}/{{model}}.samples.jsonl",
+    log:
+        logfile("evaluate", "{benchmark}/{model}"),
+    benchmark:
+        bench("evaluate", "{benchmark}/{model}")
+    conda:
+        "../envs/eval.yaml"
+    threads: rule_threads("evaluate")
+    resources:
+        **rule_resources("evaluate"),
     params:
         cmd=command("evaluate"),
         model=lambda w: eval_model_path(w.model),
@@ -23,17 +32,11 @@ rule evaluate:
         seed=config["eval"]["seed"],
         backend_options=js(config["eval"]["backend_options"]),
         chat_template=js(config["chat_template_kwargs"]),
-        think_end=(["--think-end-token", str(config["eval"]["think_end_token"])]
-                   if config["eval"].get("think_end_token") is not None else []),
-    log:
-        logfile("evaluate", "{benchmark}/{model}"),
-    benchmark:
-        bench("evaluate", "{benchmark}/{model}")
-    threads: rule_threads("evaluate")
-    resources:
-        **rule_resources("evaluate"),
-    conda:
-        "../envs/eval.yaml"
+        think_end=(
+            ["--think-end-token", str(config["eval"]["think_end_token"])]
+            if config["eval"].get("think_end_token") is not None
+            else []
+        ),
     shell:
         "{params.cmd} --model {params.model:q} --eval-file {input.eval_file:q} "
         "--out {output.summary:q} --k {params.k:q} --temperature {params.temperature:q} --top-p {params.top_p:q} "

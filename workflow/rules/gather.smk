@@ -11,22 +11,22 @@ for gen_stage, (artifact, schema, job) in GEN_ARTIFACTS.items():
             f"{gen_stage}_gather"
         input:
             parts=lambda w, gen_stage=gen_stage, artifact=artifact: getattr(gather, gen_stage)(
-                gen_output(gen_stage, artifact), **dict(w.items())),
+                gen_output(gen_stage, artifact), **dict(w.items())
+            ),
             code=code_inputs(f"{gen_stage}_gather"),
         output:
             artifact,
-        params:
-            cmd=command(f"{gen_stage}_gather"),
-            schema=schema,
         log:
             logfile(f"{gen_stage}_gather", job),
         benchmark:
             bench(f"{gen_stage}_gather", job)
+        conda:
+            "../envs/gen.yaml"
         threads: rule_threads(f"{gen_stage}_gather")
         resources:
             **rule_resources(f"{gen_stage}_gather"),
-        conda:
-            "../envs/gen.yaml"
+        params:
+            cmd=command(f"{gen_stage}_gather"),
+            schema=schema,
         shell:
-            "{params.cmd} --gather {input.parts:q} --schema {params.schema:q} --out {output:q} "
-            "2>&1 | tee {log:q}"
+            "{params.cmd} --gather {input.parts:q} --schema {params.schema:q} --out {output:q} " "2>&1 | tee {log:q}"

@@ -9,6 +9,15 @@ rule pretrain_teacher:
         code=code_inputs("pretrain_teacher"),
     output:
         directory(f"{R}/models/teacher-{{teacher}}"),
+    log:
+        logfile("pretrain_teacher", "{teacher}"),
+    benchmark:
+        bench("pretrain_teacher", "{teacher}")
+    conda:
+        "../envs/train.yaml"
+    threads: rule_threads("pretrain_teacher")
+    resources:
+        **rule_resources("pretrain_teacher"),
     params:
         style=lambda w: config["teachers"][w.teacher]["build"]["style"],
         arch=lambda w: js(config["teachers"][w.teacher]["build"]["arch"]),
@@ -16,15 +25,6 @@ rule pretrain_teacher:
         ckpt=f"{R}/checkpoints/pretrain_teacher",
         cmd=command("pretrain_teacher"),
         tracking=lambda w: tracking("pretrain_teacher", f"teacher-{w.teacher}"),
-    log:
-        logfile("pretrain_teacher", "{teacher}"),
-    benchmark:
-        bench("pretrain_teacher", "{teacher}")
-    threads: rule_threads("pretrain_teacher")
-    resources:
-        **rule_resources("pretrain_teacher"),
-    conda:
-        "../envs/train.yaml"
     shell:
         "{params.cmd} --tokenizer {input.tokenizer:q} --task-file {input.task:q} "
         "--corpus solutions --style {params.style:q} --arch {params.arch} --train {params.train} "
@@ -39,6 +39,15 @@ rule pretrain_student_base:
         code=code_inputs("pretrain_student_base"),
     output:
         directory(f"{R}/models/student_base"),
+    log:
+        logfile("pretrain_student_base"),
+    benchmark:
+        bench("pretrain_student_base")
+    conda:
+        "../envs/train.yaml"
+    threads: rule_threads("pretrain_student_base")
+    resources:
+        **rule_resources("pretrain_student_base"),
     params:
         corpus=config["student_base"].get("build", {}).get("corpus"),
         arch=js(config["student_base"].get("build", {}).get("arch")),
@@ -46,15 +55,6 @@ rule pretrain_student_base:
         ckpt=f"{R}/checkpoints/pretrain_student_base",
         cmd=command("pretrain_student_base"),
         tracking=tracking("pretrain_student_base", "student_base"),
-    log:
-        logfile("pretrain_student_base"),
-    benchmark:
-        bench("pretrain_student_base")
-    threads: rule_threads("pretrain_student_base")
-    resources:
-        **rule_resources("pretrain_student_base"),
-    conda:
-        "../envs/train.yaml"
     shell:
         "{params.cmd} --tokenizer {input.tokenizer:q} --task-file {input.task:q} "
         "--corpus {params.corpus:q} --arch {params.arch} --train {params.train} "

@@ -10,6 +10,15 @@ rule rollouts:
         code=code_inputs("rollouts"),
     output:
         gen_output("rollouts", GEN_ARTIFACTS["rollouts"][0]),
+    log:
+        logfile("rollouts", gen_job("rollouts", "{sft_teacher}")),
+    benchmark:
+        bench("rollouts", gen_job("rollouts", "{sft_teacher}"))
+    conda:
+        "../envs/gen.yaml"
+    threads: rule_threads("rollouts")
+    resources:
+        **rule_resources("rollouts"),
     params:
         cmd=command("rollouts"),
         backend=config["generation"]["backend"],
@@ -21,15 +30,6 @@ rule rollouts:
         data_parallel=engines("rollouts"),
         work_dir=f"{R}/checkpoints/rollouts",
         part=part_option,
-    log:
-        logfile("rollouts", gen_job("rollouts", "{sft_teacher}")),
-    benchmark:
-        bench("rollouts", gen_job("rollouts", "{sft_teacher}"))
-    threads: rule_threads("rollouts")
-    resources:
-        **rule_resources("rollouts"),
-    conda:
-        "../envs/gen.yaml"
     shell:
         "{params.cmd} --model {input.policy:q} --prompts {input.prompts:q} --out {output:q} "
         "--label sft-{wildcards.sft_teacher:q} --backend {params.backend:q} "
@@ -46,6 +46,15 @@ rule teacher_cache:
         code=code_inputs("teacher_cache"),
     output:
         gen_output("teacher_cache", GEN_ARTIFACTS["teacher_cache"][0]),
+    log:
+        logfile("teacher_cache", gen_job("teacher_cache", "sft-{sft_teacher}_teacher-{opd_teacher}")),
+    benchmark:
+        bench("teacher_cache", gen_job("teacher_cache", "sft-{sft_teacher}_teacher-{opd_teacher}"))
+    conda:
+        "../envs/gen.yaml"
+    threads: rule_threads("teacher_cache")
+    resources:
+        **rule_resources("teacher_cache"),
     params:
         cmd=command("teacher_cache"),
         model=lambda w: teacher_path(w.opd_teacher),
@@ -57,15 +66,6 @@ rule teacher_cache:
         data_parallel=engines("teacher_cache"),
         work_dir=f"{R}/checkpoints/teacher_cache",
         part=part_option,
-    log:
-        logfile("teacher_cache", gen_job("teacher_cache", "sft-{sft_teacher}_teacher-{opd_teacher}")),
-    benchmark:
-        bench("teacher_cache", gen_job("teacher_cache", "sft-{sft_teacher}_teacher-{opd_teacher}"))
-    threads: rule_threads("teacher_cache")
-    resources:
-        **rule_resources("teacher_cache"),
-    conda:
-        "../envs/gen.yaml"
     shell:
         "{params.cmd} --teacher {params.model:q} --rollouts {input.rollouts:q} "
         "--out {output:q} --label {wildcards.opd_teacher:q} --backend {params.backend:q} "
@@ -82,6 +82,15 @@ rule lightning_opd:
         code=code_inputs("lightning_opd"),
     output:
         directory(f"{R}/models/lightning-sft-{{sft_teacher}}_teacher-{{opd_teacher}}_seed-{{seed}}"),
+    log:
+        logfile("lightning_opd", "sft-{sft_teacher}_teacher-{opd_teacher}_seed-{seed}"),
+    benchmark:
+        bench("lightning_opd", "sft-{sft_teacher}_teacher-{opd_teacher}_seed-{seed}")
+    conda:
+        "../envs/train.yaml"
+    threads: rule_threads("lightning_opd")
+    resources:
+        **rule_resources("lightning_opd"),
     params:
         opd=opd_params,
         ckpt=f"{R}/checkpoints/lightning_opd",
@@ -90,15 +99,6 @@ rule lightning_opd:
         drift_n=config["opd_drift"]["n_prompts"],
         drift_tokens=config["opd_drift"]["max_new_tokens"],
         drift_every=config["opd_drift"].get("every_steps") or 0,
-    log:
-        logfile("lightning_opd", "sft-{sft_teacher}_teacher-{opd_teacher}_seed-{seed}"),
-    benchmark:
-        bench("lightning_opd", "sft-{sft_teacher}_teacher-{opd_teacher}_seed-{seed}")
-    threads: rule_threads("lightning_opd")
-    resources:
-        **rule_resources("lightning_opd"),
-    conda:
-        "../envs/train.yaml"
     shell:
         "{params.cmd} --init {input.init:q} --cache {input.cache:q} --opd {params.opd} "
         "--out {output:q} --checkpoint-root {params.ckpt:q} --drift-prompts {input.drift_prompts:q} "
@@ -116,6 +116,15 @@ rule standard_opd:
         code=code_inputs("standard_opd"),
     output:
         directory(f"{R}/models/standard-sft-{{sft_teacher}}_teacher-{{opd_teacher}}_seed-{{seed}}"),
+    log:
+        logfile("standard_opd", "sft-{sft_teacher}_teacher-{opd_teacher}_seed-{seed}"),
+    benchmark:
+        bench("standard_opd", "sft-{sft_teacher}_teacher-{opd_teacher}_seed-{seed}")
+    conda:
+        "../envs/train.yaml"
+    threads: rule_threads("standard_opd")
+    resources:
+        **rule_resources("standard_opd"),
     params:
         teacher=lambda w: teacher_path(w.opd_teacher),
         opd=opd_params,
@@ -128,15 +137,6 @@ rule standard_opd:
         drift_n=config["opd_drift"]["n_prompts"],
         drift_tokens=config["opd_drift"]["max_new_tokens"],
         drift_every=config["opd_drift"].get("every_steps") or 0,
-    log:
-        logfile("standard_opd", "sft-{sft_teacher}_teacher-{opd_teacher}_seed-{seed}"),
-    benchmark:
-        bench("standard_opd", "sft-{sft_teacher}_teacher-{opd_teacher}_seed-{seed}")
-    threads: rule_threads("standard_opd")
-    resources:
-        **rule_resources("standard_opd"),
-    conda:
-        "../envs/train.yaml"
     shell:
         "{params.cmd} --init {input.init:q} --teacher {params.teacher:q} "
         "--teacher-label {wildcards.opd_teacher:q} --prompts {input.prompts:q} --opd {params.opd} "

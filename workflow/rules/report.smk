@@ -9,37 +9,61 @@ rule report:
         opd_models=[f"{R}/models/{label}" for label in opd_labels()],
         code=code_inputs("report"),
     output:
-        table_html=report(f"{R}/report/table.html", caption="../report/accuracy_table.rst",
-                          category="1. Accuracy and cost", labels={"result": "accuracy and cost per model"}),
-        cost_plot=report(f"{R}/report/accuracy_vs_cost.png", caption="../report/accuracy_vs_cost.rst",
-                         category="1. Accuracy and cost", labels={"result": "accuracy against OPD cost"}),
+        table_html=report(
+            f"{R}/report/table.html",
+            caption="../report/accuracy_table.rst",
+            category="1. Accuracy and cost",
+            labels={"result": "accuracy and cost per model"},
+        ),
+        cost_plot=report(
+            f"{R}/report/accuracy_vs_cost.png",
+            caption="../report/accuracy_vs_cost.rst",
+            category="1. Accuracy and cost",
+            labels={"result": "accuracy against OPD cost"},
+        ),
         table_md=f"{R}/report/table.md",
         table_csv=f"{R}/report/table.csv",
         models_csv=f"{R}/report/models.csv",
-        curve=report(f"{R}/report/opd_training_curve.png", caption="../report/training_curves.rst",
-                     category="2. OPD training", labels={"result": "training curves"}),
-        stages_html=report(f"{R}/report/stage_costs.html", caption="../report/stage_costs.rst",
-                           category="3. Stage costs", labels={"result": "cost of every stage"}),
+        curve=report(
+            f"{R}/report/opd_training_curve.png",
+            caption="../report/training_curves.rst",
+            category="2. OPD training",
+            labels={"result": "training curves"},
+        ),
+        stages_html=report(
+            f"{R}/report/stage_costs.html",
+            caption="../report/stage_costs.rst",
+            category="3. Stage costs",
+            labels={"result": "cost of every stage"},
+        ),
         stages_md=f"{R}/report/stage_costs.md",
         stages_csv=f"{R}/report/stage_costs.csv",
-        config_html=report(f"{R}/report/config.html", caption="../report/config.rst", category="4. Config",
-                           labels={"result": "resolved config"}),
-        config_yaml=report(f"{R}/report/config.yaml", caption="../report/config.rst", category="4. Config",
-                           labels={"result": "resolved config (YAML, for --configfile)"}),
+        config_html=report(
+            f"{R}/report/config.html",
+            caption="../report/config.rst",
+            category="4. Config",
+            labels={"result": "resolved config"},
+        ),
+        config_yaml=report(
+            f"{R}/report/config.yaml",
+            caption="../report/config.rst",
+            category="4. Config",
+            labels={"result": "resolved config (YAML, for --configfile)"},
+        ),
+    log:
+        logfile("report"),
+    benchmark:
+        bench("report")
+    conda:
+        "../envs/report.yaml"
+    threads: rule_threads("report")
+    resources:
+        **rule_resources("report"),
     params:
         cmd=command("report"),
         manifest=js(report_manifest()),
         config=lambda w: js(config),  # a function: the prompt template's {problem} is no wildcard
         out_dir=lambda w, output: os.path.dirname(output.table_md),
-    log:
-        logfile("report"),
-    benchmark:
-        bench("report")
-    threads: rule_threads("report")
-    resources:
-        **rule_resources("report"),
-    conda:
-        "../envs/report.yaml"
     shell:
         "{params.cmd} --manifest {params.manifest} --config {params.config} --out-dir {params.out_dir:q} "
         "> {log:q} 2>&1 && cat {output.table_md:q}"

@@ -8,6 +8,15 @@ rule sft_data:
         code=code_inputs("sft_data"),
     output:
         gen_output("sft_data", GEN_ARTIFACTS["sft_data"][0]),
+    log:
+        logfile("sft_data", gen_job("sft_data", "{teacher}")),
+    benchmark:
+        bench("sft_data", gen_job("sft_data", "{teacher}"))
+    conda:
+        "../envs/gen.yaml"
+    threads: rule_threads("sft_data")
+    resources:
+        **rule_resources("sft_data"),
     params:
         cmd=command("sft_data"),
         model=lambda w: teacher_path(w.teacher),
@@ -20,15 +29,6 @@ rule sft_data:
         data_parallel=engines("sft_data"),
         work_dir=f"{R}/checkpoints/sft_data",
         part=part_option,
-    log:
-        logfile("sft_data", gen_job("sft_data", "{teacher}")),
-    benchmark:
-        bench("sft_data", gen_job("sft_data", "{teacher}"))
-    threads: rule_threads("sft_data")
-    resources:
-        **rule_resources("sft_data"),
-    conda:
-        "../envs/gen.yaml"
     shell:
         "{params.cmd} --model {params.model:q} --prompts {input.prompts:q} --out {output:q} "
         "--label {wildcards.teacher:q} --backend {params.backend:q} --backend-options {params.backend_options} "
@@ -44,6 +44,15 @@ rule sft:
         code=code_inputs("sft"),
     output:
         directory(f"{R}/models/sft-{{sft_teacher}}"),
+    log:
+        logfile("sft", "{sft_teacher}"),
+    benchmark:
+        bench("sft", "{sft_teacher}")
+    conda:
+        "../envs/train.yaml"
+    threads: rule_threads("sft")
+    resources:
+        **rule_resources("sft"),
     params:
         base=lambda w, input: input.base or student_base_path(),
         train=js(config["sft"]["train"]),
@@ -51,15 +60,6 @@ rule sft:
         ckpt=f"{R}/checkpoints/sft",
         cmd=command("sft"),
         tracking=lambda w: tracking("sft", f"sft-{w.sft_teacher}"),
-    log:
-        logfile("sft", "{sft_teacher}"),
-    benchmark:
-        bench("sft", "{sft_teacher}")
-    threads: rule_threads("sft")
-    resources:
-        **rule_resources("sft"),
-    conda:
-        "../envs/train.yaml"
     shell:
         "{params.cmd} --base {params.base:q} --sft-data {input.sft_data:q} --train {params.train} {params.keep_unfinished:q} "
         "--out {output:q} --checkpoint-root {params.ckpt:q} --tracking {params.tracking} 2>&1 | tee {log:q}"

@@ -9,7 +9,6 @@ from tqdm import tqdm
 from lightning_opd.backends.base import Backend, GenerationResult, request_seed
 from lightning_opd.hparams import SamplingParams
 
-
 # vLLM has reported wrong (stale) prompt log-probs with prefix caching on:
 # the engine that scores runs without it.
 SCORING_ENGINE_OPTIONS = {"enable_prefix_caching": False}
@@ -30,25 +29,41 @@ class VLLMBackend(Backend):
                                  "(vLLM has reported wrong prompt log-probs with it on)")
             engine_options.update(SCORING_ENGINE_OPTIONS)
         model, revision = split_revision(model)
-        self.llm = LLM(model=model, revision=revision, tokenizer_revision=revision, tensor_parallel_size=tensor_parallel_size,
-                       gpu_memory_utilization=gpu_memory_utilization, dtype=dtype,
-                       max_model_len=max_model_len, seed=seed, **engine_options)
+        self.llm = LLM(
+            model=model,
+            revision=revision,
+            tokenizer_revision=revision,
+            tensor_parallel_size=tensor_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization,
+            dtype=dtype,
+            max_model_len=max_model_len,
+            seed=seed,
+            **engine_options,
+        )
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams,
-                 first_index: int = 0) -> list[list[GenerationResult]]:
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams, first_index: int = 0
+    ) -> list[list[GenerationResult]]:
         from vllm import SamplingParams as VLLMSampling
         from vllm.inputs import TokensPrompt
 
         # one seed per request, from the prompt's global index: the same samples in any shard
-        sampling = [VLLMSampling(n=params.n, temperature=params.temperature, top_p=params.top_p,
-                                 max_tokens=params.max_new_tokens, seed=request_seed(params.seed, first_index + i))
-                    for i in range(len(prompts))]
+        sampling = [
+            VLLMSampling(
+                n=params.n,
+                temperature=params.temperature,
+                top_p=params.top_p,
+                max_tokens=params.max_new_tokens,
+                seed=request_seed(params.seed, first_index + i),
+            )
+            for i in range(len(prompts))
+        ]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sampling, use_tqdm=True)
-        return [[GenerationResult(list(c.token_ids), c.finish_reason == "stop") for c in out.outputs]
-                for out in outputs]
+        return [
+            [GenerationResult(list(c.token_ids), c.finish_reason == "stop") for c in out.outputs] for out in outputs
+        ]
 
-    def score(self, prompts: list[list[int]], responses: list[list[int]],
-              temperature: float = 1.0) -> list[np.ndarray]:
+    def score(self, prompts: list[list[int]], responses: list[list[int]], temperature: float = 1.0) -> list[np.ndarray]:
         from vllm import SamplingParams as VLLMSampling
         from vllm.inputs import TokensPrompt
 
@@ -60,6 +75,6 @@ class VLLMBackend(Backend):
         scores = []
         for prompt, response, out in tqdm(zip(prompts, responses, outputs), total=len(prompts), desc="collect"):
             # prompt_logprobs[t] holds the log-prob of token t given tokens < t (None at t = 0)
-            positions = out.prompt_logprobs[len(prompt):len(prompt) + len(response)]
+            positions = out.prompt_logprobs[len(prompt) : len(prompt) + len(response)]
             scores.append(np.array([pos[token].logprob for pos, token in zip(positions, response)], np.float32))
         return scores
