@@ -47,13 +47,15 @@ def rendered(world, tmp_path_factory):
         generate.sample(str(world["teacher_A"]), eval_file, samples, SamplingParams(max_new_tokens=2, batch_size=8),
                         chat_template_kwargs=kwargs)
         table, meta = read_table(samples, SAMPLES_SCHEMA)
-        _, drift_batch = drift_reference(str(world["teacher_A"]), tokenizer, eval_file, N_PROBLEMS,
-                                         DEFAULT_PROMPT_TEMPLATE, 2, chat_template_kwargs=kwargs)
+        _, drift_batches = drift_reference(str(world["teacher_A"]), tokenizer, eval_file, N_PROBLEMS,
+                                           DEFAULT_PROMPT_TEMPLATE, 2, rows_per_batch=N_PROBLEMS,
+                                           chat_template_kwargs=kwargs)
+        assert len(drift_batches) == 1  # one process, all rows in one batch
         out[thinking] = {
             "generate": table.column("prompt_ids").to_pylist()[:N_PROBLEMS],
             "generate_metadata": meta["chat_template_kwargs"],
             "standard_opd": live_prompts(tokenizer, eval_file, DEFAULT_PROMPT_TEMPLATE, kwargs)[:N_PROBLEMS],
-            "drift": drift_batch["input_ids"].tolist(),
+            "drift": drift_batches[0]["input_ids"].tolist(),
             "lm_eval": lm_eval_prompt_ids(world["teacher_A"], eval_file, kwargs),
         }
     return out

@@ -190,7 +190,7 @@ def test_tiny_run_renders_every_prompt_with_the_chat_template_kwargs(tiny_run):
     for model in ("sft-A", "lightning-sft-A_teacher-A_seed-0", "standard-sft-A_teacher-A_seed-0"):
         provenance = json.loads((results / "models" / model / "provenance.json").read_text())
         assert provenance["chat_template_kwargs"] == kwargs, model
-    assert json.loads((results / "eval/sft-A.json").read_text())["chat_template_kwargs"] == kwargs
+    assert json.loads((results / "eval/synth_arith/sft-A.json").read_text())["chat_template_kwargs"] == kwargs
 
 
 def test_tiny_run_logs_drift_and_the_tokens_of_a_step(tiny_run):

@@ -4,6 +4,8 @@ config's ``revision:`` becomes this suffix). A hub id cannot contain ``@``,
 so the suffix is unambiguous; an existing local path is never split."""
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 
@@ -17,3 +19,24 @@ def split_revision(name_or_path: str | Path) -> tuple[str, str | None]:
         raise ValueError(f"{text!r}: expected a hub id with a revision, org/name@revision")
     return repo, revision
 
+
+class ModelLoadError(OSError):
+    """A model or tokenizer cannot be found or read."""
+
+
+# what a hub id looks like: "name" or "org/name"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def local_source(name_or_path: str | Path) -> dict:
+    """``from_pretrained`` options for a model: a local directory is read
+    offline (no hub call); a string that looks like a path but does not exist
+    is refused at once rather than tried as a hub id (~50 s of retries)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return {"local_files_only": True}
+    text = str(name_or_path)
+    if path.exists() or not _HUB_ID.match(text) or text.startswith((".", "~")) or os.path.isabs(text):
+        raise ModelLoadError(f"{text}: no such model directory (a local path must be a Hugging Face model "
+                             "directory; check the model's `path:` in the config or build it first)")
+    return {}

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, Qwen3Config
 
 from lightning_opd.hparams import ArchParams
-from lightning_opd.hub import split_revision
+from lightning_opd.hub import ModelLoadError, local_source, split_revision
 
 DEFAULT_PROMPT_TEMPLATE = "{problem}"
 
@@ -25,28 +24,6 @@ def pick_device(device: str | None = None) -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
-
-
-class ModelLoadError(OSError):
-    """A model or tokenizer cannot be found or read."""
-
-
-# what a hub id looks like: "name" or "org/name"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
-def local_source(name_or_path: str | Path) -> dict:
-    """``from_pretrained`` options for a model: a local directory is read
-    offline (no hub call); a string that looks like a path but does not exist
-    is refused at once rather than tried as a hub id (~50 s of retries)."""
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return {"local_files_only": True}
-    text = str(name_or_path)
-    if path.exists() or not _HUB_ID.match(text) or text.startswith((".", "~")) or os.path.isabs(text):
-        raise ModelLoadError(f"{text}: no such model directory (a local path must be a Hugging Face model "
-                             "directory; check the model's `path:` in the config or build it first)")
-    return {}
 
 
 def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:

@@ -24,8 +24,9 @@ from typing import Any
 
 GB = 1e9
 DEFAULT_GPU_MEM_GB = 80.0
-# tokens per chunk of the output layer in the log-prob path (lightning_opd.logprobs), float32
-LOGPROB_CHUNK_TOKENS = 1024
+# bytes of fp32 logits per chunk of the output layer in the log-prob path (= lightning_opd.logprobs.CHUNK_BYTES,
+# which tests/test_plan.py checks; not imported, so that planning needs no torch)
+LOGPROB_CHUNK_BYTES = 128 * 2**20
 # fp32 [chunk x vocab] tensors alive at once in the chunked path: logits, their softmax, the gradient
 LOGPROB_COPIES = 3
 # prompt tokens assumed per sequence where the config does not bound them
@@ -41,6 +42,11 @@ VLLM_BATCHED_TOKENS = 8192
 # unique problems of hub datasets whose size the planner cannot read offline
 KNOWN_PROMPTS = {"BytedTsinghua-SIA/DAPO-Math-17k": 17_917, "open-r1/DAPO-Math-17k-Processed": 17_398,
                  "Maxwell-Jia/AIME_2024": 30, "math-ai/aime25": 30, "HuggingFaceH4/MATH-500": 500}
+
+
+def logprob_chunk_bytes(tokens: int, vocab: int) -> int:
+    """fp32 logits of one chunk: as many tokens as fit in LOGPROB_CHUNK_BYTES (at least one), or all of them."""
+    return min(tokens, max(1, LOGPROB_CHUNK_BYTES // (4 * vocab))) * vocab * 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,7 +210,7 @@ def training_memory(shape: Shape, train: dict[str, Any], seq_tokens: int, world:
     layer = shape.activation_elements() * tokens * act_bytes
     saved = shape.hidden * tokens * act_bytes * shape.layers if checkpointing else layer * shape.layers
     parts["activations"] = (saved + 2 * layer) / GB  # + one layer recomputed and its gradients in backward
-    parts["logprobs"] = LOGPROB_COPIES * min(LOGPROB_CHUNK_TOKENS, tokens) * shape.vocab * 4 / GB
+    parts["logprobs"] = LOGPROB_COPIES * logprob_chunk_bytes(tokens, shape.vocab) / GB
     frozen_bytes = sum(act_bytes * f.params / sharded for f in (frozen or {}).values())
     if frozen_bytes:
         parts["frozen"] = frozen_bytes / GB
@@ -341,7 +347,7 @@ class Planner:
         parts = {
             "weights": act_bytes * shape.params / GB,
             "kv_cache": batch_seqs * seq_tokens * shape.kv_bytes_per_token(1, act_bytes) / GB,
-            "logprobs": LOGPROB_COPIES * min(LOGPROB_CHUNK_TOKENS, batch_seqs * seq_tokens) * shape.vocab * 4 / GB
+            "logprobs": LOGPROB_COPIES * logprob_chunk_bytes(batch_seqs * seq_tokens, shape.vocab) / GB
             if scoring
             else batch_seqs * shape.vocab * 4 / GB,
             "overhead": GPU_OVERHEAD_GB if self.on_gpu(kind) else CPU_BASELINE_GB,

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lightning_opd.hub import split_revision
+from lightning_opd.hub import local_source, split_revision
 
 PROVENANCE_FILE = "provenance.json"
 TRAIN_LOG_FILE = "train_log.jsonl"
@@ -169,8 +169,6 @@ def model_fingerprint(name_or_path: str | Path) -> str:
     if path.is_dir():
         digests = local_file_digests(path)
     else:
-        from lightning_opd.modeling import local_source
-
         repo, revision = split_revision(name_or_path)
         local_source(repo)  # a missing local directory is refused here, not tried as a hub id
         digests = _hub_digests(repo, revision)

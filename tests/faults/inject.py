@@ -60,11 +60,15 @@ def assert_refused(outcome, *names: str) -> None:
     assert any(word in text.lower() for word in ADVICE), f"the error says nothing on what to do:\n{last}"
 
 
-def assert_nothing_at(target: Path) -> None:
-    """No output at ``target`` and no temporary or staging sibling of it."""
+def assert_nothing_at(target: Path, shards_kept: bool = False) -> None:
+    """No output at ``target`` and no temporary or staging sibling of it; with ``shards_kept``, the
+    finished shards of a sharded stage (its `.<name>.shards` work directory) stay for the rerun."""
     target = Path(target)
     assert not target.exists(), f"{target} exists after a failure"
     leftovers = list(target.parent.glob(f".{target.name}.*")) if target.parent.exists() else []
+    if shards_kept:
+        assert any(target.parent.glob(f".{target.name}.shards/*/shard-*.parquet")), "no finished shard was kept"
+        leftovers = [p for p in leftovers if p.name != f".{target.name}.shards"]
     assert not leftovers, f"leftovers beside {target}: {leftovers}"
 
 

@@ -39,11 +39,13 @@ def test_kill_during_generation(world, tmp_path):
         "A",
         "--sampling",
         json.dumps({"max_new_tokens": 8, "batch_size": 1}),
+        "--shard-size",
+        4,
     ]
     process = start("lightning_opd.generate", argv, log)
-    wait_for(lambda: "| 1/32" in log.read_text(), process)  # one of 32 batches sampled
+    wait_for(lambda: "] shard 1/8 " in log.read_text(), process)  # one of 8 shards of 4 prompts written
     kill9(process)
-    assert_nothing_at(out)
+    assert_nothing_at(out, shards_kept=True)
     assert call(generate.main, argv).returncode == 0 and out.is_file()
     assert not list(tmp_path.glob(".sft_data.parquet*"))
 
@@ -65,11 +67,13 @@ def test_kill_during_teacher_cache(world, tmp_path):
         "A",
         "--backend-options",
         json.dumps({"batch_size": 1}),
+        "--shard-size",
+        8,
     ]
     process = start("lightning_opd.teacher_cache", argv, log)
-    wait_for(lambda: "| 2/120" in log.read_text(), process)
+    wait_for(lambda: "] shard 2/15 " in log.read_text(), process)  # two of 15 shards of 8 rollouts written
     kill9(process)
-    assert_nothing_at(out)
+    assert_nothing_at(out, shards_kept=True)
     assert call(teacher_cache.main, argv).returncode == 0 and out.is_file()
     assert not list(tmp_path.glob(".cache.parquet*"))
 
