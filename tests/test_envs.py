@@ -169,7 +169,7 @@ def test_dockerfile_is_what_snakemake_containerize_writes(tmp_path):
         conda.write_text(CONDA_STAND_IN.format(python=sys.executable))
         conda.chmod(0o755)
         env["PATH"] = f"{conda.parent}:{env['PATH']}"
-    result = subprocess.run([SNAKEMAKE, "--containerize", "--workflow-profile", "none"], cwd=REPO, env=env,
+    result = subprocess.run([SNAKEMAKE, "--containerize", "--nolock", "--workflow-profile", "none"], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout == (REPO / "Dockerfile").read_text(), \
