@@ -255,11 +255,16 @@ def _die_with_parent() -> None:
 
 
 def _worker(engine: int, task: ShardTask, shards: list[range], work_dir: Path, schema: pa.Schema,
-            jobs: multiprocessing.Queue, results: multiprocessing.Queue) -> None:
+            jobs: multiprocessing.Queue, results: multiprocessing.Queue,
+            ready: multiprocessing.synchronize.Barrier) -> None:
     _die_with_parent()
     index = None
     try:
         task.open()
+        # An engine that loads first would otherwise drain a short queue alone
+        # while the others are still loading. An engine that fails to load
+        # breaks nothing here: the parent sees its failure and stops them all.
+        ready.wait()
         while (index := jobs.get()) is not None:
             table, tokens = task.run(shards[index])
             _write_shard(work_dir, index, shards[index], table, schema)
@@ -273,7 +278,7 @@ def _run_workers(task: ShardTask, todo: list[int], shards: list[range], work_dir
                  progress: Progress, data_parallel: int, gpus_per_engine: int) -> None:
     devices = engine_devices(data_parallel, gpus_per_engine)[:len(todo)]
     context = multiprocessing.get_context("spawn")  # each engine initialises its own CUDA
-    jobs, results = context.Queue(), context.Queue()
+    jobs, results, ready = context.Queue(), context.Queue(), context.Barrier(len(devices))
     for index in todo:
         jobs.put(index)
     workers = []
@@ -283,8 +288,8 @@ def _run_workers(task: ShardTask, todo: list[int], shards: list[range], work_dir
             jobs.put(None)
             if device is not None:
                 os.environ["CUDA_VISIBLE_DEVICES"] = device  # inherited by the spawned worker
-            worker = context.Process(target=_worker, args=(engine, task, shards, work_dir, schema, jobs, results),
-                                     name=f"engine-{engine}")
+            worker = context.Process(target=_worker, name=f"engine-{engine}",
+                                     args=(engine, task, shards, work_dir, schema, jobs, results, ready))
             worker.start()
             workers.append(worker)
             print(f"engine {engine}: pid {worker.pid}"
