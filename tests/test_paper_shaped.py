@@ -77,6 +77,9 @@ def paper_run(world, tmp_path_factory):
             local[section]["backend_options"] = {}  # the paper's are vLLM's; a merged override could not drop them
         if section != "eval":
             local[section]["data_parallel"] = 1  # the paper's engines are one per GPU
+    # the paper's baseline samples with a colocated vLLM engine; vllm is not installed here
+    # (tests/test_vllm_backend.py runs that sampler, in `make test-vllm`)
+    local["standard_opd"].update(sampler="hf", sampler_options={})
     config_file = write_yaml(root / "qwen3-8b-local.yaml", local)
     work = copy_repo(root / "repo")
     config = ["--configfile", str(config_file)]
@@ -105,7 +108,7 @@ def test_paper_dag_runs_from_local_files(paper_run, world):
     table = pd.read_csv(out / "report/table.csv")
     assert {"aime24 avg@2", "aime25 avg@2"} <= set(table.columns)  # a column per benchmark
     assert table["model"].tolist() == ["teacher A", "student base", "SFT (pi_ref) (SFT data: A)",
-                                       "standard OPD (SFT data: A, OPD teacher: A)",
+                                       "standard OPD (SFT data: A, OPD teacher: A) [hf sampler]",
                                        "Lightning OPD (SFT data: A, OPD teacher: A)"]
     stages = set(pd.read_csv(out / "report/stage_costs.csv")["stage"])
     assert {"prepare_data", "sft_data", "sft", "rollouts", "teacher_cache", "lightning_opd", "standard_opd",

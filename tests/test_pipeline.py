@@ -123,7 +123,7 @@ def test_tiny_run_writes_the_report(tiny_run):
     assert list(models.loc[models.role.str.endswith("_opd"), "teacher_consistent"]) == ["yes", "yes"]
     table = pd.read_csv(report / "table.csv")
     assert table["model"].tolist() == ["teacher A", "student base", "SFT (pi_ref) (SFT data: A)",
-                                       "standard OPD (SFT data: A, OPD teacher: A)",
+                                       "standard OPD (SFT data: A, OPD teacher: A) [hf sampler]",
                                        "Lightning OPD (SFT data: A, OPD teacher: A)"]
     assert table["cost_vs_standard_opd"].tolist()[3] == 1.0
     lightning, standard = (models.loc[models.role == r, "device_hours"].item()

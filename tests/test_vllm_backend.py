@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from lightning_opd.artifacts import SAMPLES_SCHEMA, read_cache, read_table
+from lightning_opd.artifacts import SAMPLES_SCHEMA, TASK_SCHEMA, read_cache, read_table
 
 pytest.importorskip("vllm")
 VLLM_OPTIONS = json.dumps({"gpu_memory_utilization": 0.2, "max_model_len": 256, "dtype": "float32"})
@@ -76,3 +76,75 @@ def test_vllm_evaluates_aime24_through_lm_eval(world, tmp_path):
     assert summary["n_problems"] == 8 and 0 <= summary["avg_at_k"] <= 1
     samples = [json.loads(line) for line in out.with_suffix(".samples.jsonl").read_text().splitlines()]
     assert len(samples) == 8 and all(len(s["responses"]) == 2 for s in samples)
+
+
+# ---- standard OPD's colocated vLLM sampler -------------------------------------------------------
+def trainer_logprobs(model, prompt: list[int], response: list[int]) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + response])).logits[0, len(prompt) - 1:-1]
+    return torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(response)[:, None])[:, 0].numpy()
+
+
+def test_colocated_sampler_samples_with_the_weights_of_the_last_sync(world, monkeypatch):
+    """After every sync the engine's log-probs of the tokens it sampled are the trainer's own;
+    an optimiser step the engine was not told about shows (the test fails if sync is skipped)."""
+    import torch
+    from accelerate import Accelerator
+
+    from lightning_opd.hparams import SamplingParams
+    from lightning_opd.modeling import load_model, load_tokenizer, prompt_ids, stop_token_ids
+    from lightning_opd.vllm_sampler import ColocatedVLLMSampler
+
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(name, "")  # the engine's rendezvous: not inherited by later tests' processes
+    model, tokenizer = load_model(world["sft_A"]), load_tokenizer(world["sft_A"])
+    assert model.config.tie_word_embeddings  # the case vLLM's reload leaves stale on CPU unless re-tied
+    problems = read_table(world["data"] / "opd.parquet", TASK_SCHEMA)[0].column("problem").to_pylist()[:4]
+    prompts = [prompt_ids(tokenizer, p) for p in problems]
+    sampler = ColocatedVLLMSampler(model, Accelerator(cpu=True), tokenizer, model_path=str(world["sft_A"]),
+                                   stop_ids=stop_token_ids(model, tokenizer), dtype="float32",
+                                   gpu_memory_utilization=0.2, max_model_len=256)
+    params = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=24, n=2, seed=0)
+
+    def gaps(samples, logprobs, against):
+        return [np.abs(trainer_logprobs(against, p, s.response_ids) - np.array(lp)).max()
+                for p, outs, lps in zip(prompts, samples, logprobs) for s, lp in zip(outs, lps)]
+
+    assert sampler.sync(0) and not sampler.sync(0)  # pushed once per optimiser step
+    samples, logprobs = sampler.sample(prompts, params)
+    assert sum(len(s.response_ids) for outs in samples for s in outs) > 8 * 5
+    assert max(gaps(samples, logprobs, model)) < 1e-3
+
+    before = load_model(world["sft_A"])
+    torch.manual_seed(0)
+    with torch.no_grad():  # an update of the size a step at a high learning rate makes
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    stale, stale_logprobs = sampler.sample(prompts, params)  # not synced: the engine still holds pi_ref
+    assert max(gaps(stale, stale_logprobs, before)) < 1e-3 and max(gaps(stale, stale_logprobs, model)) > 1e-2
+    assert sampler.sync(1)
+    fresh, fresh_logprobs = sampler.sample(prompts, params)
+    assert max(gaps(fresh, fresh_logprobs, model)) < 1e-3
+    assert max(gaps(fresh, fresh_logprobs, before)) > 1e-2
+
+
+def test_standard_opd_with_the_vllm_sampler_trains_on_what_the_engine_sampled(world, tmp_path):
+    """Two optimiser steps at a learning rate that moves the weights: at each, the engine's
+    log-probs of its samples equal the trainer's (logged as sampler_logprob_gap)."""
+    from lightning_opd.provenance import TRAIN_LOG_FILE
+
+    out = tmp_path / "standard"
+    opd = {"max_steps": 2, "batch_size": 4, "learning_rate": 0.05, "logging_steps": 1, "save_steps": 100}
+    sampling = {"n": 2, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 16, "seed": 0, "batch_size": 8}
+    run_module("standard_opd", "--init", str(world["sft_A"]), "--teacher", str(world["teacher_A"]),
+               "--teacher-label", "A", "--prompts", str(world["data"] / "opd.parquet"), "--opd", json.dumps(opd),
+               "--sampling", json.dumps(sampling), "--sampler", "vllm",
+               "--sampler-options", json.dumps({"gpu_memory_utilization": 0.2, "max_model_len": 256}),
+               "--out", str(out), "--checkpoint-root", str(tmp_path / "ckpt"), "--drift-n", "0")
+    logs = [json.loads(line) for line in (out / TRAIN_LOG_FILE).read_text().splitlines()]
+    gaps = [entry["sampler_logprob_gap"] for entry in logs if "sampler_logprob_gap" in entry]
+    assert len(gaps) == 2 and max(gaps) < 1e-3, logs
+    provenance = json.loads((out / "provenance.json").read_text())
+    assert provenance["sampler"] == "vllm"

@@ -90,6 +90,9 @@ class OPDTrainer(Trainer):
         loss, metrics = opd_loss(student, inputs["teacher_logprobs"][:, 1:], mask, self.tau, num_items_in_batch)
         if num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes
+        if "sampler_logprobs" in inputs:  # the sampler's view of the sampled tokens vs the trainer's
+            gap = (student.detach() - inputs["sampler_logprobs"][:, 1:]).abs() * mask
+            metrics["sampler_logprob_gap"] = (gap.sum() / mask.sum().clamp(min=1)).item()
         for name, value in metrics.items():
             self._metrics[name].append(value)
         tokens = inputs["attention_mask"].sum() if "attention_mask" in inputs else inputs["input_ids"].numel()

@@ -294,6 +294,28 @@ class Planner:
         devices = f"{world} x {'GPU' if on_gpu else 'CPU proc'}" + (" FSDP" if sharded else "")
         return StagePlan(stage, devices, sum(parts.values()), limit, parts, {}, knob, note=note)
 
+    def colocate_engine(self, p: StagePlan, options: dict[str, Any], seq_tokens: int) -> None:
+        """Adds standard OPD's colocated vLLM engine to its training plan: the
+        engine takes its share of the device while it samples, next to what
+        training keeps between steps (weights, gradients, optimiser, frozen
+        models); with sleep mode it gives that share back while training
+        runs, otherwise it keeps it."""
+        share = options.get("gpu_memory_utilization", 0.3)
+        engine = share * p.limit_gb
+        between_steps = p.peak_gb - sum(p.parts.get(k, 0.0) for k in ("activations", "logprobs", "gathered"))
+        sleeping = bool(options.get("enable_sleep_mode"))
+        p.peak_gb = max(p.peak_gb, between_steps + engine) if sleeping else p.peak_gb + engine
+        p.parts["vllm_engine"] = engine
+        floor = 2 * self.student.params / GB + self.student.kv_bytes_per_token(1) * seq_tokens / GB + VLLM_ACTIVATION_GB
+        p.note += (f" [vLLM sampler: {engine:.1f} GB while sampling, "
+                   f"{'given back while training (sleep mode)' if sleeping else 'kept while training'}]")
+        if floor > engine:
+            p.blocked = True
+            p.knob = (f"standard_opd.sampler_options.gpu_memory_utilization (the engine needs {floor:.1f} GB for the "
+                      f"student's weights and one sequence, its share is {engine:.1f} GB)")
+        elif not p.fits:
+            p.knob = "standard_opd.sampler_options (enable_sleep_mode, or a lower gpu_memory_utilization)"
+
     def inference(
         self,
         stage: str,
@@ -439,9 +461,13 @@ class Planner:
             world = self.processes("train")
             micro = opd.get("micro_batch_size") or max(1, opd["batch_size"] // world)
             teacher = self.teachers[runs["opd_teachers"][0]]
-            p = self.training(
-                "standard_opd", self.student, opd, seq, {**drift, "teacher": teacher}, sampled_kv_tokens=micro * seq
-            )
+            if c["standard_opd"].get("sampler", "hf") == "vllm":
+                p = self.training("standard_opd", self.student, opd, seq, {**drift, "teacher": teacher})
+                self.colocate_engine(p, c["standard_opd"].get("sampler_options", {}), seq)
+            else:
+                p = self.training(
+                    "standard_opd", self.student, opd, seq, {**drift, "teacher": teacher}, sampled_kv_tokens=micro * seq
+                )
             steps = self.opd_steps(opd, n_opd * s.get("n", 1))
             p.tokens = {
                 "generated": steps * opd["batch_size"] * s["max_new_tokens"],

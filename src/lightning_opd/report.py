@@ -62,6 +62,8 @@ def model_table(manifest: dict[str, Any]) -> pd.DataFrame:
             "opd_teacher": model.get("opd_teacher", ""),
             "teacher_consistent": {True: "yes", False: "no"}.get(provenance.get("teacher_consistent"), ""),
             "seed": model.get("seed", ""),
+            # who sampled the live student of standard OPD (runs before the vllm sampler existed used hf)
+            "sampler": provenance.get("sampler", "hf") if model["role"] == "standard_opd" else "",
         }
         for benchmark, path in model["evals"].items():
             summary = json.loads(Path(path).read_text())
@@ -84,12 +86,13 @@ def summary_table(models: pd.DataFrame, benchmarks: list[str], k: int) -> pd.Dat
     benchmark as mean +- std over seeds, device-hours, and the cost ratio to standard OPD."""
     accs = [accuracy_column(b, k) for b in benchmarks]
     models = models.assign(order=models["role"].map(ROLE_ORDER.index))
-    keys = ["order", "role", "teacher", "sft_teacher", "opd_teacher", "teacher_consistent"]
+    keys = ["order", "role", "teacher", "sft_teacher", "opd_teacher", "teacher_consistent", "sampler"]
     grouped = models.groupby(keys, sort=True, dropna=False)
     aggregations = {f"{acc} {stat}": (acc, stat) for acc in accs for stat in ("mean", "std")}
     table = grouped.agg(**aggregations, seeds=(accs[0], "size"),
                         device_hours=("device_hours", "mean")).reset_index()
-    standard = table[table.role == "standard_opd"].set_index(["sft_teacher", "opd_teacher"])["device_hours"]
+    standard = (table[table.role == "standard_opd"].groupby(["sft_teacher", "opd_teacher"])["device_hours"]
+                .first())  # the first sampler's, should a config have both
     ratios = []
     for row in table.itertuples():
         base = standard.get((row.sft_teacher, row.opd_teacher))
@@ -105,6 +108,8 @@ def summary_table(models: pd.DataFrame, benchmarks: list[str], k: int) -> pd.Dat
             )
         if row.teacher_consistent == "no":
             name += " INCONSISTENT"
+        if row.sampler:
+            name += f" [{row.sampler} sampler]"
         names.append(name)
     out = {"model": names}
     for acc in accs:

@@ -8,7 +8,13 @@ data unless the config allows a mismatch.
 A step's global batch is ``batch_size`` prompts x ``n`` samples each, i.e.
 ``batch_size * n`` sequences; ``micro_batch_size`` counts sequences (as in
 Lightning OPD, where a sequence is one cached rollout), so one forward pass
-holds ``micro_batch_size / n`` prompts' samples."""
+holds ``micro_batch_size / n`` prompts' samples.
+
+The student samples with transformers ``generate`` (``--sampler hf``; under
+FSDP every decoded token gathers the sharded weights) or with a vLLM engine
+colocated in each training process whose weights follow the student after
+every optimiser step (``--sampler vllm``, `vllm_sampler`), as the online
+systems the paper compares against do."""
 from __future__ import annotations
 
 import argparse
@@ -60,27 +66,53 @@ class OnlineOPDTrainer(OPDTrainer):
     the live teacher scores, then `OPDTrainer.compute_loss` takes over."""
 
     def __init__(self, *args, teacher, sampling: SamplingParams, pad_id: int, stop_ids: set[int],
-                 batcher=None, **kwargs):
+                 batcher=None, vllm_sampler: dict | None = None, **kwargs):
+        """``vllm_sampler``: sample with a colocated vLLM engine, built at the
+        first step from these arguments of `ColocatedVLLMSampler` (None: hf)."""
         super().__init__(*args, **kwargs)
         self.teacher = self.frozen(teacher)
         self.sampling = sampling
         self.batcher = batcher or PadCollator(pad_id)  # padding (or packing) of the sampled sequences
         self.pad_id, self.stop_ids = pad_id, stop_ids
+        self.vllm_sampler_args, self.vllm_sampler = vllm_sampler, None
+        self._micro_batch = (-1, 0)  # (optimiser step, micro-batches sampled in it)
+
+    def sample(self, model, prompts: list[list[int]]) -> tuple[list, list | None]:
+        """The live student's samples of ``prompts`` and, from vLLM, its log-prob of each sampled token."""
+        step = self.state.global_step
+        micro = self._micro_batch[1] + 1 if self._micro_batch[0] == step else 0
+        self._micro_batch = (step, micro)
+        # a fresh seed per optimiser step and process: reproducible and resumable, different every step
+        seed = self.sampling.seed * 100_003 + step + 7919 * self.args.process_index
+        params = dataclasses.replace(self.sampling, seed=seed)
+        if self.vllm_sampler_args is not None:
+            if self.vllm_sampler is None:
+                from lightning_opd.vllm_sampler import ColocatedVLLMSampler
+
+                self.vllm_sampler = ColocatedVLLMSampler(self.accelerator.unwrap_model(model), self.accelerator,
+                                                         self.processing_class,
+                                                         stop_ids=self.stop_ids, **self.vllm_sampler_args)
+            self.vllm_sampler.sync(step)
+            return self.vllm_sampler.sample(prompts, params, first_index=micro * len(prompts))
+        student = self.accelerator.unwrap_model(model)
+        was_training = student.training
+        student.eval()
+        samples = sample_with(student, prompts, params, self.stop_ids, self.pad_id, progress=False,
+                              synced=self.is_fsdp_enabled)
+        student.train(was_training)
+        return samples, None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         prompts = inputs["prompt_ids"]
         student = self.accelerator.unwrap_model(model)
-        was_training = student.training
-        student.eval()
-        # a fresh seed per optimiser step and process: reproducible and resumable, different every step
-        seed = self.sampling.seed * 100_003 + self.state.global_step + 7919 * self.args.process_index
-        params = dataclasses.replace(self.sampling, seed=seed)
-        samples = sample_with(student, prompts, params, self.stop_ids, self.pad_id, progress=False,
-                              synced=self.is_fsdp_enabled)
-        student.train(was_training)
-        examples = [opd_example(p, s.response_ids, [0.0] * len(s.response_ids))
-                    for p, outs in zip(prompts, samples) for s in outs]
+        samples, logprobs = self.sample(model, prompts)
+        # the batcher aligns per-token values with the tokens: the sampler's log-probs ride in teacher_logprobs
+        examples = [opd_example(p, s.response_ids, lp if logprobs else [0.0] * len(s.response_ids))
+                    for i, (p, outs) in enumerate(zip(prompts, samples))
+                    for s, lp in zip(outs, logprobs[i] if logprobs else [None] * len(outs))]
         batch = {k: v.to(student.device) if torch.is_tensor(v) else v for k, v in self.batcher(examples).items()}
+        if logprobs:
+            batch["sampler_logprobs"] = batch["teacher_logprobs"]
         with torch.no_grad():
             teacher_logprobs, _ = response_logprobs(self.teacher, batch)
         batch["teacher_logprobs"] = torch.nn.functional.pad(teacher_logprobs, (1, 0))  # align with token positions
@@ -116,6 +148,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompts", type=Path, required=True, help="OPD prompts (task parquet)")
     parser.add_argument("--opd", default="{}", help="JSON of OPDParams fields (as Lightning OPD)")
     parser.add_argument("--sampling", default="{}", help="JSON of SamplingParams for the live rollouts")
+    parser.add_argument("--sampler", choices=["hf", "vllm"], default="hf",
+                        help="who samples the live student: transformers generate, or a colocated vLLM engine")
+    parser.add_argument("--sampler-options", type=json.loads, default={},
+                        help="JSON of the vLLM engine's options (gpu_memory_utilization, enable_sleep_mode, ...)")
     parser.add_argument("--prompt-template", default=DEFAULT_PROMPT_TEMPLATE)
     add_chat_template_argument(parser)
     add_output_arguments(parser)
@@ -150,6 +186,8 @@ def main(argv: list[str] | None = None) -> None:
         "prompts": file_sha256(args.prompts),
         "opd": params_record(params),
         "sampling": params_record(sampling),
+        "sampler": args.sampler,
+        "sampler_options": args.sampler_options,
         "prompt_template": args.prompt_template,
         "chat_template_kwargs": args.chat_template_kwargs,
     }
@@ -176,6 +214,9 @@ def main(argv: list[str] | None = None) -> None:
         pad_id=tokenizer.pad_token_id,
         stop_ids=stop_token_ids(model, tokenizer),
         batcher=collator(params, tokenizer.pad_token_id),
+        vllm_sampler=None if args.sampler == "hf" else {
+            "model_path": args.init, "dtype": frozen_dtype(params), **args.sampler_options},
+        processing_class=tokenizer,
         args=training_arguments(train_params, checkpoint_dir(args.checkpoint_root, key), tracking),
         train_dataset=Dataset.from_list(prompts),
         data_collator=lambda rows: {"prompt_ids": [r["prompt_ids"] for r in rows]},

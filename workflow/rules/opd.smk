@@ -121,7 +121,7 @@ rule standard_opd:
     benchmark:
         bench("standard_opd", "sft-{sft_teacher}_teacher-{opd_teacher}_seed-{seed}")
     conda:
-        "../envs/train.yaml"
+        "../envs/online.yaml"
     threads: rule_threads("standard_opd")
     resources:
         **rule_resources("standard_opd"),
@@ -129,6 +129,8 @@ rule standard_opd:
         teacher=lambda w: teacher_path(w.opd_teacher),
         opd=opd_params,
         sampling=js(config["standard_opd"]["sampling"]),
+        sampler=config["standard_opd"].get("sampler", "hf"),
+        sampler_options=js(config["standard_opd"].get("sampler_options", {})),
         template=lambda w: config["prompt_template"],
         chat_template=js(config["chat_template_kwargs"]),
         ckpt=f"{R}/checkpoints/standard_opd",
@@ -140,7 +142,8 @@ rule standard_opd:
     shell:
         "{params.cmd} --init {input.init:q} --teacher {params.teacher:q} "
         "--teacher-label {wildcards.opd_teacher:q} --prompts {input.prompts:q} --opd {params.opd} "
-        "--sampling {params.sampling} --prompt-template {params.template:q} "
+        "--sampling {params.sampling} --sampler {params.sampler:q} --sampler-options {params.sampler_options} "
+        "--prompt-template {params.template:q} "
         "--chat-template-kwargs {params.chat_template} --out {output:q} "
         "--checkpoint-root {params.ckpt:q} --drift-prompts {input.drift_prompts:q} --drift-n {params.drift_n:q} "
         "--drift-max-new-tokens {params.drift_tokens:q} --drift-every {params.drift_every:q} "
