@@ -7,7 +7,14 @@ import pandas as pd
 import pytest
 
 from lightning_opd.provenance import read_train_log
-from lightning_opd.report import benchmark_seconds, model_table, stage_costs, summary_table, tokens_per_step
+from lightning_opd.report import (
+    benchmark_seconds,
+    model_table,
+    stage_costs,
+    summary_table,
+    token_budget,
+    tokens_per_step,
+)
 
 HEADER = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
 
@@ -98,3 +105,23 @@ def test_tokens_per_step_weights_logs_by_the_steps_they_cover(tmp_path):
     (tmp_path / "train_log.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
     with pytest.raises(ValueError, match="has no tokens_per_step"):
         tokens_per_step(tmp_path)
+
+
+def test_token_budget_pairs_the_methods_of_each_run(tmp_path):
+    models = []
+    for role, seed, tokens, response in [("lightning_opd", 0, 100.0, 60.0), ("standard_opd", 0, 400.0, 240.0),
+                                         ("lightning_opd", 1, 110.0, 70.0), ("standard_opd", 1, 380.0, 200.0)]:
+        model_dir = tmp_path / f"{role}-{seed}"
+        model_dir.mkdir()
+        (model_dir / "train_log.jsonl").write_text("".join(json.dumps(
+            {"step": step, "loss": 0.1, "tokens_per_step": tokens, "response_tokens_per_step": response}) + "\n"
+            for step in (1, 2, 3)))
+        models.append({"label": f"{role}-{seed}", "role": role, "sft_teacher": "A", "opd_teacher": "B", "seed": seed,
+                       "model_dir": str(model_dir)})
+    frame = pd.DataFrame({"device_hours": [1.0, 4.0, 1.5, 3.0]})
+    budget = token_budget({"models": [{"label": "sft-A", "role": "sft"}, *models]},
+                          pd.concat([pd.DataFrame({"device_hours": [0.5]}), frame], ignore_index=True))
+    assert budget[["seed", "Lightning OPD tokens/step", "standard OPD tokens/step",
+                   "Lightning OPD response tokens/step", "standard OPD response tokens/step", "Lightning OPD steps", "standard OPD device_hours",
+                   "standard / Lightning tokens per step"]].values.tolist() == [
+        [0, 100.0, 400.0, 60.0, 240.0, 3, 4.0, 4.0], [1, 110.0, 380.0, 70.0, 200.0, 3, 3.0, 3.455]]
