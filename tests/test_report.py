@@ -122,6 +122,6 @@ def test_token_budget_pairs_the_methods_of_each_run(tmp_path):
     budget = token_budget({"models": [{"label": "sft-A", "role": "sft"}, *models]},
                           pd.concat([pd.DataFrame({"device_hours": [0.5]}), frame], ignore_index=True))
     assert budget[["seed", "Lightning OPD tokens/step", "standard OPD tokens/step",
-                   "Lightning OPD response tokens/step", "standard OPD response tokens/step", "Lightning OPD steps", "standard OPD device_hours",
-                   "standard / Lightning tokens per step"]].values.tolist() == [
+                   "Lightning OPD response tokens/step", "standard OPD response tokens/step", "Lightning OPD steps",
+                   "standard OPD device_hours", "standard / Lightning tokens per step"]].values.tolist() == [
         [0, 100.0, 400.0, 60.0, 240.0, 3, 4.0, 4.0], [1, 110.0, 380.0, 70.0, 200.0, 3, 3.0, 3.455]]
