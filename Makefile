@@ -18,7 +18,7 @@ VLLM_PINS = { $(PINS) workflow/envs/gen.yaml | grep -e '^vllm==' -e '^transforme
 VLLM_VENV ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: run test test-vllm test-slurm env dry-run clean
+.PHONY: run test test-vllm test-slurm test-rehearsal env dry-run clean
 
 env: $(STAMP)
 
@@ -68,6 +68,11 @@ test-slurm: $(STAMP)
 	command -v sinfo >/dev/null || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y slurm-wlm slurmdbd munge mariadb-server; }
 	$(VENV)/bin/python -c "import snakemake_executor_plugin_slurm" 2>/dev/null || $(VENV)/bin/pip install --quiet -e ".[slurm]"
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" LOPD_SLURM_TEST=1 $(VENV)/bin/python -m pytest -q tests/test_slurm.py
+
+# The CPU rehearsal of config/paper/qwen3-8b.yaml at Qwen3's output width and 4,096-token
+# responses, each stage's peak memory against the planner (tests/test_rehearsal.py; slow).
+test-rehearsal: $(STAMP)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" LOPD_REHEARSAL=1 $(VENV)/bin/python -m pytest -q -s tests/test_rehearsal.py
 
 clean:
 	rm -rf results .snakemake

@@ -149,3 +149,22 @@ def test_sharded_frozen_model_scores_and_samples_like_the_whole_one(world, tmp_p
                             env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert result.stdout.count("sharded scoring, sampling, gradients and drift match the whole model") == 2
+
+
+def test_trained_model_loads_through_accelerates_fsdp2_without_a_full_copy_per_rank(world, tmp_path):
+    # the trained model under FSDP2 as the Trainer prepares it on GPUs (rank 0 loads, rank 1 builds on meta,
+    # accelerate's fsdp2_prepare_model shards and broadcasts), on CPU with gloo; a ~100 MB model.
+    # glibc's default malloc raises its mmap threshold as the per-parameter broadcast buffers are freed and
+    # then keeps their pages beside the shards (rank 1's RSS grew by the model's size though it held no
+    # copy); a fixed threshold returns freed buffers, so that RSS shows what the process holds
+    tokenizer = load_tokenizer(world["teacher_A"])
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(tiny_qwen3_config(ArchParams(
+        hidden_size=512, intermediate_size=2048, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4,
+        head_dim=64, max_position_embeddings=256), tokenizer)).save_pretrained(tmp_path / "model")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone",
+                             str(Path(__file__).with_name("check_fsdp2_loading.py")), str(tmp_path / "model"),
+                             str(world["cache_A"])],
+                            env={**ENV, "MALLOC_MMAP_THRESHOLD_": "65536"}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count("accelerate's FSDP2 loading matches the whole model and its step") == 2

@@ -45,7 +45,7 @@ def test_report_holds_table_plots_stage_costs_and_config(html_report):
     assert "<script src=" not in page and "<link " not in page  # self-contained: nothing fetched
     results = by_name(embedded_results(page))
     assert set(results) == {"table.html", "accuracy_vs_cost.png", "opd_training_curve.png", "stage_costs.html",
-                            "config.html", "config.yaml"}
+                            "token_budget.html", "config.html", "config.yaml"}
     # the accuracy table: every number of table.csv is in the embedded HTML table
     table = pd.read_csv(report_dir / "table.csv")
     table_html = decoded(results["table.html"]).decode()
@@ -59,6 +59,9 @@ def test_report_holds_table_plots_stage_costs_and_config(html_report):
     stages_html = decoded(results["stage_costs.html"]).decode()
     for stage in pd.read_csv(report_dir / "stage_costs.csv")["stage"]:
         assert f"<td>{stage}</td>" in stages_html
+    # the tokens per optimiser step of both OPD methods
+    budget_html = decoded(results["token_budget.html"]).decode()
+    assert "Lightning OPD tokens/step" in budget_html and "standard OPD tokens/step" in budget_html
     # the config: the resolved one (tiny.yaml merged over config/config.yaml)
     config = yaml.safe_load(decoded(results["config.yaml"]))
     assert config["experiment"] == "tiny" and config["eval"]["k"] == 2 and config["eval"]["tasks"] == ["synth_arith"]

@@ -143,3 +143,31 @@ def test_standard_opd_micro_batch_counts_sequences():
     assert in_prompts(OPDParams(batch_size=256), 4).micro_batch_size is None
     with pytest.raises(ValueError, match=r"micro_batch_size\) 6: .* n = 4 .*standard_opd.sampling.n"):
         in_prompts(OPDParams(batch_size=256, micro_batch_size=6), 4)
+
+
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+def test_sft_loss_through_chunks_trains_as_the_models_own_loss(tmp_path, packing):
+    """SFT's chunked loss takes the optimiser step that transformers' Trainer takes with the model's
+    own (full-logits) loss: same weights after two steps with gradient accumulation."""
+    from datasets import Dataset
+    from transformers import Trainer
+
+    from lightning_opd.hparams import TrainParams
+    from lightning_opd.sft import SFTTrainer
+    from lightning_opd.training import collator, training_arguments
+
+    torch.manual_seed(0)
+    rows = [supervised_example(torch.randint(2, VOCAB, (3 + i,)).tolist(),
+                               torch.randint(2, VOCAB, (9 - 2 * i,)).tolist()) for i in range(4)]
+    params = TrainParams(max_steps=2, batch_size=2, micro_batch_size=1, packing=packing, optim="sgd",
+                         learning_rate=0.5, warmup_ratio=0.0, save_steps=100, logging_steps=1)
+    trained = []
+    for trainer_class in (Trainer, SFTTrainer):
+        model = tiny_qwen3(0)
+        trainer_class(model=model, args=training_arguments(params, tmp_path / trainer_class.__name__),
+                      train_dataset=Dataset.from_list(rows), data_collator=collator(params, 0)).train()
+        trained.append(model)
+    moved = max((p - q).abs().max().item() for p, q in zip(trained[0].parameters(), tiny_qwen3(0).parameters()))
+    assert moved > 1e-3
+    for p, q in zip(*(m.parameters() for m in trained)):
+        assert torch.allclose(p, q, atol=1e-6)

@@ -1,10 +1,20 @@
-"""The report turns Snakemake benchmark files into device-hours, and evaluations
-on several benchmarks into a column per benchmark."""
+"""The report turns Snakemake benchmark files into device-hours, evaluations
+on several benchmarks into a column per benchmark, and the OPD trainers' logs
+into both methods' tokens per optimiser step side by side."""
 import json
 
+import pandas as pd
 import pytest
 
-from lightning_opd.report import benchmark_seconds, model_table, stage_costs, summary_table
+from lightning_opd.provenance import read_train_log
+from lightning_opd.report import (
+    benchmark_seconds,
+    model_table,
+    stage_costs,
+    summary_table,
+    token_budget,
+    tokens_per_step,
+)
 
 HEADER = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
 
@@ -58,3 +68,60 @@ def test_a_column_per_benchmark_with_mean_and_std_over_seeds(tmp_path):
     assert table["aime24 avg@32"].tolist() == ["0.5000 +- 0.0000", "0.7000 +- 0.1414"]
     assert table["aime25 avg@32 mean"].tolist() == [0.25, 0.25]
     assert table["seeds"].tolist() == [1, 2] and table["device_hours"].tolist() == [0.8, 0.8]
+
+
+def test_token_budget_of_both_methods_side_by_side(tiny_run):
+    work, _ = tiny_run
+    report = work / "results/tiny/report"
+    budget = pd.read_csv(report / "token_budget.csv")
+    assert budget[["sft_teacher", "opd_teacher", "seed"]].values.tolist() == [["A", "A", 0]]
+    row = budget.iloc[0]
+    for method, name in (("lightning", "Lightning OPD"), ("standard", "standard OPD")):
+        log = [e for e in read_train_log(work / f"results/tiny/models/{method}-sft-A_teacher-A_seed-0") if "loss" in e]
+        # tiny.yaml logs every step: the mean per step is the mean of the logs
+        assert row[f"{name} tokens/step"] == pytest.approx(sum(e["tokens_per_step"] for e in log) / len(log), abs=0.05)
+        assert row[f"{name} response tokens/step"] == pytest.approx(
+            sum(e["response_tokens_per_step"] for e in log) / len(log), abs=0.05)
+        assert row[f"{name} steps"] == log[-1]["step"] == 4
+    models = pd.read_csv(report / "models.csv")
+    assert row["Lightning OPD device_hours"] == models.loc[models.role == "lightning_opd", "device_hours"].item()
+    assert row["standard OPD device_hours"] == models.loc[models.role == "standard_opd", "device_hours"].item()
+    # a standard OPD step holds n = 2 samples of each of its prompts: twice Lightning OPD's tokens and more
+    assert row["standard / Lightning tokens per step"] == pytest.approx(
+        row["standard OPD tokens/step"] / row["Lightning OPD tokens/step"], abs=1e-3)
+    assert row["standard OPD tokens/step"] > 1.5 * row["Lightning OPD tokens/step"]
+    assert "| Lightning OPD tokens/step" in (report / "token_budget.md").read_text()
+
+
+def test_tokens_per_step_weights_logs_by_the_steps_they_cover(tmp_path):
+    # a log every 2 steps holds the mean since the previous log; the last one covers 1 step
+    logs = [{"step": 2, "loss": 1.0, "tokens_per_step": 100.0, "response_tokens_per_step": 60.0},
+            {"step": 4, "loss": 1.0, "tokens_per_step": 200.0, "response_tokens_per_step": 80.0},
+            {"step": 5, "loss": 1.0, "tokens_per_step": 50.0, "response_tokens_per_step": 10.0},
+            {"step": 5, "train_runtime": 3.0}]
+    (tmp_path / "train_log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in logs))
+    assert tokens_per_step(tmp_path) == {"tokens": (200 + 400 + 50) / 5, "response_tokens": (120 + 160 + 10) / 5,
+                                         "steps": 5}
+    (tmp_path / "train_log.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
+    with pytest.raises(ValueError, match="has no tokens_per_step"):
+        tokens_per_step(tmp_path)
+
+
+def test_token_budget_pairs_the_methods_of_each_run(tmp_path):
+    models = []
+    for role, seed, tokens, response in [("lightning_opd", 0, 100.0, 60.0), ("standard_opd", 0, 400.0, 240.0),
+                                         ("lightning_opd", 1, 110.0, 70.0), ("standard_opd", 1, 380.0, 200.0)]:
+        model_dir = tmp_path / f"{role}-{seed}"
+        model_dir.mkdir()
+        (model_dir / "train_log.jsonl").write_text("".join(json.dumps(
+            {"step": step, "loss": 0.1, "tokens_per_step": tokens, "response_tokens_per_step": response}) + "\n"
+            for step in (1, 2, 3)))
+        models.append({"label": f"{role}-{seed}", "role": role, "sft_teacher": "A", "opd_teacher": "B", "seed": seed,
+                       "model_dir": str(model_dir)})
+    frame = pd.DataFrame({"device_hours": [1.0, 4.0, 1.5, 3.0]})
+    budget = token_budget({"models": [{"label": "sft-A", "role": "sft"}, *models]},
+                          pd.concat([pd.DataFrame({"device_hours": [0.5]}), frame], ignore_index=True))
+    assert budget[["seed", "Lightning OPD tokens/step", "standard OPD tokens/step",
+                   "Lightning OPD response tokens/step", "standard OPD response tokens/step", "Lightning OPD steps",
+                   "standard OPD device_hours", "standard / Lightning tokens per step"]].values.tolist() == [
+        [0, 100.0, 400.0, 60.0, 240.0, 3, 4.0, 4.0], [1, 110.0, 380.0, 70.0, 200.0, 3, 3.0, 3.455]]

@@ -6,7 +6,9 @@ ones and the plots are what `snakemake --report` embeds).
 
 The manifest (JSON, written by the report rule) lists the models with their
 evaluation summaries per benchmark and the benchmark files of the stages that
-made them."""
+made them. Beside the stage costs, the token budget: per OPD run, the mean
+tokens (and response tokens) of an optimiser step of each method, from the
+trainers' logs."""
 from __future__ import annotations
 
 import argparse
@@ -74,6 +76,47 @@ def model_table(manifest: dict[str, Any]) -> pd.DataFrame:
         row["cost_stages"] = " + ".join(f"{s} {h:.5f}" for s, h in zip(costs["stage"], costs["device_hours"]))
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def tokens_per_step(model_dir: Path | str) -> dict[str, float]:
+    """Mean tokens and response tokens of an optimiser step, and the steps, from
+    an OPD model's training log (each log holds the mean since the previous one)."""
+    entries = [e for e in read_train_log(model_dir) if "tokens_per_step" in e]
+    if not entries:
+        raise ValueError(f"{model_dir}: the training log has no tokens_per_step; not an OPD model of this pipeline")
+    steps = [e["step"] - before for e, before in zip(entries, [0] + [e["step"] for e in entries[:-1]])]
+    total = sum(steps)
+    return {"tokens": sum(e["tokens_per_step"] * n for e, n in zip(entries, steps)) / total,
+            "response_tokens": sum(e["response_tokens_per_step"] * n for e, n in zip(entries, steps)) / total,
+            "steps": entries[-1]["step"]}
+
+
+OPD_METHODS = {"lightning_opd": "Lightning OPD", "standard_opd": "standard OPD"}
+
+
+def token_budget(manifest: dict[str, Any], models: pd.DataFrame) -> pd.DataFrame:
+    """One row per OPD run (SFT teacher, OPD teacher, seed): both methods' mean
+    tokens and response tokens per optimiser step side by side, their steps and
+    the device-hours of their stages."""
+    runs: dict[tuple, dict[str, Any]] = {}
+    for model, hours in zip(manifest["models"], models["device_hours"]):
+        if model["role"] not in OPD_METHODS:
+            continue
+        row = runs.setdefault((model["sft_teacher"], model["opd_teacher"], model["seed"]), {
+            "sft_teacher": model["sft_teacher"], "opd_teacher": model["opd_teacher"], "seed": model["seed"]})
+        budget = tokens_per_step(model["model_dir"])
+        name = OPD_METHODS[model["role"]]
+        row[f"{name} tokens/step"] = round(budget["tokens"], 1)
+        row[f"{name} response tokens/step"] = round(budget["response_tokens"], 1)
+        row[f"{name} steps"] = budget["steps"]
+        row[f"{name} device_hours"] = hours
+    columns = ["sft_teacher", "opd_teacher", "seed"] + [
+        f"{name} {what}" for what in ("tokens/step", "response tokens/step", "steps", "device_hours")
+        for name in OPD_METHODS.values()]
+    table = pd.DataFrame(list(runs.values())).reindex(columns=columns)
+    lightning, standard = (table[f"{name} tokens/step"] for name in OPD_METHODS.values())
+    table["standard / Lightning tokens per step"] = (standard / lightning).round(3)
+    return table
 
 
 ROLE_ORDER = ["teacher", "student_base", "sft", "standard_opd", "lightning_opd"]
@@ -263,6 +306,13 @@ def main(argv: list[str] | None = None) -> None:
         args.out_dir,
         "stage_costs",
         f"{experiment}: cost of every stage ({kind}-hours)",
+    )
+    write_frame(
+        token_budget(manifest, models),
+        args.out_dir,
+        "token_budget",
+        f"{experiment}: tokens per optimiser step of each OPD method (mean over the run) and the cost of its "
+        f"stages ({kind}-hours)",
     )
     plot_training_curves(manifest, args.out_dir / "opd_training_curve.png")
     write_config(json.loads(args.config), args.out_dir, experiment)

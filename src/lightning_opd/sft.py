@@ -1,6 +1,9 @@
 """Stage 4: supervised fine-tuning of the student base on the teacher's
 answers (loss on answer tokens only) -> pi_ref. The model records which
-teacher wrote its SFT data; OPD checks that record."""
+teacher wrote its SFT data; OPD checks that record. The loss goes through
+the chunked log-probs of `lightning_opd.logprobs`: the model's own loss
+would hold the [tokens x vocab] logits in fp32 several times (~15 GB per
+micro-batch of 8K tokens at Qwen3's vocabulary)."""
 from __future__ import annotations
 
 import argparse
@@ -11,6 +14,7 @@ from transformers import Trainer
 
 from lightning_opd.artifacts import SAMPLES_SCHEMA, ArtifactError, read_table
 from lightning_opd.hparams import TrainParams, parse_hparams
+from lightning_opd.logprobs import response_logprobs
 from lightning_opd.modeling import DEFAULT_PROMPT_TEMPLATE, check_context, load_tokenizer, prompt_ids
 from lightning_opd.provenance import check_same_tokenizer, describe_model, file_sha256
 from lightning_opd.training import (
@@ -27,6 +31,19 @@ from lightning_opd.training import (
 )
 
 PROBE_ROWS = 64
+
+
+class SFTTrainer(Trainer):
+    """The model's loss, the mean negative log-likelihood of the response
+    tokens, computed chunk by chunk. ``num_items_in_batch``: the response tokens
+    of the whole optimiser step, as in `opd_trainer.OPDTrainer.compute_loss`."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        logprobs, mask = response_logprobs(model, inputs)
+        loss = -(logprobs * mask).sum() / (mask.sum() if num_items_in_batch is None else num_items_in_batch)
+        if num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes
+        return (loss, None) if return_outputs else loss
 
 
 def check_same_prompts(sft_data: Path, meta: dict, rows: list[dict], tokenizer, student: str) -> None:
@@ -84,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     key = {"stage": "sft", "base": base["fingerprint"], "sft_data": file_sha256(args.sft_data),
            "train": params_record(train)}
     arguments = training_arguments(train, checkpoint_dir(args.checkpoint_root, key), tracking)
-    trainer = Trainer(model=load_for_fsdp(args.base, train), args=arguments,
+    trainer = SFTTrainer(model=load_for_fsdp(args.base, train), args=arguments,
                       train_dataset=Dataset.from_list(examples), data_collator=collator(train, tokenizer.pad_token_id))
     train_with_resume(trainer)
     save_final(trainer, tokenizer, args.out, {**key, "base_model": base, "sft_teacher": sft_teacher,

@@ -1,6 +1,7 @@
 # Stage 9: the report: accuracy on every benchmark and measured cost per model, cost of every
-# stage (from the benchmark files), the OPD training curves and the resolved config. The outputs
-# marked report() make `snakemake --report report.html`, with the captions of workflow/report/.
+# stage (from the benchmark files), the tokens per optimiser step of both OPD methods, the OPD
+# training curves and the resolved config. The outputs marked report() make
+# `snakemake --report report.html`, with the captions of workflow/report/.
 
 
 rule report:
@@ -37,6 +38,14 @@ rule report:
             labels={"result": "cost of every stage"},
         ),
         stages_md=f"{R}/report/stage_costs.md",
+        tokens_html=report(
+            f"{R}/report/token_budget.html",
+            caption="../report/token_budget.rst",
+            category="3. Stage costs",
+            labels={"result": "tokens per optimiser step of each OPD method"},
+        ),
+        tokens_md=f"{R}/report/token_budget.md",
+        tokens_csv=f"{R}/report/token_budget.csv",
         stages_csv=f"{R}/report/stage_costs.csv",
         config_html=report(
             f"{R}/report/config.html",
