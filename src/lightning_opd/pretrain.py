@@ -1,6 +1,7 @@
 """Stage 2b: build a tiny Qwen3 model from scratch and train it, either on
-gold solutions in chat form (a teacher, in one solution style) or on bare
-arithmetic facts (a student "base" that knows the steps but not the task)."""
+gold solutions in chat form (a teacher, in one solution style), on the gold
+solutions as plain text in every style (a student "base" that has read both
+styles but not the chat task), or on bare arithmetic facts."""
 from __future__ import annotations
 
 import argparse
@@ -33,15 +34,17 @@ CORPORA = ("solutions", "raw_solutions", "facts")
 def corpus_examples(corpus: str, style: str, task_file: Path, tokenizer) -> list[dict]:
     table, meta = read_table(task_file, TASK_SCHEMA)
     eos = [tokenizer.eos_token_id]
-    column = "solution" if style == "chain" else "solution_words"
-    pairs = zip(table.column("problem").to_pylist(), table.column(column).to_pylist())
+    problems = table.column("problem").to_pylist()
+    column = {"chain": "solution", "words": "solution_words"}
+    pairs = zip(problems, table.column(column[style]).to_pylist())
     if corpus == "solutions":  # chat form, loss on the answer: how a teacher learns the task
         return [supervised_example(prompt_ids(tokenizer, problem), tokenizer(solution)["input_ids"] + eos)
                 for problem, solution in pairs]
     if corpus == "raw_solutions":  # plain text, no chat turns: what a base model saw in pretraining
-        return [
-            supervised_example([], tokenizer(f"{problem} {solution}")["input_ids"] + eos) for problem, solution in pairs
-        ]
+        # in every style, so that SFT on either teacher's style starts from the same footing
+        return [supervised_example([], tokenizer(f"{problem} {solution}")["input_ids"] + eos)
+                for name in SOLUTION_STYLES
+                for problem, solution in zip(problems, table.column(column[name]).to_pylist())]
     facts = arithmetic_facts(TaskParams(**meta["params"]))
     return [supervised_example([], tokenizer(fact)["input_ids"] + eos) for fact in facts]
 
