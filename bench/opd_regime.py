@@ -1,0 +1,195 @@
+"""In which regime does the sampled-token OPD loss lift pi_ref? Trains pi_ref
+of a finished experiment in-process, one trial per setting, and prints avg@k
+on the held-out set next to pi_ref and the teacher:
+
+* ``lightning``: one fixed set of pi_ref rollouts (``roll_t``/``roll_p``:
+  temperature and top-p, ``n`` rollouts per prompt), scored once by the
+  teacher (log-prob of the sampled token), then ``epochs`` passes over it;
+* ``standard``: every step the current student samples ``n`` responses to
+  each of ``batch`` prompts (same temperature and top-p) and the live teacher
+  scores them, ``epochs`` passes over the prompts: as the pipeline, the same
+  steps as a lightning trial with n = 1;
+* ``exact``: the lightning trial's rollouts, trained with the exact per-token
+  reverse KL over the vocabulary (needs the live teacher; a reference).
+
+Every trial uses the project's OPD loss (`opd_loss`), AdamW (0.9, 0.98),
+weight decay 0.1, gradient clipping 1.0, constant lr, like the trainers.
+A trial is ``key=value`` pairs separated by commas, changed from the defaults
+(printed first); ``seed`` seeds rollouts and batch order.
+
+    python bench/opd_regime.py results/default \\
+        method=lightning,roll_t=0.7,roll_p=0.9 method=lightning,roll_t=1.0,roll_p=1.0
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import random
+import time
+from pathlib import Path
+
+import torch
+from math_verify import parse, verify
+
+from lightning_opd.artifacts import TASK_SCHEMA, read_table
+from lightning_opd.hparams import SamplingParams
+from lightning_opd.logprobs import response_logprobs
+from lightning_opd.modeling import load_model, load_tokenizer, prompt_ids, stop_token_ids
+from lightning_opd.opd_loss import opd_loss
+from lightning_opd.opd_trainer import opd_example
+from lightning_opd.sampling import sample_with
+from lightning_opd.training import PadCollator
+
+
+@dataclasses.dataclass
+class Trial:
+    method: str = "lightning"  # lightning | standard | exact
+    roll_t: float = 0.7
+    roll_p: float = 0.9
+    n: int = 1
+    prompts: int = 512  # the first this many OPD prompts
+    epochs: float = 2.0
+    batch: int = 64  # sequences per step (standard: prompts per step)
+    lr: float = 1e-5
+    tau: float | None = 1.0
+    adv: str = "both"  # both | pos: drop the negative advantages (an ablation, not the paper's loss)
+    seed: int = 0
+
+    @classmethod
+    def parse(cls, text: str) -> "Trial":
+        trial = cls()
+        for item in filter(None, text.split(",")):
+            key, value = item.split("=")
+            kind = type(getattr(trial, key))
+            setattr(trial, key, None if value == "none" else (value if kind is str else float(value)
+                                                              if key in ("roll_t", "roll_p", "epochs", "lr", "tau")
+                                                              else int(value)))
+        return trial
+
+
+def avg_at_k(model, tokenizer, problems, answers, k: int) -> float:
+    """avg@k with the evaluation's sampling (temperature 0.6, top-p 0.95)."""
+    prompts = [prompt_ids(tokenizer, p) for p in problems]
+    params = SamplingParams(temperature=0.6, top_p=0.95, max_new_tokens=128, n=k, seed=0, batch_size=512)
+    outs = sample_with(model.eval(), prompts, params, stop_token_ids(model, tokenizer), tokenizer.pad_token_id,
+                       progress=False)
+    right = [bool(verify(parse(f"${a}$"), parse(tokenizer.decode(s.response_ids, skip_special_tokens=True))))
+             for a, samples in zip(answers, outs) for s in samples]
+    return sum(right) / len(right)
+
+
+def scored_rollouts(policy, teacher, prompts, trial: Trial, seed: int, stop, pad):
+    """``trial.n`` samples of ``policy`` per prompt, as OPD examples with the teacher's token log-probs."""
+    params = SamplingParams(temperature=trial.roll_t, top_p=trial.roll_p, max_new_tokens=128, n=trial.n,
+                            seed=seed, batch_size=512)
+    outs = sample_with(policy.eval(), prompts, params, stop, pad.pad_id, progress=False)
+    policy.train()
+    examples = [opd_example(p, s.response_ids, [0.0] * len(s.response_ids)) for p, o in zip(prompts, outs) for s in o]
+    batch = pad(examples)
+    with torch.no_grad():
+        t, _ = response_logprobs(teacher, batch)
+    batch["teacher_logprobs"] = torch.nn.functional.pad(t, (1, 0))
+    return batch
+
+
+def rows(batch, index):
+    return {k: v[index] for k, v in batch.items()}
+
+
+def step(student, teacher, optimizer, batch, trial: Trial, exact: bool) -> dict:
+    if exact:
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        mask = (batch["labels"][:, 1:] != -100).float()
+        with torch.no_grad():
+            t = torch.log_softmax(teacher(**inputs).logits[:, :-1].float(), -1)
+        s = torch.log_softmax(student(**inputs).logits[:, :-1].float(), -1)
+        loss = ((s.exp() * (s - t)).sum(-1) * mask).sum() / mask.sum()
+        metrics = {"reverse_kl": float(loss.detach())}
+    else:
+        lp, mask = response_logprobs(student, batch)
+        teacher_lp = batch["teacher_logprobs"][:, 1:]
+        if trial.adv == "pos":  # where the student is above the teacher, set the teacher equal: zero advantage
+            teacher_lp = torch.maximum(teacher_lp, lp.detach())
+        loss, metrics = opd_loss(lp, teacher_lp, mask, trial.tau)
+        rejected = (batch["teacher_logprobs"][:, 1:] - lp.detach() < -1) & mask.bool()
+        # the student's mean log-prob of the tokens the teacher rejects (teacher < student - 1 nat)
+        metrics["rejected_lp"] = float(lp.detach()[rejected].mean()) if rejected.any() else float("nan")
+    optimizer.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+    optimizer.step()
+    return metrics
+
+
+def run(trial: Trial, experiment: Path, teacher, prompts, pad, stop) -> tuple[torch.nn.Module, dict]:
+    torch.manual_seed(trial.seed)
+    student = load_model(experiment / "models/sft-A").train()
+    optimizer = torch.optim.AdamW(student.parameters(), lr=trial.lr, betas=(0.9, 0.98), weight_decay=0.1)
+    prompts = prompts[:trial.prompts]
+    rng = random.Random(trial.seed)
+    sequences = len(prompts) * (1 if trial.method == "standard" else trial.n)
+    steps = max(1, round(trial.epochs * sequences / trial.batch))
+    kls = []
+    if trial.method == "standard":
+        per_step = trial.batch
+        order: list[int] = []
+        for s in range(steps):
+            if len(order) < per_step:
+                order += rng.sample(range(len(prompts)), len(prompts))
+            chosen, order = order[:per_step], order[per_step:]
+            batch = scored_rollouts(student, teacher, [prompts[i] for i in chosen], trial,
+                                    trial.seed * 100_003 + s, stop, pad)
+            kls.append(step(student, teacher, optimizer, batch, trial, False))
+    else:
+        data = scored_rollouts(student, teacher, prompts, trial, trial.seed + 1, stop, pad)
+        order = []
+        for _ in range(steps):
+            if len(order) < trial.batch:
+                order += rng.sample(range(sequences), sequences)
+            chosen, order = order[:trial.batch], order[trial.batch:]
+            index = torch.tensor(chosen)
+            batch = rows(data, index)
+            width = int(batch["attention_mask"].sum(1).max())  # right padding: drop the all-pad columns
+            batch = {k: v[:, :width] for k, v in batch.items()}
+            kls.append(step(student, teacher, optimizer, batch, trial, trial.method == "exact"))
+    last = kls[-3:]
+    return student, {"steps": steps, "kl_first": kls[0]["reverse_kl"],
+                     "kl_last": sum(m["reverse_kl"] for m in last) / len(last),
+                     "rej_first": kls[0].get("rejected_lp", float("nan")),
+                     "rej_last": sum(m.get("rejected_lp", float("nan")) for m in last) / len(last)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("experiment", type=Path)
+    parser.add_argument("trials", nargs="*", help="key=value,... changes from the defaults, one trial each")
+    parser.add_argument("--k", type=int, default=4)
+    parser.add_argument("--reference", action="store_true", help="also print pi_ref's and the teacher's avg@k")
+    args = parser.parse_args()
+    tokenizer = load_tokenizer(args.experiment / "models/sft-A")
+    pad = PadCollator(tokenizer.pad_token_id)
+    teacher = load_model(args.experiment / "models/teacher-A").eval()
+    stop = stop_token_ids(teacher, tokenizer)
+    opd = read_table(args.experiment / "data/opd.parquet", TASK_SCHEMA)[0]
+    prompts = [prompt_ids(tokenizer, p) for p in opd.column("problem").to_pylist()]
+    tasks = read_table(args.experiment / "data/eval.parquet", TASK_SCHEMA)[0]
+    problems, answers = tasks.column("problem").to_pylist(), tasks.column("answer").to_pylist()
+    print(f"defaults: {Trial()}")
+    if args.reference:
+        for name in ("sft-A", "teacher-A"):
+            model = load_model(args.experiment / "models" / name)
+            print(f"{name:<60} avg@{args.k} = {avg_at_k(model, tokenizer, problems, answers, args.k):.4f}")
+    print(f"{'trial':<60} {'steps':>5} {'kl_first':>8} {'kl_last':>8} {'rej_first':>9} {'rej_last':>8} "
+          f"{'avg@' + str(args.k):>7} {'s':>5}")
+    for text in args.trials or [""]:
+        start = time.time()
+        trial = Trial.parse(text)
+        model, info = run(trial, args.experiment, teacher, prompts, pad, stop)
+        accuracy = avg_at_k(model, tokenizer, problems, answers, args.k)
+        print(f"{text or 'defaults':<60} {info['steps']:>5} {info['kl_first']:>8.3f} {info['kl_last']:>8.3f} "
+              f"{info['rej_first']:>9.2f} {info['rej_last']:>8.2f} {accuracy:>7.4f} {time.time() - start:>5.0f}",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
