@@ -7,6 +7,7 @@ rule report:
     input:
         evals=expand("{R}/eval/{benchmark}/{model}.json", R=R, benchmark=BENCHMARKS, model=eval_labels()),
         opd_models=[f"{R}/models/{label}" for label in opd_labels()],
+        caches=sorted({f"{R}/cache/sft-{s}_teacher-{t}.parquet" for s, t, _ in opd_runs()}),
         code=code_inputs("report"),
     output:
         table_html=report(
@@ -37,6 +38,7 @@ rule report:
             labels={"result": "cost of every stage"},
         ),
         stages_md=f"{R}/report/stage_costs.md",
+        caches_md=f"{R}/report/cache_state.md",
         stages_csv=f"{R}/report/stage_costs.csv",
         config_html=report(
             f"{R}/report/config.html",
