@@ -121,7 +121,8 @@ if __name__ == "__main__":
                        **json.loads({VLLM_OPTIONS!r})).score_top_k(prompts, responses, 16)
     worst, differing, ties = 0.0, 0, 0
     for a, b in zip(hf, vllm):
-        worst = max(worst, float(np.abs(a.top_logprobs - b.top_logprobs).max()), float(np.abs(a.logprobs - b.logprobs).max()))
+        worst = max(worst, float(np.abs(a.top_logprobs - b.top_logprobs).max()),
+                    float(np.abs(a.logprobs - b.logprobs).max()))
         tie = np.zeros(a.ids.shape, bool)
         gap = np.abs(np.diff(a.top_logprobs, axis=1)) <= 1e-4
         tie[:, 1:] |= gap

@@ -12,9 +12,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from datasets import Dataset
-
 import numpy as np
+from datasets import Dataset
 
 from lightning_opd.artifacts import ArtifactError, cache_top_k, read_cache
 from lightning_opd.hparams import OPDParams, parse_hparams

@@ -6,6 +6,10 @@ gradient, and the loss is the policy gradient ``-mean_t A_t log pi_theta(y_t)``
 (mean over all response tokens of the batch). Its gradient is
 ``-mean_t A_t grad log pi_theta(y_t)``: it raises tokens the teacher likes more
 than the student does and lowers the others.
+
+With a top-k teacher cache, `topk_kl_loss` replaces the one sampled token by
+the teacher's k most likely tokens plus one bin for the rest, and minimises
+the exact reverse (or forward) KL over those k + 1 bins.
 """
 from __future__ import annotations
 
