@@ -56,7 +56,7 @@ class Trial:
     seed: int = 0
 
     @classmethod
-    def parse(cls, text: str) -> "Trial":
+    def parse(cls, text: str) -> Trial:
         trial = cls()
         for item in filter(None, text.split(",")):
             key, value = item.split("=")

@@ -71,6 +71,8 @@ def world(tmp_path_factory) -> dict[str, Path]:
     for t in ("A", "B"):
         teacher_cache.build_cache(str(w[f"teacher_{t}"]), w["rollouts"], root / f"cache-{t}.parquet", label=t)
         w[f"cache_{t}"] = root / f"cache-{t}.parquet"
+    teacher_cache.build_cache(str(w["teacher_A"]), w["rollouts"], root / "cache-A-top8.parquet", label="A", top_k=8)
+    w["cache_A_top8"] = root / "cache-A-top8.parquet"
     return w
 
 

@@ -3,6 +3,7 @@ that a cache which does not line up is refused with a clear error."""
 import json
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -73,3 +74,91 @@ def test_missing_column_is_named(world, tmp_path):
     pq.write_table(table, tmp_path / "nocol.parquet")
     with pytest.raises(ArtifactError, match=r"nocol.parquet: missing columns \['teacher_logprobs'\]"):
         read_cache(tmp_path / "nocol.parquet")
+
+
+# ---- the top-k cache (teacher_cache.top_k)
+from lightning_opd.artifacts import TOPK_FIELDS, cache_schema  # noqa: E402
+
+
+def test_top_k_cache_equals_direct_forward(world):
+    """k ids and log-probs per response token: the teacher's k most likely tokens, most likely first, the
+    log-probs to float16 precision; the sampled-token column as in a cache without top-k."""
+    table, meta = read_cache(world["cache_A_top8"])
+    plain, _ = read_cache(world["cache_A"])
+    assert meta["top_k"] == 8 and meta["top_k_dtypes"] == {"ids": "int32", "logprobs": "float16"}
+    assert table.column("teacher_logprobs").to_pylist() == plain.column("teacher_logprobs").to_pylist()
+    model = AutoModelForCausalLM.from_pretrained(world["teacher_A"]).eval()
+    for row in table.to_pylist():
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(torch.tensor([row["prompt_ids"] + row["response_ids"]])).logits[0], -1)
+        n_prompt, n = len(row["prompt_ids"]), len(row["response_ids"])
+        best, ids = logprobs[n_prompt - 1:n_prompt - 1 + n].topk(8, dim=-1)
+        stored_ids = np.array(row["teacher_topk_ids"]).reshape(n, 8)
+        stored = np.array(row["teacher_topk_logprobs"], np.float32).reshape(n, 8)
+        np.testing.assert_allclose(stored, best.numpy(), atol=2e-3, rtol=1e-3)  # float16 rounding
+        assert (np.diff(stored, axis=1) <= 0).all()
+        assert (np.sort(stored_ids, 1) == np.sort(ids.numpy(), 1)).all()
+
+
+def test_top_k_cache_schema_is_int32_ids_and_float16_logprobs(world):
+    schema = pq.read_schema(world["cache_A_top8"])
+    assert [schema.field(f.name).type for f in TOPK_FIELDS] == [pa.list_(pa.int32()), pa.list_(pa.float16())]
+    assert cache_schema(8).names == [*CACHE_SCHEMA.names, *(f.name for f in TOPK_FIELDS)]
+
+
+def rewrite_top_k(src, dst, mutate_rows=None, mutate_meta=None):
+    table = pq.read_table(src)
+    meta = json.loads(table.schema.metadata[METADATA_KEY])
+    rows = table.to_pylist()
+    if mutate_rows:
+        mutate_rows(rows)
+    if mutate_meta:
+        mutate_meta(meta)
+    schema = cache_schema(8) if "teacher_topk_ids" in rows[0] else CACHE_SCHEMA
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema).replace_schema_metadata(
+        {METADATA_KEY: json.dumps(meta)}), dst)
+    return dst
+
+
+def set_top(row, column, position, value):
+    def mutate(rows):
+        rows[row][column][position] = value
+    return mutate
+
+
+def duplicate_id(rows):
+    rows[1]["teacher_topk_ids"][1] = rows[1]["teacher_topk_ids"][0]
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (set_top(2, "teacher_topk_logprobs", 5, float("nan")), r"row 'opd-000002' has teacher top-k log-prob nan at "
+                                                          r"response token 0"),
+    (set_top(2, "teacher_topk_logprobs", 9, 0.5), r"row 'opd-000002' has teacher top-k log-prob 0.5 at response "
+                                                  r"token 1; a log-prob must be finite and <= 0"),
+    (lambda rows: rows[4].update(teacher_topk_ids=rows[4]["teacher_topk_ids"][:-1]),
+     r"row 'opd-000004' has \d+ response tokens but \d+ values in teacher_topk_ids \(top_k 8: 8 per token\)"),
+    (duplicate_id, r"row 'opd-000001' has top-k token ids .* at response token 0; they must be distinct"),
+    (lambda rows: rows[3].update(teacher_topk_logprobs=[-0.01] * len(rows[3]["teacher_topk_logprobs"])),
+     r"row 'opd-000003' has teacher top-k probabilities summing to 7\.92\d* > 1 at response token 0"),
+])
+def test_top_k_cache_damage_is_refused_naming_file_and_row(world, tmp_path, mutate, message):
+    bad = rewrite_top_k(world["cache_A_top8"], tmp_path / "bad.parquet", mutate)
+    with pytest.raises(ArtifactError, match=r"bad\.parquet: " + message + ".*delete the cache and rerun"):
+        read_cache(bad)
+
+
+def test_top_k_columns_missing_where_the_provenance_says_top_k(world, tmp_path):
+    bad = rewrite_top_k(world["cache_A"], tmp_path / "nocols.parquet", mutate_meta=lambda m: m.update(top_k=8))
+    with pytest.raises(ArtifactError, match=r"nocols\.parquet: missing columns \['teacher_topk_ids', "
+                                            r"'teacher_topk_logprobs'\].*\(its provenance says top_k 8\)"):
+        read_cache(bad)
+
+
+def test_report_shows_cache_state_bytes_per_token(world):
+    """8 bytes per response token without top-k (int32 id, float32 log-prob), 8 + 8 x 6 with the top 8."""
+    from lightning_opd.report import cache_state
+
+    table = cache_state([str(world["cache_A"]), str(world["cache_A_top8"]), "/nowhere/cache.parquet"])
+    assert table.top_k.tolist() == [0, 8]
+    assert table.state_bytes_per_token.tolist() == [8.0, 56.0]
+    assert table.logprobs.tolist() == ["float32", "float32 + top-k float16"]

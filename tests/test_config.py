@@ -107,3 +107,22 @@ def test_values_of_the_wrong_type_are_refused_with_the_key(override, message, ke
     output = result.stdout + result.stderr
     assert result.returncode != 0
     assert "Error validating config file" in output and message in output and f"On instance{key}" in output
+
+
+def test_top_k_options_reach_the_cache_and_lightning_opd_but_not_standard_opd(tmp_path):
+    result = snakemake("-n", "-p", "--config", f"results_dir={tmp_path / 'results'}", "teacher_cache={top_k: 16}",
+                       "lightning_opd={loss: topk_forward_kl, top_k: 4}")
+    opd = opd_hyperparameters(result.stdout)
+    assert opd["loss"] == "topk_forward_kl" and opd["top_k"] == 4
+    cache = next(line for line in result.stdout.splitlines() if "lightning_opd.teacher_cache " in line)
+    assert "--top-k 16 " in cache
+    standard = next(line for line in result.stdout.splitlines() if "lightning_opd.standard_opd " in line)
+    standard_opd = json.loads(re.search(r"--opd '([^']*)'", standard).group(1))
+    assert "loss" not in standard_opd and "top_k" not in standard_opd  # it trains with the sampled loss
+
+
+def test_an_unknown_loss_is_refused_with_the_key(tmp_path):
+    result = snakemake("-n", "--config", f"results_dir={tmp_path / 'results'}", "lightning_opd={loss: topk_kl}",
+                       check=False)
+    assert result.returncode != 0 and "loss" in result.stdout + result.stderr
+    assert "topk_kl" in result.stdout + result.stderr

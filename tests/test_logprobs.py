@@ -11,7 +11,13 @@ from transformers import AutoModelForCausalLM, Qwen3Config
 
 from lightning_opd.backends.hf import HFBackend
 from lightning_opd.hparams import OPDParams
-from lightning_opd.logprobs import drift_kl_sum, next_token_logprobs, response_logprobs
+from lightning_opd.logprobs import (
+    drift_kl_sum,
+    next_token_logprobs,
+    next_token_top_k,
+    response_logprobs,
+    response_support_logprobs,
+)
 from lightning_opd.opd_loss import opd_loss
 from lightning_opd.standard_opd import in_prompts
 from lightning_opd.training import IGNORE_INDEX, PackCollator, PadCollator, supervised_example
@@ -108,6 +114,30 @@ def test_scoring_with_temperature_equals_full_logits(temperature):
         got = next_token_logprobs(model, batch, mask, temperature, chunk_tokens=5)
     torch.testing.assert_close(got[mask], expected[mask], rtol=0, atol=1e-5)
     assert not got.requires_grad
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_chunked_top_k_equals_full_logits(packed):
+    """The teacher's top k per chunk of tokens (scoring) and the student's log-probs at given ids plus the
+    rest of the vocabulary (a top-k loss), padded and packed, equal those of the whole logits."""
+    model = tiny_qwen3(0)
+    batch = collate(packed)
+    mask = batch["labels"][:, 1:] != IGNORE_INDEX
+    with torch.no_grad():
+        logprobs = torch.log_softmax(full_logits(model, batch, 0.8), -1)
+        target, ids, top = next_token_top_k(model, batch, mask, 6, temperature=0.8, chunk_tokens=5)
+    best, best_ids = logprobs.topk(6, dim=-1)
+    torch.testing.assert_close(top[mask], best[mask], rtol=0, atol=1e-5)
+    assert torch.equal(ids[mask], best_ids[mask])
+    torch.testing.assert_close(target[mask], logprobs.gather(-1, batch["input_ids"][:, 1:, None])[..., 0][mask],
+                               rtol=0, atol=1e-5)
+    assert (top[~mask] == 0).all() and (ids[~mask] == 0).all()
+
+    student = torch.log_softmax(full_logits(model, batch), -1)
+    _, rest, support, _ = response_support_logprobs(model, batch, ids, chunk_tokens=5)
+    torch.testing.assert_close(support[mask], student.gather(-1, ids)[mask], rtol=0, atol=1e-5)
+    outside = student.masked_fill(torch.zeros_like(student, dtype=torch.bool).scatter(-1, ids, True), float("-inf"))
+    torch.testing.assert_close(rest[mask], outside.logsumexp(-1)[mask], rtol=0, atol=1e-5)
 
 
 def test_drift_kl_equals_full_vocabulary_kl():

@@ -109,3 +109,16 @@ def test_cpu_prediction_is_within_30_percent_of_a_measured_training_step():
     assert LOGPROB_CHUNK_BYTES == CHUNK_BYTES  # the planner sizes the chunks the code uses
     assert parts["logprobs"] <= 3 * CHUNK_BYTES / 1e9  # bounded by the chunk, not by the 1,024 tokens
     assert abs(predicted - measured) <= 0.3 * measured, (predicted, measured, parts)
+
+
+def test_top_k_cache_bytes_and_loss_path(tmp_path):
+    """teacher_cache.top_k adds 6 bytes per response token and k (int32 id + float16 log-prob) to the cache's
+    8; a top-k loss keeps more [chunk x vocab] copies in the training log-prob path."""
+    override = write_yaml(tmp_path / "topk.yaml", {"teacher_cache": {"top_k": 64},
+                                                    "lightning_opd": {"loss": "topk_reverse_kl"}})
+    plain = {p.stage: p for p in plan(paper("qwen3-8b"))}
+    topk = {p.stage: p for p in plan(paper("qwen3-8b", override))}
+    assert "8 bytes per response token at top_k 0" in plain["teacher_cache[A]"].note
+    assert "392 bytes per response token at top_k 64" in topk["teacher_cache[A]"].note
+    assert topk["lightning_opd"].parts["logprobs"] == pytest.approx(5 / 3 * plain["lightning_opd"].parts["logprobs"])
+    assert topk["standard_opd"].parts["logprobs"] == plain["standard_opd"].parts["logprobs"]

@@ -155,3 +155,19 @@ def test_bad_backend_options_leave_no_output_and_no_work_dir(world, reference, t
         generate.main(stage_args("rollouts", world, reference, out, work,
                                  "--backend-options", json.dumps({"tensor_parallel_size": 8})))
     assert not out.exists() and not any(work.iterdir())
+
+
+def test_parts_of_a_top_k_cache_join_with_their_top_k_columns(world, tmp_path):
+    from lightning_opd.artifacts import cache_schema
+
+    args = ["--teacher", str(world["teacher_A"]), "--rollouts", str(world["rollouts"]), "--label", "A",
+            "--top-k", "4", "--shard-size", "4"]
+    whole = tmp_path / "whole.parquet"
+    teacher_cache.main([*args, "--out", str(whole), "--work-dir", str(tmp_path / "work")])
+    parts = [tmp_path / f"{i}-of-2.parquet" for i in (1, 2)]
+    for i, part in enumerate(parts, 1):
+        teacher_cache.main([*args, "--out", str(part), "--work-dir", str(tmp_path / "work"), "--part", f"{i}-of-2"])
+    shards.main(["--gather", *map(str, parts), "--schema", "cache", "--out", str(tmp_path / "out.parquet")])
+    got, meta = read_table(tmp_path / "out.parquet", cache_schema(4))
+    want, want_meta = read_table(whole, cache_schema(4))
+    assert got.to_pylist() == want.to_pylist() and meta == want_meta and meta["top_k"] == 4

@@ -148,3 +148,66 @@ def test_standard_opd_with_the_vllm_sampler_trains_on_what_the_engine_sampled(wo
     assert len(gaps) == 2 and max(gaps) < 1e-3, logs
     provenance = json.loads((out / "provenance.json").read_text())
     assert provenance["sampler"] == "vllm"
+
+
+def test_vllm_top_k_cache_equals_hf_top_k_cache(world, tmp_path):
+    """prompt_logprobs=k (the top k plus the actual token) against the hf backend's chunked top k: the same
+    ids in the same order (most likely first, equal log-probs by id) and log-probs within 1e-4 before the
+    float16 storage; the stored float16 values are then identical up to one rounding step."""
+    k = 8
+    run_module("teacher_cache", "--teacher", str(world["teacher_A"]), "--rollouts", str(world["rollouts"]),
+               "--out", str(tmp_path / "cache.parquet"), "--label", "A", "--backend", "vllm",
+               "--backend-options", VLLM_OPTIONS, "--top-k", str(k))
+    hf, _ = read_cache(world["cache_A_top8"])
+    vllm, meta = read_cache(tmp_path / "cache.parquet")
+    assert meta["top_k"] == k and meta["backend"] == "vllm"
+    for a, b in zip(vllm.column("teacher_logprobs").to_pylist(), hf.column("teacher_logprobs").to_pylist()):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+    hf_lp = np.concatenate([np.asarray(x, np.float32) for x in hf.column("teacher_topk_logprobs").to_pylist()])
+    vllm_lp = np.concatenate([np.asarray(x, np.float32) for x in vllm.column("teacher_topk_logprobs").to_pylist()])
+    # float16 storage: values within 1e-4 before rounding are at most one float16 step apart after it
+    step = np.spacing(np.abs(hf_lp).astype(np.float16)).astype(np.float32)
+    assert np.all(np.abs(hf_lp - vllm_lp) <= step + 1e-4)
+    hf_ids = np.concatenate([np.asarray(x) for x in hf.column("teacher_topk_ids").to_pylist()]).reshape(-1, k)
+    vllm_ids = np.concatenate([np.asarray(x) for x in vllm.column("teacher_topk_ids").to_pylist()]).reshape(-1, k)
+    # ids agree except between log-probs closer than the tolerance (a tie within it may order either way)
+    near_tie = np.zeros_like(hf_ids, dtype=bool)
+    gaps = np.abs(np.diff(hf_lp.reshape(-1, k), axis=1)) <= 2e-4
+    near_tie[:, 1:] |= gaps
+    near_tie[:, :-1] |= gaps
+    assert np.array_equal(hf_ids[~near_tie], vllm_ids[~near_tie])
+    # the comparison covers most entries (the random tiny teacher is nearly uniform, log-probs about -5.8,
+    # and float16 rounds neighbours there to equal values: about a fifth are such ties)
+    assert near_tie.mean() < 0.4
+
+
+def test_vllm_top_k_scores_equal_hf_in_float32(world, tmp_path):
+    """Before storage: the two backends' top-k ids and log-probs (float32) agree to 1e-4."""
+    script = f"""
+import json, numpy as np
+from lightning_opd.artifacts import read_table, SAMPLES_SCHEMA
+from lightning_opd.backends import get_backend
+if __name__ == "__main__":
+    table, _ = read_table({str(world["rollouts"])!r}, SAMPLES_SCHEMA)
+    prompts, responses = table.column("prompt_ids").to_pylist(), table.column("response_ids").to_pylist()
+    hf = get_backend("hf", {str(world["teacher_A"])!r}).score_top_k(prompts, responses, 16)
+    vllm = get_backend("vllm", {str(world["teacher_A"])!r}, scoring=True,
+                       **json.loads({VLLM_OPTIONS!r})).score_top_k(prompts, responses, 16)
+    worst, differing, ties = 0.0, 0, 0
+    for a, b in zip(hf, vllm):
+        worst = max(worst, float(np.abs(a.top_logprobs - b.top_logprobs).max()),
+                    float(np.abs(a.logprobs - b.logprobs).max()))
+        tie = np.zeros(a.ids.shape, bool)
+        gap = np.abs(np.diff(a.top_logprobs, axis=1)) <= 1e-4
+        tie[:, 1:] |= gap
+        tie[:, :-1] |= gap
+        differing += int((a.ids != b.ids)[~tie].sum())
+        ties += int(tie.sum())
+    with open({str(tmp_path / "found.json")!r}, "w") as out:
+        json.dump({{"worst": worst, "differing": differing, "ties": ties}}, out)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    found = json.loads((tmp_path / "found.json").read_text())
+    assert found["worst"] <= 1e-4, found
+    assert found["differing"] == 0, found

@@ -17,7 +17,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 METADATA_KEY = b"lightning_opd"
@@ -43,6 +45,14 @@ SAMPLES_SCHEMA = pa.schema([
 
 # The teacher cache: the rollouts plus one float32 teacher log-prob per response token.
 CACHE_SCHEMA = SAMPLES_SCHEMA.append(pa.field("teacher_logprobs", pa.list_(pa.float32())))
+# A top-k cache (teacher_cache.top_k = k > 0) adds, for every response token, the teacher's k most
+# likely token ids and their log-probs, flattened token by token (token t's k entries at
+# t*k .. t*k + k - 1, most likely first, equal log-probs by increasing id). float16 log-probs: half
+# of float32's bytes, and 8x bfloat16's precision over the log-probs' range (> -65504); the loss
+# error it adds is measured by bench/topk_cache.py.
+TOPK_FIELDS = (pa.field("teacher_topk_ids", pa.list_(pa.int32())),
+               pa.field("teacher_topk_logprobs", pa.list_(pa.float16())))
+TOPK_DTYPES = {"ids": "int32", "logprobs": "float16"}
 
 
 # Provenance that later stages read from an artifact's metadata (dotted paths).
@@ -133,8 +143,20 @@ def write_table(path: Path | str, rows: list[dict] | pa.Table, schema: pa.Schema
         pq.write_table(table, tmp)
 
 
-def read_table(path: Path | str, schema: pa.Schema) -> tuple[pa.Table, dict[str, Any]]:
-    """Read a parquet artifact, check its columns against ``schema``, return it and its provenance."""
+def _check_columns(path: Path, table: pa.Table, schema: pa.Schema, why: str = "") -> None:
+    missing = [name for name in schema.names if name not in table.schema.names]
+    if missing:
+        raise ArtifactError(f"{path}: missing columns {missing}; the schema needs {schema.names}{why}")
+    wrong = [f"{f.name} is {table.schema.field(f.name).type}, expected {f.type}"
+             for f in schema if not table.schema.field(f.name).type.equals(f.type)]
+    if wrong:
+        raise ArtifactError(f"{path}: wrong column types: {'; '.join(wrong)}")
+
+
+def read_table(path: Path | str, schema: pa.Schema, keep_other_columns: bool = False
+               ) -> tuple[pa.Table, dict[str, Any]]:
+    """Read a parquet artifact, check its columns against ``schema``, return it
+    (its other columns dropped unless ``keep_other_columns``) and its provenance."""
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"{path}: file not found")
@@ -142,13 +164,7 @@ def read_table(path: Path | str, schema: pa.Schema) -> tuple[pa.Table, dict[str,
         table = pq.read_table(path)
     except (pa.ArrowException, OSError) as error:
         raise ArtifactError(f"{path}: not a readable parquet file ({error})") from None
-    missing = [name for name in schema.names if name not in table.schema.names]
-    if missing:
-        raise ArtifactError(f"{path}: missing columns {missing}; the schema needs {schema.names}")
-    wrong = [f"{f.name} is {table.schema.field(f.name).type}, expected {f.type}"
-             for f in schema if not table.schema.field(f.name).type.equals(f.type)]
-    if wrong:
-        raise ArtifactError(f"{path}: wrong column types: {'; '.join(wrong)}")
+    _check_columns(path, table, schema)
     if table.num_rows == 0:
         raise ArtifactError(f"{path}: the artifact has no rows; delete it and rerun the stage that wrote it")
     raw = (table.schema.metadata or {}).get(METADATA_KEY)
@@ -161,13 +177,13 @@ def read_table(path: Path | str, schema: pa.Schema) -> tuple[pa.Table, dict[str,
         raise ArtifactError(f"{path}: the provenance metadata is not valid JSON ({error}); "
                             "delete the file and rerun the stage that wrote it") from None
     required = (SAMPLES_METADATA if schema.equals(SAMPLES_SCHEMA)
-                else CACHE_METADATA if schema.equals(CACHE_SCHEMA) else ())
+                else CACHE_METADATA if schema.names[:len(CACHE_SCHEMA)] == CACHE_SCHEMA.names else ())
     if missing := [key for key in required if not _has(meta, key)]:
         raise ArtifactError(
             f"{path}: the provenance metadata lacks {missing}; the file was written by an older "
             "or foreign version: delete it and rerun the stage that wrote it"
         )
-    return table.select(schema.names), meta
+    return (table if keep_other_columns else table.select(schema.names)), meta
 
 
 def _has(meta: Any, dotted: str) -> bool:
@@ -178,9 +194,65 @@ def _has(meta: Any, dotted: str) -> bool:
     return True
 
 
+def cache_schema(top_k: int = 0) -> pa.Schema:
+    """The columns of a teacher cache that stores the teacher's ``top_k`` best tokens (0: none)."""
+    return CACHE_SCHEMA if not top_k else pa.schema([*CACHE_SCHEMA, *TOPK_FIELDS])
+
+
+def cache_top_k(meta: dict[str, Any]) -> int:
+    """k of a cache's top-k columns, from its provenance (0 for caches written before top-k)."""
+    return int(meta.get("top_k") or 0)
+
+
+def _bad_row(path: Path, row_id: str, what: str) -> ArtifactError:
+    return ArtifactError(f"{path}: row {row_id!r} {what}: delete the cache and rerun the teacher_cache stage "
+                         "(check the teacher's weights if it happens again)")
+
+
+def _check_top_k(path: Path, table: pa.Table, k: int) -> None:
+    """Per row k ids and log-probs per response token; finite log-probs <= 0 whose
+    probabilities sum to at most 1; distinct non-negative ids at every token."""
+    row_ids = table.column("id").to_pylist()
+    tokens = pc.list_value_length(table.column("response_ids")).to_numpy(zero_copy_only=False)
+    for name in ("teacher_topk_ids", "teacher_topk_logprobs"):
+        column = table.column(name)
+        lengths = pc.list_value_length(column).fill_null(-1).to_numpy(zero_copy_only=False)
+        if (bad := np.flatnonzero(lengths != k * tokens)).size:
+            row = bad[0]
+            raise _bad_row(path, row_ids[row], f"has {tokens[row]} response tokens but {lengths[row]} values in "
+                                               f"{name} (top_k {k}: {k} per token); the cache does not line up")
+    owner = np.repeat(np.arange(len(tokens)), tokens)  # the row of every response token
+    logprobs = pc.list_flatten(table.column("teacher_topk_logprobs")).to_numpy(
+        zero_copy_only=False).astype(np.float32).reshape(-1, k)
+    bad = ~np.isfinite(logprobs).all(1) | (logprobs > 1e-3).any(1)
+    if bad.any():
+        at = int(np.flatnonzero(bad)[0])
+        value = logprobs[at][~np.isfinite(logprobs[at]) | (logprobs[at] > 1e-3)][0]
+        raise _bad_row(path, row_ids[owner[at]], f"has teacher top-k log-prob {value} at response token "
+                                                f"{at - tokens[:owner[at]].sum()}; a log-prob must be finite and <= 0")
+    # float16 rounding moves each probability by at most p |log p| 2^-11, their sum by well under 1e-2
+    mass = np.exp(logprobs.astype(np.float64)).sum(1)
+    if (over := np.flatnonzero(mass > 1 + 1e-2)).size:
+        at = int(over[0])
+        raise _bad_row(path, row_ids[owner[at]], f"has teacher top-k probabilities summing to {mass[at]:.4f} > 1 "
+                                                f"at response token {at - tokens[:owner[at]].sum()}")
+    ids = np.sort(pc.list_flatten(table.column("teacher_topk_ids")).to_numpy(zero_copy_only=False).reshape(-1, k), 1)
+    bad = (ids[:, 0] < 0) | (np.diff(ids, axis=1) == 0).any(1)
+    if bad.any():
+        at = int(np.flatnonzero(bad)[0])
+        raise _bad_row(path, row_ids[owner[at]], f"has top-k token ids {ids[at].tolist()} at response token "
+                                                f"{at - tokens[:owner[at]].sum()}; they must be distinct and >= 0")
+
+
 def read_cache(path: Path | str) -> tuple[pa.Table, dict[str, Any]]:
-    """Read a teacher cache and check that every row has one log-prob per response token."""
-    table, meta = read_table(path, CACHE_SCHEMA)
+    """Read a teacher cache and check that every row has one log-prob per
+    response token (and, in a top-k cache, k ids and log-probs per token)."""
+    path = Path(path)
+    table, meta = read_table(path, CACHE_SCHEMA, keep_other_columns=True)
+    k = cache_top_k(meta)
+    schema = cache_schema(k)
+    _check_columns(path, table, schema, f" (its provenance says top_k {k})" if k else "")
+    table = table.select(schema.names)
     ids = table.column("response_ids").to_pylist()
     logprobs = table.column("teacher_logprobs").to_pylist()
     row_ids = table.column("id").to_pylist()
@@ -199,6 +271,8 @@ def read_cache(path: Path | str) -> tuple[pa.Table, dict[str, Any]]:
                 "must be finite and <= 0: delete the cache and rerun the teacher_cache stage "
                 "(check the teacher's weights if it happens again)"
             )
+    if k:
+        _check_top_k(path, table, k)
     return table, meta
 
 

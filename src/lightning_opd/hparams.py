@@ -92,9 +92,13 @@ class OPDParams(TrainParams):
     epochs: float = 2.0
     save_steps: int = 4
     logging_steps: int = 2
-    # None turns the advantage clipping of Algorithm 1 off (as in the public code).
+    # None turns the advantage clipping of Algorithm 1 off (as in the public code); `sampled` loss only.
     tau: float | None = 1.0
     allow_teacher_mismatch: bool = False
+    # sampled (the paper's), topk_reverse_kl or topk_forward_kl (over a top-k cache's k + 1 bins)
+    loss: str = "sampled"
+    # k of a top-k loss: the teacher's first k tokens of the cache (None: all the cache holds)
+    top_k: int | None = None
 
 
 @dataclasses.dataclass

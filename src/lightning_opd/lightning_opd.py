@@ -4,17 +4,21 @@ fixed rollouts with the teacher's cached log-probs; no teacher is loaded.
 Before training it checks the cache: one log-prob per token, the student's
 tokenizer, rollouts sampled by the init model, and a cache teacher equal to
 the teacher that wrote the init model's SFT data (unless the config allows a
-mismatch on purpose, which the output then records)."""
+mismatch on purpose, which the output then records). A top-k loss
+(``loss: topk_reverse_kl | topk_forward_kl``) needs a top-k cache with at
+least the loss's k tokens per position."""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+import numpy as np
 from datasets import Dataset
 
-from lightning_opd.artifacts import ArtifactError, read_cache
+from lightning_opd.artifacts import ArtifactError, cache_top_k, read_cache
 from lightning_opd.hparams import OPDParams, parse_hparams
-from lightning_opd.modeling import DEFAULT_PROMPT_TEMPLATE, check_context, load_tokenizer
+from lightning_opd.modeling import DEFAULT_PROMPT_TEMPLATE, check_context, load_tokenizer, vocab_size
+from lightning_opd.opd_loss import LOSSES
 from lightning_opd.opd_trainer import OPDTrainer, add_output_arguments, drift_reference, opd_example
 from lightning_opd.provenance import (
     check_same_tokenizer,
@@ -38,7 +42,28 @@ from lightning_opd.training import (
 )
 
 
-def load_checked_cache(cache_path: Path, init: dict, tokenizer, allow_mismatch: bool) -> tuple[list[dict], dict]:
+def loss_top_k(cache_path: Path, meta: dict, params: OPDParams) -> int:
+    """k of the loss: 0 for the sampled loss; for a top-k loss, ``params.top_k``
+    or all of the cache's k, refused when the cache holds fewer."""
+    if params.loss not in LOSSES:
+        raise ValueError(f"--opd loss {params.loss!r} (lightning_opd.loss): use one of {list(LOSSES)}")
+    if params.loss == "sampled":
+        return 0
+    stored = cache_top_k(meta)
+    k = params.top_k or stored
+    if not stored or k > stored:
+        raise ArtifactError(
+            f"{cache_path}: lightning_opd.loss {params.loss} needs the teacher's top {k or 'k'} tokens at every "
+            f"position (lightning_opd.top_k {params.top_k}), but this cache holds the top {stored} "
+            f"(teacher_cache.top_k {stored}): set teacher_cache.top_k to at least {k or 1} and rerun the "
+            "teacher_cache stage, or lower lightning_opd.top_k")
+    if k < 1:
+        raise ValueError(f"--opd top_k (lightning_opd.top_k) must be positive, got {k}")
+    return k
+
+
+def load_checked_cache(cache_path: Path, init: dict, tokenizer, allow_mismatch: bool,
+                       params: OPDParams | None = None) -> tuple[list[dict], dict]:
     table, meta = read_cache(cache_path)
     check_same_tokenizer(cache_path, meta, tokenizer, f"the student {init['path']}")
     if meta["rollout_policy"]["fingerprint"] != init["fingerprint"]:
@@ -46,11 +71,26 @@ def load_checked_cache(cache_path: Path, init: dict, tokenizer, allow_mismatch: 
                             f"({meta['rollout_policy']['fingerprint']}), not by the OPD init model "
                             f"{init['path']} ({init['fingerprint']})")
     consistent = check_teacher_consistency(sft_teacher_of(init), meta["teacher"], allow_mismatch, str(cache_path))
+    k = loss_top_k(cache_path, meta, params or OPDParams())
     rows = table.to_pylist()
     check_context(init["path"], {r["id"]: len(r["prompt_ids"]) + len(r["response_ids"]) for r in rows}, cache_path,
                   "lower teacher_cache.max_response_tokens or rollouts.sampling.max_new_tokens")
-    return [opd_example(r["prompt_ids"], r["response_ids"], r["teacher_logprobs"]) for r in rows], \
-        {**meta, "teacher_consistent": consistent}
+    if not k:
+        examples = [opd_example(r["prompt_ids"], r["response_ids"], r["teacher_logprobs"]) for r in rows]
+        return examples, {**meta, "teacher_consistent": consistent}
+    stored, width = cache_top_k(meta), vocab_size(init["path"])
+    examples = []
+    for r in rows:
+        # the first k of each position are the teacher's k most likely tokens (canonical order)
+        ids = np.asarray(r["teacher_topk_ids"], np.int64).reshape(-1, stored)[:, :k]
+        logprobs = np.asarray(r["teacher_topk_logprobs"], np.float32).reshape(-1, stored)[:, :k]
+        if ids.size and ids.max() >= width:
+            raise ArtifactError(f"{cache_path}: row {r['id']!r} has top-k token id {ids.max()}, outside the "
+                                f"{width}-token output of the student {init['path']}: the cache comes from "
+                                "another model family; delete it and rerun the teacher_cache stage")
+        examples.append(opd_example(r["prompt_ids"], r["response_ids"], r["teacher_logprobs"], ids.tolist(),
+                                    logprobs.tolist()))
+    return examples, {**meta, "teacher_consistent": consistent, "loss_top_k": k}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -65,9 +105,10 @@ def main(argv: list[str] | None = None) -> None:
 
     init = describe_model(args.init)
     tokenizer = load_tokenizer(args.init)
-    examples, meta = load_checked_cache(args.cache, init, tokenizer, params.allow_teacher_mismatch)
+    examples, meta = load_checked_cache(args.cache, init, tokenizer, params.allow_teacher_mismatch, params)
     print(f"Lightning OPD on {len(examples)} cached rollouts, teacher {meta['teacher'].get('label')} "
-          f"({'consistent' if meta['teacher_consistent'] else 'INCONSISTENT'} with the SFT teacher)")
+          f"({'consistent' if meta['teacher_consistent'] else 'INCONSISTENT'} with the SFT teacher), loss "
+          f"{params.loss}" + (f" over the teacher's top {meta['loss_top_k']}" if params.loss != "sampled" else ""))
     key = {"stage": "lightning_opd", "init": init["fingerprint"], "cache": file_sha256(args.cache),
            "opd": params_record(params)}
     model = load_for_fsdp(args.init, params)
@@ -75,8 +116,8 @@ def main(argv: list[str] | None = None) -> None:
         args.init, tokenizer, args.drift_prompts, args.drift_n,
         meta["rollouts"].get("prompt_template") or DEFAULT_PROMPT_TEMPLATE, args.drift_max_new_tokens,
         accumulation(params, world_size())[0], frozen_dtype(params), meta["rollouts"].get("chat_template_kwargs"))
-    trainer = OPDTrainer(model=model, tau=params.tau, reference=reference, drift_batches=drift_batches,
-                         drift_every=args.drift_every,
+    trainer = OPDTrainer(model=model, tau=params.tau, loss=params.loss, reference=reference,
+                         drift_batches=drift_batches, drift_every=args.drift_every,
                          args=training_arguments(params, checkpoint_dir(args.checkpoint_root, key), tracking),
                          train_dataset=Dataset.from_list(examples),
                          data_collator=collator(params, tokenizer.pad_token_id))
@@ -84,6 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     save_final(trainer, tokenizer, args.out, {
         **key, "method": "lightning_opd", "init_model": init, "teacher": meta["teacher"],
         "sft_teacher": sft_teacher_of(init), "teacher_consistent": meta["teacher_consistent"],
+        "loss": params.loss, "loss_top_k": meta.get("loss_top_k", 0),
         "chat_template_kwargs": meta["rollouts"].get("chat_template_kwargs", {}),
     })
     print(f"-> {args.out}")

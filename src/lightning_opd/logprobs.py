@@ -106,6 +106,91 @@ def next_token_logprobs(model, inputs: dict[str, torch.Tensor], select: torch.Te
         return _forward(model, inputs)[:, :-1]
 
 
+def _top_k(linear: Linear, hidden: torch.Tensor, targets: torch.Tensor, k: int, temperature: float
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    logits = linear(hidden).float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    total = logits.logsumexp(-1, keepdim=True)
+    best, ids = logits.topk(k, dim=-1)
+    return (logits.gather(-1, targets[:, None]) - total).squeeze(-1), ids, best - total
+
+
+@torch.no_grad()
+def next_token_top_k(model, inputs: dict[str, torch.Tensor], select: torch.Tensor, k: int, temperature: float = 1.0,
+                     chunk_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """As `next_token_logprobs` (no gradient), and the ``k`` most likely next
+    tokens: (log-prob of the next token (batch, tokens - 1), their ids and
+    log-probs (batch, tokens - 1, k)), 0 where ``select`` is false. The order
+    within the k is torch.topk's: sort it where an order matters."""
+    ids = inputs["input_ids"]
+    targets = torch.nn.functional.pad(ids[:, 1:], (0, 1))
+    where = torch.nn.functional.pad(select.bool(), (0, 1))
+    chunk = chunk_tokens or default_chunk_tokens(model)
+    found: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def compute(hidden, linear):
+        found.extend(_top_k(linear, h, t, k, temperature)
+                     for h, t in zip(hidden[where].split(chunk), targets[where].split(chunk)))
+        return hidden.new_zeros(where.shape)  # the results leave through `found`
+
+    with _output_layer_replaced(model, compute):
+        _forward(model, inputs)
+    target = torch.zeros(where.shape, dtype=torch.float32, device=ids.device)
+    top_ids = torch.zeros((*where.shape, k), dtype=torch.long, device=ids.device)
+    top_logprobs = torch.zeros((*where.shape, k), dtype=torch.float32, device=ids.device)
+    if found:
+        target[where], top_ids[where], top_logprobs[where] = (torch.cat(parts) for parts in zip(*found))
+    return target[:, :-1], top_ids[:, :-1], top_logprobs[:, :-1]
+
+
+def _support_logprobs(linear: Linear, hidden: torch.Tensor, targets: torch.Tensor, support: torch.Tensor
+                      ) -> torch.Tensor:
+    """(c, 2 + k): log-probs of the target, of all tokens outside ``support``
+    together (-inf when the support is the whole vocabulary), of each support id."""
+    logits = linear(hidden).float()
+    total = logits.logsumexp(-1, keepdim=True)
+    picked = logits.gather(-1, torch.cat([targets[:, None], support], -1)) - total
+    if support.shape[-1] < logits.shape[-1]:  # the ids are distinct (read_cache): some tokens lie outside
+        rest = logits.scatter(-1, support, float("-inf")).logsumexp(-1, keepdim=True) - total
+    else:  # no tail: a constant, since the gradient of an empty logsumexp is NaN
+        rest = torch.full_like(total, float("-inf"))
+    return torch.cat([picked[:, :1], rest, picked[:, 1:]], -1)
+
+
+def response_support_logprobs(model, batch: dict[str, torch.Tensor], support: torch.Tensor,
+                              chunk_tokens: int | None = None
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For every position whose next token is a response token: log pi_theta of
+    that token (batch, tokens - 1), of the tokens outside ``support`` together
+    (batch, tokens - 1; -inf where ``support`` covers the vocabulary), of each
+    token of ``support`` (batch, tokens - 1, k; ids, e.g. the teacher's top k);
+    and the mask of those positions. Chunked and checkpointed like
+    `next_token_logprobs`: the extra memory is O(chunk x vocab) too."""
+    mask = _response_mask(batch["labels"])
+    targets = torch.nn.functional.pad(batch["input_ids"][:, 1:], (0, 1))
+    where = torch.nn.functional.pad(mask, (0, 1))
+    ids = torch.nn.functional.pad(support.long(), (0, 0, 0, 1))
+    chunk = chunk_tokens or default_chunk_tokens(model)
+
+    def compute(hidden, linear):
+        pieces = []
+        for h, t, s in zip(hidden[where].split(chunk), targets[where].split(chunk), ids[where].split(chunk)):
+            if torch.is_grad_enabled():
+                pieces.append(checkpoint(_support_logprobs, linear, h, t, s, use_reentrant=False,
+                                         preserve_rng_state=False))
+            else:
+                pieces.append(_support_logprobs(linear, h, t, s))
+        width = 2 + ids.shape[-1]
+        values = torch.cat(pieces) if pieces else hidden.new_zeros((0, width), dtype=torch.float32)
+        out = torch.zeros((*where.shape, width), dtype=torch.float32, device=hidden.device)
+        return out.masked_scatter(where[..., None], values)
+
+    with _output_layer_replaced(model, compute):
+        packed = _forward(model, batch)[:, :-1]
+    return packed[..., 0], packed[..., 1], packed[..., 2:], mask
+
+
 def _response_mask(labels: torch.Tensor) -> torch.Tensor:
     """Positions whose next token is a response token, (batch, tokens - 1)."""
     # imported here: the scoring backends use this module without the training stack

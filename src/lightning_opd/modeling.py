@@ -57,6 +57,11 @@ def context_length(name_or_path: str | Path) -> int | None:
     return getattr(config, "max_position_embeddings", None)
 
 
+def vocab_size(name_or_path: str | Path) -> int:
+    """Width of the model's output layer (config vocab_size; may exceed the tokenizer's length)."""
+    return AutoConfig.from_pretrained(str(name_or_path), **local_source(name_or_path)).vocab_size
+
+
 def check_context(name_or_path: str | Path, lengths: dict[str, int], source: Path | str, advice: str) -> None:
     """Refuse sequences (id -> length in tokens) longer than the model's
     context: past it the positions are untrained and the output is garbage."""

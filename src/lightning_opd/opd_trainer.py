@@ -14,15 +14,23 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback
 
-from lightning_opd.logprobs import drift_kl_sum, response_logprobs
-from lightning_opd.opd_loss import opd_loss
+from lightning_opd.logprobs import drift_kl_sum, response_logprobs, response_support_logprobs
+from lightning_opd.opd_loss import LOSSES, opd_loss, topk_kl_loss
 from lightning_opd.training import IGNORE_INDEX, add_tracking_argument, supervised_example
 
 
-def opd_example(prompt: list[int], response: list[int], teacher_logprobs: list[float]) -> dict[str, list]:
-    """A training sequence whose teacher log-probs sit at the positions of the response tokens."""
+def opd_example(prompt: list[int], response: list[int], teacher_logprobs: list[float],
+                top_ids: list[list[int]] | None = None, top_logprobs: list[list[float]] | None = None
+                ) -> dict[str, list]:
+    """A training sequence whose teacher log-probs sit at the positions of the
+    response tokens; and, given, the teacher's top k at those positions (k ids
+    and log-probs per response token)."""
     example = supervised_example(prompt, response)
     example["teacher_logprobs"] = [0.0] * len(prompt) + [float(x) for x in teacher_logprobs]
+    if top_ids is not None:
+        k = len(top_ids[0]) if top_ids else 0
+        example["teacher_topk_ids"] = [[0] * k] * len(prompt) + [list(map(int, t)) for t in top_ids]
+        example["teacher_topk_logprobs"] = [[0.0] * k] * len(prompt) + [list(map(float, t)) for t in top_logprobs]
     return example
 
 
@@ -64,9 +72,12 @@ class OPDTrainer(Trainer):
     between drift measurements (None: at every training log)."""
 
     def __init__(self, *args, tau: float | None = None, reference=None, drift_batches=None,
-                 drift_every: int | None = None, **kwargs):
+                 drift_every: int | None = None, loss: str = "sampled", **kwargs):
         super().__init__(*args, **kwargs)
+        if loss not in LOSSES:
+            raise ValueError(f"unknown OPD loss {loss!r} (lightning_opd.loss); use one of {list(LOSSES)}")
         self.tau = tau
+        self.loss = loss
         self.reference = self.frozen(reference) if reference is not None else None
         self.drift_batches = drift_batches or []
         self.drift_every = drift_every
@@ -81,13 +92,20 @@ class OPDTrainer(Trainer):
         return (shard_frozen(model) if self.is_fsdp_enabled else model).eval()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        student, mask = response_logprobs(model, inputs)
         # num_items_in_batch: response tokens of the whole optimiser step (all
         # micro-batches, all processes), so that the loss is the mean over the
         # global batch whatever the split; processes average their gradients,
         # hence the factor. The Trainer then skips its division by the
         # accumulation steps (it passes the count only to models that take it).
-        loss, metrics = opd_loss(student, inputs["teacher_logprobs"][:, 1:], mask, self.tau, num_items_in_batch)
+        teacher = inputs["teacher_logprobs"][:, 1:]
+        if self.loss == "sampled":
+            student, mask = response_logprobs(model, inputs)
+            loss, metrics = opd_loss(student, teacher, mask, self.tau, num_items_in_batch)
+        else:
+            student, rest, support, mask = response_support_logprobs(model, inputs, inputs["teacher_topk_ids"][:, 1:])
+            loss, metrics = topk_kl_loss(support, rest, inputs["teacher_topk_logprobs"][:, 1:], mask,
+                                         self.loss.removeprefix("topk_").removesuffix("_kl"), num_items_in_batch)
+            metrics.update(opd_loss(student.detach(), teacher, mask, self.tau)[1])  # the sampled-token metrics
         if num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes
         if "sampler_logprobs" in inputs:  # the sampler's view of the sampled tokens vs the trainer's

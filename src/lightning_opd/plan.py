@@ -29,6 +29,13 @@ DEFAULT_GPU_MEM_GB = 80.0
 LOGPROB_CHUNK_BYTES = 128 * 2**20
 # fp32 [chunk x vocab] tensors alive at once in the chunked path: logits, their softmax, the gradient
 LOGPROB_COPIES = 3
+# a top-k loss (logprobs.response_support_logprobs) also keeps the logits with the k ids masked out,
+# and that copy's gradient (an estimate from the code, like LOGPROB_COPIES)
+LOGPROB_COPIES_TOPK = 5
+# a teacher cache per response token: token id (int32) and sampled log-prob (float32); per top-k entry
+# an int32 id and a float16 log-prob (artifacts.TOPK_FIELDS)
+CACHE_BYTES_PER_TOKEN = 8
+CACHE_BYTES_PER_TOPK = 6
 # prompt tokens assumed per sequence where the config does not bound them
 # (DAPO-Math and AIME prompts with the template are ~100-400 tokens)
 PROMPT_TOKENS = 512
@@ -188,10 +195,17 @@ def _count(n: int) -> str:
     return str(n)
 
 
+def cache_bytes_per_token(top_k: int) -> int:
+    """Bytes of a teacher cache's per-token values (ids and log-probs) per response token."""
+    return CACHE_BYTES_PER_TOKEN + CACHE_BYTES_PER_TOPK * top_k
+
+
 def training_memory(shape: Shape, train: dict[str, Any], seq_tokens: int, world: int = 1, on_gpu: bool = True,
-                    frozen: dict[str, Shape] | None = None, sampled_kv_tokens: int = 0) -> tuple[dict[str, float], str]:
+                    frozen: dict[str, Shape] | None = None, sampled_kv_tokens: int = 0,
+                    top_k: int = 0) -> tuple[dict[str, float], str]:
     """Peak memory of one training process, GB by part, for a model of ``shape``
-    trained with the TrainParams fields ``train`` on sequences of ``seq_tokens``."""
+    trained with the TrainParams fields ``train`` on sequences of ``seq_tokens``
+    (``top_k``: with a top-k loss over that many of the teacher's tokens)."""
     sharded = world if train.get("fsdp") and world > 1 else 1
     micro = train.get("micro_batch_size") or max(1, train.get("batch_size", 32) // world)
     seq_tokens = shape.seq(seq_tokens)
@@ -210,7 +224,10 @@ def training_memory(shape: Shape, train: dict[str, Any], seq_tokens: int, world:
     layer = shape.activation_elements() * tokens * act_bytes
     saved = shape.hidden * tokens * act_bytes * shape.layers if checkpointing else layer * shape.layers
     parts["activations"] = (saved + 2 * layer) / GB  # + one layer recomputed and its gradients in backward
-    parts["logprobs"] = LOGPROB_COPIES * logprob_chunk_bytes(tokens, shape.vocab) / GB
+    copies = LOGPROB_COPIES_TOPK if top_k else LOGPROB_COPIES
+    parts["logprobs"] = copies * logprob_chunk_bytes(tokens, shape.vocab) / GB
+    if top_k:  # the batch's teacher ids (int64) and log-probs (fp32), the student's log-probs there and their grad
+        parts["topk_batch"] = tokens * top_k * (8 + 4 + 4 + 4) / GB
     frozen_bytes = sum(act_bytes * f.params / sharded for f in (frozen or {}).values())
     if frozen_bytes:
         parts["frozen"] = frozen_bytes / GB
@@ -278,10 +295,11 @@ class Planner:
         seq_tokens: int,
         frozen: dict[str, Shape],
         sampled_kv_tokens: int = 0,
+        top_k: int = 0,
     ) -> StagePlan:
         kind = "train"
         world, on_gpu, limit = self.processes(kind), self.on_gpu(kind), self.limit_gb(kind)
-        parts, note = training_memory(shape, train, seq_tokens, world, on_gpu, frozen, sampled_kv_tokens)
+        parts, note = training_memory(shape, train, seq_tokens, world, on_gpu, frozen, sampled_kv_tokens, top_k)
         sharded = bool(train.get("fsdp")) and world > 1
         states = parts["weights"] + parts["grads"] + parts["optimiser"] + parts.get("frozen", 0)
         section = "sft.train" if stage == "sft" else "lightning_opd"
@@ -449,10 +467,15 @@ class Planner:
                 scoring=True,
             )
             p.tokens = {"scored": n_opd * roll.get("n", 1) * cache_seq}
+            k = cache.get("top_k", 0)
+            response_tokens = n_opd * roll.get("n", 1) * min(cache["max_response_tokens"], roll["max_new_tokens"])
+            p.note = (p.note + f" [cache {response_tokens * cache_bytes_per_token(k) / GB:.2f} GB: "
+                      f"{cache_bytes_per_token(k)} bytes per response token at top_k {k}]").strip()
             plans.append(p)
         opd = c["lightning_opd"]
         drift = {"pi_ref": self.student} if c["opd_drift"]["n_prompts"] else {}
-        p = self.training("lightning_opd", self.student, opd, cache_seq, drift)
+        loss_k = (opd.get("top_k") or cache.get("top_k", 0)) if opd.get("loss", "sampled") != "sampled" else 0
+        p = self.training("lightning_opd", self.student, opd, cache_seq, drift, top_k=loss_k)
         p.tokens = {"trained": self.opd_steps(opd, n_opd) * opd["batch_size"] * cache_seq}
         plans.append(p)
         if c["standard_opd"]["enabled"]:

@@ -164,6 +164,30 @@ def summary_table(models: pd.DataFrame, benchmarks: list[str], k: int) -> pd.Dat
     return pd.DataFrame(out)
 
 
+def cache_state(paths: list[str]) -> pd.DataFrame:
+    """Per teacher cache: response tokens, top_k, and bytes per response token of its per-token values
+    (ids and log-probs as stored: the state Lightning OPD keeps instead of a live teacher) and of the file."""
+    import pyarrow.parquet as pq
+
+    rows = []
+    for path in map(Path, paths):
+        if not path.is_file():
+            continue
+        meta = json.loads(pq.read_schema(path).metadata[b"lightning_opd"])
+        columns = [c for c in ("response_ids", "teacher_logprobs", "teacher_topk_ids", "teacher_topk_logprobs")
+                   if c in pq.read_schema(path).names]
+        table = pq.read_table(path, columns=columns)
+        tokens = max(1, len(table.column("response_ids").combine_chunks().flatten()))
+        state = sum(table.column(c).combine_chunks().flatten().nbytes for c in columns)
+        rows.append({"cache": path.stem, "response_tokens": tokens, "top_k": meta.get("top_k") or 0,
+                     "logprobs": "float32" + (f" + top-k {meta['top_k_dtypes']['logprobs']}" if meta.get("top_k")
+                                              else ""),
+                     "state_bytes_per_token": round(state / tokens, 1),
+                     "file_bytes_per_token": round(path.stat().st_size / tokens, 1)})
+    return pd.DataFrame(rows, columns=["cache", "response_tokens", "top_k", "logprobs", "state_bytes_per_token",
+                                       "file_bytes_per_token"])
+
+
 def save_figure(fig, out: Path) -> None:
     import matplotlib.pyplot as plt
 
@@ -314,6 +338,8 @@ def main(argv: list[str] | None = None) -> None:
         f"{experiment}: tokens per optimiser step of each OPD method (mean over the run) and the cost of its "
         f"stages ({kind}-hours)",
     )
+    write_frame(cache_state(manifest.get("caches", [])), args.out_dir, "cache_state",
+                f"{experiment}: teacher caches, bytes per response token (token id and log-probs as stored)")
     plot_training_curves(manifest, args.out_dir / "opd_training_curve.png")
     write_config(json.loads(args.config), args.out_dir, experiment)
     print(table.to_string(index=False))

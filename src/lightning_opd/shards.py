@@ -351,14 +351,17 @@ def gather(parts: list[Path], out: Path, schema: pa.Schema) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from lightning_opd.artifacts import CACHE_SCHEMA, SAMPLES_SCHEMA
+    from lightning_opd.artifacts import CACHE_SCHEMA, SAMPLES_SCHEMA, cache_schema, cache_top_k
 
     parser = argparse.ArgumentParser(description="Join the part files of a generation stage split over jobs.")
     parser.add_argument("--gather", type=Path, nargs="+", required=True, help="the part files, any order")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--schema", choices=("samples", "cache"), required=True)
     args = parser.parse_args(argv)
-    gather(args.gather, args.out, {"samples": SAMPLES_SCHEMA, "cache": CACHE_SCHEMA}[args.schema])
+    schema = SAMPLES_SCHEMA
+    if args.schema == "cache":  # a top-k cache has more columns: as many as its first part's provenance says
+        schema = cache_schema(cache_top_k(read_table(args.gather[0], CACHE_SCHEMA)[1]))
+    gather(args.gather, args.out, schema)
 
 
 if __name__ == "__main__":

@@ -157,6 +157,8 @@ def main(argv: list[str] | None = None) -> None:
     add_output_arguments(parser)
     args = parser.parse_args(argv)
     params = parse_hparams(OPDParams, args.opd, "--opd")
+    if params.loss != "sampled":  # a top-k loss reads the teacher's top k from a cache (Lightning OPD)
+        raise ValueError(f"--opd loss {params.loss!r}: standard OPD trains with the sampled loss; use loss: sampled")
     sampling = from_dict(SamplingParams, json.loads(args.sampling), "--sampling")
     train_params = in_prompts(params, sampling.n)
     tracking = tracking_params(args.tracking)

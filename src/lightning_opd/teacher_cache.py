@@ -1,5 +1,7 @@
 """Stage 6: the teacher scores every rollout token once,
-``log pi_T(y_t | x, y_<t)``, stored as float32 next to the token ids. The
+``log pi_T(y_t | x, y_<t)``, stored as float32 next to the token ids; with
+``--top-k k`` also the teacher's k most likely tokens at every response
+position (int32 ids, float16 log-probs; `artifacts.TOPK_FIELDS`). The
 metadata records the teacher, the rollout policy, and the teacher that wrote
 the rollout policy's SFT data, so OPD can check teacher consistency.
 
@@ -16,9 +18,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lightning_opd.artifacts import CACHE_SCHEMA, SAMPLES_SCHEMA, read_table
+from lightning_opd.artifacts import SAMPLES_SCHEMA, TOPK_DTYPES, cache_schema, read_table
 from lightning_opd.backends import BACKENDS, get_backend, gpus_per_engine
-from lightning_opd.modeling import check_context, load_tokenizer
+from lightning_opd.modeling import check_context, load_tokenizer, vocab_size
 from lightning_opd.provenance import check_same_tokenizer, describe_model, file_sha256, sft_teacher_of
 from lightning_opd.shards import Part, ShardTask, add_shard_arguments, run_sharded
 
@@ -33,6 +35,7 @@ class ScoreTask(ShardTask):
     temperature: float
     backend: str
     backend_options: dict
+    top_k: int = 0
     unit = "tokens scored"
 
     def open(self) -> None:
@@ -47,20 +50,40 @@ class ScoreTask(ShardTask):
             responses = [r[:self.max_response_tokens] for r in responses]
             table = table.set_column(table.schema.get_field_index("response_ids"), "response_ids",
                                      pa.array(responses, SAMPLES_SCHEMA.field("response_ids").type))
-        scores = self.engine.score(prompts, responses, self.temperature)
+        schema = cache_schema(self.top_k)
+        if self.top_k:
+            scored = self.engine.score_top_k(prompts, responses, self.top_k, self.temperature)
+            scores = [s.logprobs for s in scored]
+        else:
+            scores = self.engine.score(prompts, responses, self.temperature)
         for row_id, response, score in zip(table.column("id").to_pylist(), responses, scores):
             if len(score) != len(response) or not np.all(np.isfinite(score)):
                 raise RuntimeError(f"teacher scores for {row_id!r} do not line up with its {len(response)} tokens")
         cache = table.append_column("teacher_logprobs", pa.array([s.tolist() for s in scores],
-                                                                 CACHE_SCHEMA.field("teacher_logprobs").type))
+                                                                 schema.field("teacher_logprobs").type))
+        if self.top_k:
+            for row_id, response, s in zip(table.column("id").to_pylist(), responses, scored):
+                if s.ids.shape != (len(response), self.top_k) or not np.all(np.isfinite(s.top_logprobs)):
+                    raise RuntimeError(f"teacher top-{self.top_k} scores for {row_id!r} do not line up with its "
+                                       f"{len(response)} tokens")
+            ids_field, logprobs_field = schema.field("teacher_topk_ids"), schema.field("teacher_topk_logprobs")
+            cache = cache.append_column(ids_field, pa.array([s.ids.ravel() for s in scored], ids_field.type))
+            half = logprobs_field.type.value_type.to_pandas_dtype()
+            cache = cache.append_column(logprobs_field, pa.array([s.top_logprobs.astype(half).ravel()
+                                                                  for s in scored], logprobs_field.type))
         return cache, sum(map(len, prompts)) + sum(map(len, responses))
 
 
 def build_cache(teacher: str, rollouts_path: Path, out: Path, backend: str = "hf", label: str = "",
                 max_response_tokens: int | None = None, temperature: float = 1.0,
-                backend_options: dict | None = None, *, shard_size: int = DEFAULT_SHARD_SIZE,
+                backend_options: dict | None = None, top_k: int = 0, *, shard_size: int = DEFAULT_SHARD_SIZE,
                 work_dir: Path | None = None, data_parallel: int = 1, part: Part | None = None) -> None:
     backend_options = backend_options or {}
+    if top_k < 0:
+        raise ValueError(f"--top-k (teacher_cache.top_k) must be 0 (no top-k) or positive, got {top_k}")
+    if backend == "vllm" and top_k > backend_options.get("max_logprobs", 20):
+        # vLLM refuses prompt_logprobs above its max_logprobs (20 by default)
+        backend_options = {**backend_options, "max_logprobs": top_k}
     table, meta = read_table(rollouts_path, SAMPLES_SCHEMA)
     tokenizer = load_tokenizer(teacher)
     check_same_tokenizer(rollouts_path, meta, tokenizer, f"the teacher {teacher}")
@@ -82,6 +105,9 @@ def build_cache(teacher: str, rollouts_path: Path, out: Path, backend: str = "hf
         engine_options = {**backend_options, **SCORING_ENGINE_OPTIONS}
     else:
         engine_options = backend_options
+    if top_k > (width := vocab_size(teacher)):
+        raise ValueError(f"--top-k (teacher_cache.top_k) {top_k} is more than the {width} tokens of the teacher "
+                         f"{teacher}'s vocabulary; lower it")
     teacher_record = describe_model(teacher)
     policy = meta["model"]
     rollouts = {
@@ -102,6 +128,8 @@ def build_cache(teacher: str, rollouts_path: Path, out: Path, backend: str = "hf
         "sft_teacher": sft_teacher_of(policy),
         "backend": backend,
         "backend_options": engine_options,
+        "top_k": top_k,
+        **({"top_k_dtypes": TOPK_DTYPES} if top_k else {}),
     }
     key = {
         "stage": "teacher_cache",
@@ -111,8 +139,9 @@ def build_cache(teacher: str, rollouts_path: Path, out: Path, backend: str = "hf
         "max_response_tokens": max_response_tokens,
         "backend": backend,
         "backend_options": engine_options,
+        **({"top_k": top_k} if top_k else {}),
     }
-    task = ScoreTask(teacher, rollouts_path, max_response_tokens, temperature, backend, backend_options)
+    task = ScoreTask(teacher, rollouts_path, max_response_tokens, temperature, backend, backend_options, top_k)
     run_sharded(
         task,
         name=f"teacher_cache {label}".strip(),
@@ -121,7 +150,7 @@ def build_cache(teacher: str, rollouts_path: Path, out: Path, backend: str = "hf
         key=key,
         work_root=work_dir,
         out=out,
-        schema=CACHE_SCHEMA,
+        schema=cache_schema(top_k),
         metadata=metadata,
         data_parallel=data_parallel,
         gpus_per_engine=gpus_per_engine(backend, backend_options),
@@ -143,6 +172,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-response-tokens", type=int, default=None)
     parser.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the scores")
     parser.add_argument("--backend-options", default="{}", help="JSON passed to the backend")
+    parser.add_argument("--top-k", type=int, default=0,
+                        help="also store the teacher's k most likely tokens at every response position (0: no)")
     add_shard_arguments(parser, DEFAULT_SHARD_SIZE)
     args = parser.parse_args(argv)
     build_cache(
@@ -154,6 +185,7 @@ def main(argv: list[str] | None = None) -> None:
         args.max_response_tokens,
         args.temperature,
         json.loads(args.backend_options),
+        args.top_k,
         shard_size=args.shard_size,
         work_dir=args.work_dir,
         data_parallel=args.data_parallel,

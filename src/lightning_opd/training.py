@@ -28,9 +28,17 @@ def supervised_example(prompt: list[int], response: list[int]) -> dict[str, list
     return {"input_ids": list(prompt) + list(response), "labels": [IGNORE_INDEX] * len(prompt) + list(response)}
 
 
+def _field_dtype(values: list) -> torch.dtype:
+    """float32 for (lists of) floats, else long."""
+    while values and isinstance(values[0], list):
+        values = values[0]
+    return torch.float32 if values and isinstance(values[0], float) else torch.long
+
+
 class PadCollator:
     """Right-pads every list field of a batch: ``input_ids`` with the pad id,
-    ``labels`` with -100, float fields with 0; adds ``attention_mask``."""
+    ``labels`` with -100, float fields with 0; adds ``attention_mask``. A field
+    with a vector per token (the teacher's top k) becomes (batch, tokens, k)."""
 
     def __init__(self, pad_id: int):
         self.pad_id = pad_id
@@ -40,11 +48,12 @@ class PadCollator:
         batch: dict[str, torch.Tensor] = {}
         for key in features[0]:
             fill = {"input_ids": self.pad_id, "labels": IGNORE_INDEX}.get(key, 0)
-            is_float = isinstance(features[0][key][0], float) if len(features[0][key]) else False
-            dtype = torch.float32 if is_float else torch.long
-            padded = torch.full((len(features), width), fill, dtype=dtype)
+            dtype = _field_dtype(features[0][key])
+            inner = len(features[0][key][0]) if features[0][key] and isinstance(features[0][key][0], list) else None
+            padded = torch.full((len(features), width, *([inner] if inner else [])), fill, dtype=dtype)
             for row, f in enumerate(features):
-                padded[row, :len(f[key])] = torch.tensor(f[key], dtype=dtype)
+                if f[key]:
+                    padded[row, :len(f[key])] = torch.tensor(f[key], dtype=dtype)
             batch[key] = padded
         batch["attention_mask"] = torch.zeros((len(features), width), dtype=torch.long)
         for row, f in enumerate(features):
@@ -62,8 +71,7 @@ class PackCollator:
         batch: dict[str, Any] = {}
         for key in features[0]:
             values = [x for f in features for x in f[key]]
-            dtype = torch.float32 if values and isinstance(values[0], float) else torch.long
-            batch[key] = torch.tensor(values, dtype=dtype)[None]
+            batch[key] = torch.tensor(values, dtype=_field_dtype(values))[None]
         batch["position_ids"] = torch.cat([torch.arange(len(f["input_ids"])) for f in features])[None]
         batch["use_cache"] = False  # with a KV cache transformers ignores the packing in the position ids
         return batch

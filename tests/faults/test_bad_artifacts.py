@@ -71,6 +71,42 @@ def test_lightning_opd_refuses_a_bad_cache(world, tmp_path, fault):
     assert (out / "model.safetensors").is_file()
 
 
+def set_top_logprob(value):
+    def mutate(rows):
+        rows[2]["teacher_topk_logprobs"][3] = value
+    return mutate
+
+
+TOPK_LOSS = {**TWO_STEPS, "loss": "topk_reverse_kl"}
+# (cache to damage, its damage, the --opd of the run, what the error says); the put-right input is the top-8 cache
+TOPK_FAULTS = {
+    "nan-top-k-logprob": ("cache_A_top8", dict(mutate_rows=set_top_logprob(float("nan"))), TOPK_LOSS,
+                          "teacher top-k log-prob nan"),
+    "fewer-top-k-than-tokens": ("cache_A_top8", dict(mutate_rows=lambda rows: rows[4].update(
+        teacher_topk_ids=rows[4]["teacher_topk_ids"][:-8])), TOPK_LOSS, "values in teacher_topk_ids"),
+    "foreign-tokenizer": ("cache_A_top8", dict(mutate_meta=lambda m: m.update(tokenizer_fingerprint="feedface")),
+                          TOPK_LOSS, "token ids come from tokenizer feedface"),
+    "no-top-k-in-cache": ("cache_A", {}, TOPK_LOSS, "teacher_cache.top_k"),
+    "loss-k-above-cache-k": ("cache_A_top8", {}, {**TOPK_LOSS, "top_k": 9}, "lightning_opd.top_k 9"),
+}
+
+
+@pytest.mark.parametrize("fault", TOPK_FAULTS)
+def test_top_k_loss_refuses_a_bad_or_too_small_cache(world, tmp_path, fault):
+    source, damage, opd, message = TOPK_FAULTS[fault]
+    cache, out = tmp_path / "cache.parquet", tmp_path / "models" / "lopd"
+    rewrite(world[source], cache, **damage)
+    argv = ["--init", world["sft_A"], "--cache", cache, "--opd", json.dumps(opd), "--out", out,
+            "--checkpoint-root", tmp_path / "ckpt", "--drift-n", 0]
+    assert_refused(call(lightning_opd.main, argv), str(cache), message)
+    assert_nothing_at(out)
+
+    shutil.copy(world["cache_A_top8"], cache)  # the input put right
+    argv[5] = json.dumps(TOPK_LOSS)
+    assert call(lightning_opd.main, argv).returncode == 0
+    assert (out / "model.safetensors").is_file()
+
+
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "no-provenance"])
 def test_unreadable_cache_is_named(world, tmp_path, damage):
     cache, out = tmp_path / "cache.parquet", tmp_path / "lopd"

@@ -385,11 +385,21 @@ def eval_task_code(benchmark):
     return task_code(BENCHMARKS[benchmark])
 
 
-def opd_params(w):
+def opd_fields(w):
     # the mismatch switch reaches only inconsistent runs, so flipping it does
     # not invalidate the consistent ones
     allow = w.sft_teacher != w.opd_teacher and config["allow_teacher_mismatch"]
-    return js({**config["lightning_opd"], "seed": int(w.seed), "allow_teacher_mismatch": allow})
+    return {**config["lightning_opd"], "seed": int(w.seed), "allow_teacher_mismatch": allow}
+
+
+def opd_params(w):
+    return js(opd_fields(w))
+
+
+def standard_opd_params(w):
+    """Lightning OPD's fields without its loss choice: standard OPD trains with the sampled loss (and a
+    change of lightning_opd.loss does not rerun it)."""
+    return js({k: v for k, v in opd_fields(w).items() if k not in ("loss", "top_k")})
 
 
 # ---- the report's manifest: models, their evaluations and the stages that made them
@@ -462,6 +472,7 @@ def report_manifest():
         "experiment": config["experiment"],
         "device_kind": kind,
         "models": models,
+        "caches": sorted({f"{R}/cache/sft-{s}_teacher-{t}.parquet" for s, t, _ in opd_runs()}),
         "stages": stages,
         "eval": {"k": config["eval"]["k"], "benchmarks": list(BENCHMARKS)},
     }

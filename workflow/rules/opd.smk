@@ -62,6 +62,7 @@ rule teacher_cache:
         backend_options=js(config["teacher_cache"]["backend_options"]),
         max_tokens=config["teacher_cache"]["max_response_tokens"],
         temperature=config["teacher_cache"]["temperature"],
+        top_k=config["teacher_cache"].get("top_k", 0),
         shard_size=config["teacher_cache"]["shard_size"],
         data_parallel=engines("teacher_cache"),
         work_dir=f"{R}/checkpoints/teacher_cache",
@@ -70,7 +71,7 @@ rule teacher_cache:
         "{params.cmd} --teacher {params.model:q} --rollouts {input.rollouts:q} "
         "--out {output:q} --label {wildcards.opd_teacher:q} --backend {params.backend:q} "
         "--backend-options {params.backend_options} --max-response-tokens {params.max_tokens:q} "
-        "--temperature {params.temperature:q} --shard-size {params.shard_size:q} "
+        "--temperature {params.temperature:q} --top-k {params.top_k:q} --shard-size {params.shard_size:q} "
         "--data-parallel {params.data_parallel:q} --work-dir {params.work_dir:q} {params.part:q} 2>&1 | tee {log:q}"
 
 
@@ -127,7 +128,7 @@ rule standard_opd:
         **rule_resources("standard_opd"),
     params:
         teacher=lambda w: teacher_path(w.opd_teacher),
-        opd=opd_params,
+        opd=standard_opd_params,
         sampling=js(config["standard_opd"]["sampling"]),
         sampler=config["standard_opd"].get("sampler", "hf"),
         sampler_options=js(config["standard_opd"].get("sampler_options", {})),

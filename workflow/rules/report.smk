@@ -8,6 +8,7 @@ rule report:
     input:
         evals=expand("{R}/eval/{benchmark}/{model}.json", R=R, benchmark=BENCHMARKS, model=eval_labels()),
         opd_models=[f"{R}/models/{label}" for label in opd_labels()],
+        caches=sorted({f"{R}/cache/sft-{s}_teacher-{t}.parquet" for s, t, _ in opd_runs()}),
         code=code_inputs("report"),
     output:
         table_html=report(
@@ -46,6 +47,7 @@ rule report:
         ),
         tokens_md=f"{R}/report/token_budget.md",
         tokens_csv=f"{R}/report/token_budget.csv",
+        caches_md=f"{R}/report/cache_state.md",
         stages_csv=f"{R}/report/stage_costs.csv",
         config_html=report(
             f"{R}/report/config.html",

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import abc
+import dataclasses
 
 import numpy as np
 
@@ -14,6 +15,24 @@ def request_seed(seed: int, index: int) -> int:
     prompt set) under run seed ``seed``: reproducible, and distinct across
     prompts and nearby run seeds, wherever and in whatever shard it runs."""
     return seed * 1_000_003 + index
+
+
+@dataclasses.dataclass
+class TopKScores:
+    """A response's scores in a top-k cache: ``logprobs`` (tokens,) of its own
+    tokens, and the ``k`` most likely tokens at every position, ``ids`` int32
+    and ``top_logprobs`` float32, both (tokens, k), in `canonical_top_k` order."""
+    logprobs: np.ndarray
+    ids: np.ndarray
+    top_logprobs: np.ndarray
+
+
+def canonical_top_k(ids: np.ndarray, logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, k) ids and log-probs sorted by decreasing log-prob, equal
+    log-probs by increasing id: one order whichever backend found them."""
+    order = np.lexsort((ids, -logprobs), axis=-1)
+    return (np.take_along_axis(ids, order, -1).astype(np.int32),
+            np.take_along_axis(logprobs, order, -1).astype(np.float32))
 
 
 class Backend(abc.ABC):
@@ -30,3 +49,8 @@ class Backend(abc.ABC):
     def score(self, prompts: list[list[int]], responses: list[list[int]],
               temperature: float = 1.0) -> list[np.ndarray]:
         """float32 ``log p(response_t | prompt, response_<t)`` for every response token."""
+
+    @abc.abstractmethod
+    def score_top_k(self, prompts: list[list[int]], responses: list[list[int]], k: int,
+                    temperature: float = 1.0) -> list[TopKScores]:
+        """`score`, and the ``k`` most likely tokens at every response position."""

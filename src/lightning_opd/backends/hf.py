@@ -8,9 +8,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lightning_opd.backends.base import Backend, GenerationResult, request_seed
+from lightning_opd.backends.base import Backend, GenerationResult, TopKScores, canonical_top_k, request_seed
 from lightning_opd.hparams import SamplingParams
-from lightning_opd.logprobs import next_token_logprobs
+from lightning_opd.logprobs import next_token_logprobs, next_token_top_k
 from lightning_opd.modeling import load_model, load_tokenizer, stop_token_ids
 from lightning_opd.sampling import length_sorted_batches, sample_with
 
@@ -31,10 +31,8 @@ class HFBackend(Backend):
         seed = request_seed(params.seed, first_index)
         return sample_with(self.model, prompts, dataclasses.replace(params, seed=seed), self.stop_ids, self.pad_id)
 
-    @torch.no_grad()
-    def score(self, prompts: list[list[int]], responses: list[list[int]],
-              temperature: float = 1.0) -> list[np.ndarray]:
-        scores: list[np.ndarray] = [np.zeros(0, np.float32)] * len(prompts)
+    def _batches(self, prompts: list[list[int]], responses: list[list[int]]):
+        """(rows, inputs, response positions) per length-sorted batch, right-padded as in training."""
         lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
         for batch in tqdm(length_sorted_batches(lengths, self.batch_size), desc="score", unit="batch"):
             width = max(lengths[i] for i in batch)
@@ -46,8 +44,26 @@ class HFBackend(Backend):
                 attention[row, :lengths[i]] = 1
                 start = len(prompts[i]) - 1  # position t predicts token t + 1
                 response[row, start:start + len(responses[i])] = True
-            inputs = {"input_ids": input_ids.to(self.device), "attention_mask": attention.to(self.device)}
+            yield batch, {"input_ids": input_ids.to(self.device), "attention_mask": attention.to(self.device)}, response
+
+    @torch.no_grad()
+    def score(self, prompts: list[list[int]], responses: list[list[int]],
+              temperature: float = 1.0) -> list[np.ndarray]:
+        scores: list[np.ndarray] = [np.zeros(0, np.float32)] * len(prompts)
+        for batch, inputs, response in self._batches(prompts, responses):
             logprobs = next_token_logprobs(self.model, inputs, response.to(self.device), temperature).cpu()
             for row, i in enumerate(batch):
                 scores[i] = logprobs[row][response[row]].numpy().astype(np.float32)
+        return scores
+
+    def score_top_k(self, prompts: list[list[int]], responses: list[list[int]], k: int,
+                    temperature: float = 1.0) -> list[TopKScores]:
+        scores: list[TopKScores] = [None] * len(prompts)  # type: ignore[list-item]
+        for batch, inputs, response in self._batches(prompts, responses):
+            target, ids, top = (x.cpu() for x in next_token_top_k(self.model, inputs, response.to(self.device), k,
+                                                                   temperature))
+            for row, i in enumerate(batch):
+                at = response[row]
+                scores[i] = TopKScores(target[row][at].numpy().astype(np.float32),
+                                       *canonical_top_k(ids[row][at].numpy(), top[row][at].numpy()))
         return scores

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from tqdm import tqdm
 
-from lightning_opd.backends.base import Backend, GenerationResult, request_seed
+from lightning_opd.backends.base import Backend, GenerationResult, TopKScores, canonical_top_k, request_seed
 from lightning_opd.hparams import SamplingParams
 
 # vLLM has reported wrong (stale) prompt log-probs with prefix caching on:
@@ -63,18 +63,35 @@ class VLLMBackend(Backend):
             [GenerationResult(list(c.token_ids), c.finish_reason == "stop") for c in out.outputs] for out in outputs
         ]
 
-    def score(self, prompts: list[list[int]], responses: list[list[int]], temperature: float = 1.0) -> list[np.ndarray]:
+    def _prompt_logprobs(self, prompts: list[list[int]], responses: list[list[int]], k: int, temperature: float):
+        """Per response, vLLM's prompt log-probs at its positions: dicts of the
+        top ``k`` tokens plus the actual one (``prompt_logprobs=k``)."""
         from vllm import SamplingParams as VLLMSampling
         from vllm.inputs import TokensPrompt
 
         if temperature != 1.0:
             raise ValueError("the vllm backend scores at temperature 1.0 only (prompt_logprobs are raw)")
-        sampling = VLLMSampling(max_tokens=1, prompt_logprobs=0, temperature=1.0)
+        sampling = VLLMSampling(max_tokens=1, prompt_logprobs=k, temperature=1.0)
         requests = [TokensPrompt(prompt_token_ids=p + r) for p, r in zip(prompts, responses)]
         outputs = self.llm.generate(requests, sampling, use_tqdm=True)
-        scores = []
         for prompt, response, out in tqdm(zip(prompts, responses, outputs), total=len(prompts), desc="collect"):
-            # prompt_logprobs[t] holds the log-prob of token t given tokens < t (None at t = 0)
-            positions = out.prompt_logprobs[len(prompt) : len(prompt) + len(response)]
-            scores.append(np.array([pos[token].logprob for pos, token in zip(positions, response)], np.float32))
+            # prompt_logprobs[t] holds the log-probs of token t given tokens < t (None at t = 0)
+            yield response, out.prompt_logprobs[len(prompt) : len(prompt) + len(response)]
+
+    def score(self, prompts: list[list[int]], responses: list[list[int]], temperature: float = 1.0) -> list[np.ndarray]:
+        return [np.array([pos[token].logprob for pos, token in zip(positions, response)], np.float32)
+                for response, positions in self._prompt_logprobs(prompts, responses, 0, temperature)]
+
+    def score_top_k(self, prompts: list[list[int]], responses: list[list[int]], k: int,
+                    temperature: float = 1.0) -> list[TopKScores]:
+        scores = []
+        for response, positions in self._prompt_logprobs(prompts, responses, k, temperature):
+            own = np.array([pos[token].logprob for pos, token in zip(positions, response)], np.float32)
+            # each position holds the top k and, when it is not among them, the actual token:
+            # the k best of them in canonical order
+            ids = np.array([sorted(pos, key=lambda i, pos=pos: (-pos[i].logprob, i))[:k] for pos in positions],
+                           np.int64).reshape(len(response), k)
+            top = np.array([[pos[i].logprob for i in row] for pos, row in zip(positions, ids)],
+                           np.float32).reshape(len(response), k)
+            scores.append(TopKScores(own, *canonical_top_k(ids, top)))
         return scores
