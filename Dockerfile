@@ -1,9 +1,9 @@
 FROM condaforge/miniforge3:latest
 LABEL io.github.snakemake.containerized="true"
-LABEL io.github.snakemake.conda_env_hash="7e460113ae4be9c1083bd3a2bf2120e2cfd857be5c8151ea5b551dac3241ee09"
+LABEL io.github.snakemake.conda_env_hash="4da3b813880d942842d4ddf15bd8a125e7e5e63e5164946a821b4365d2b0b949"
 # Conda environment:
 #   source: workflow/envs/eval.yaml
-#   prefix: /conda-envs/edb726909fa451ce2157014ac174c865
+#   prefix: /conda-envs/48397929d0c4f2933c497211c4557cb3
 #   # Evaluation through lm-eval with math-verify answer checking; lm-eval's hf model needs
 #   # torch, its vllm model (the paper configs') vllm, as in gen.yaml. lm-eval is pinned
 #   # because its defaults for reasoning models change between releases.
@@ -18,11 +18,12 @@ LABEL io.github.snakemake.conda_env_hash="7e460113ae4be9c1083bd3a2bf2120e2cfd857
 #         - transformers==5.19.0
 #         - huggingface-hub==2.4.0
 #         - pyarrow==26.0.1
+#         - numpy==2.4.6  # lightning_opd.artifacts checks the top-k cache columns with it
 #         - lm-eval==0.4.13
 #         - math-verify==0.9.0
 #         - vllm==0.32.0
-RUN mkdir -p /conda-envs/edb726909fa451ce2157014ac174c865
-COPY workflow/envs/eval.yaml /conda-envs/edb726909fa451ce2157014ac174c865/environment.yaml
+RUN mkdir -p /conda-envs/48397929d0c4f2933c497211c4557cb3
+COPY workflow/envs/eval.yaml /conda-envs/48397929d0c4f2933c497211c4557cb3/environment.yaml
 # Conda environment:
 #   source: workflow/envs/gen.yaml
 #   prefix: /conda-envs/454a052e1fb6f26deefcab12c518a913
@@ -76,7 +77,7 @@ RUN mkdir -p /conda-envs/31ff88159325d297040430d90c222f95
 COPY workflow/envs/online.yaml /conda-envs/31ff88159325d297040430d90c222f95/environment.yaml
 # Conda environment:
 #   source: workflow/envs/report.yaml
-#   prefix: /conda-envs/af8217e3e51d9407a06896e7bdaa270f
+#   prefix: /conda-envs/0d08a6c458f9509746cf660895483097
 #   # Report: tables, plots and the resolved config.
 #   # Exact versions: the ones the test suite runs with (tests/test_envs.py checks them).
 #   channels: [conda-forge]
@@ -86,12 +87,13 @@ COPY workflow/envs/online.yaml /conda-envs/31ff88159325d297040430d90c222f95/envi
 #     - pip:
 #         - pandas==3.1.1
 #         - pyarrow==26.0.1
+#         - numpy==2.4.6  # lightning_opd.artifacts checks the top-k cache columns with it
 #         - matplotlib==3.11.2
 #         - tabulate==0.10.0
 #         - pyyaml==6.0.4
 #         - huggingface-hub==2.4.0
-RUN mkdir -p /conda-envs/af8217e3e51d9407a06896e7bdaa270f
-COPY workflow/envs/report.yaml /conda-envs/af8217e3e51d9407a06896e7bdaa270f/environment.yaml
+RUN mkdir -p /conda-envs/0d08a6c458f9509746cf660895483097
+COPY workflow/envs/report.yaml /conda-envs/0d08a6c458f9509746cf660895483097/environment.yaml
 # Conda environment:
 #   source: workflow/envs/train.yaml
 #   prefix: /conda-envs/2d963dbe256afe02da0880d56d94c9c9
@@ -116,9 +118,9 @@ COPY workflow/envs/report.yaml /conda-envs/af8217e3e51d9407a06896e7bdaa270f/envi
 RUN mkdir -p /conda-envs/2d963dbe256afe02da0880d56d94c9c9
 COPY workflow/envs/train.yaml /conda-envs/2d963dbe256afe02da0880d56d94c9c9/environment.yaml
 
-RUN conda env create --prefix /conda-envs/edb726909fa451ce2157014ac174c865 --file /conda-envs/edb726909fa451ce2157014ac174c865/environment.yaml && \
+RUN conda env create --prefix /conda-envs/48397929d0c4f2933c497211c4557cb3 --file /conda-envs/48397929d0c4f2933c497211c4557cb3/environment.yaml && \
     conda env create --prefix /conda-envs/454a052e1fb6f26deefcab12c518a913 --file /conda-envs/454a052e1fb6f26deefcab12c518a913/environment.yaml && \
     conda env create --prefix /conda-envs/31ff88159325d297040430d90c222f95 --file /conda-envs/31ff88159325d297040430d90c222f95/environment.yaml && \
-    conda env create --prefix /conda-envs/af8217e3e51d9407a06896e7bdaa270f --file /conda-envs/af8217e3e51d9407a06896e7bdaa270f/environment.yaml && \
+    conda env create --prefix /conda-envs/0d08a6c458f9509746cf660895483097 --file /conda-envs/0d08a6c458f9509746cf660895483097/environment.yaml && \
     conda env create --prefix /conda-envs/2d963dbe256afe02da0880d56d94c9c9 --file /conda-envs/2d963dbe256afe02da0880d56d94c9c9/environment.yaml && \
     conda clean --all -y
