@@ -73,8 +73,9 @@ def main(model_dir: str, cache: str) -> None:
         assert torch.equal(q.full_tensor(), p), name
     growth = [None] * world
     torch.distributed.all_gather_object(growth, grown)
-    # rank 1 holds its half and one parameter in flight at a time; a full copy would be >= model_bytes
-    assert growth[1] < 0.75 * model_bytes, (growth, model_bytes)
+    # rank 1 never read the weights (on meta above); its RSS holds its half, the broadcast buffers
+    # and what the allocator keeps of them (67-72 MB of 95 measured), a full copy on top >= model_bytes
+    assert growth[1] < model_bytes, (growth, model_bytes)
 
     rows = pq.read_table(cache).to_pylist()[:4]
     examples = [opd_example(r["prompt_ids"], r["response_ids"], r["teacher_logprobs"]) for r in rows]
