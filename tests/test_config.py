@@ -53,7 +53,8 @@ def test_readme_agrees_with_the_schema_descriptions():
 
 def opd_hyperparameters(dry_run_output: str) -> dict:
     """The --opd JSON that the Lightning OPD job of a `snakemake -n -p` gets."""
-    command = next(line for line in dry_run_output.splitlines() if "lightning_opd.lightning_opd " in line)
+    command = next(line for line in dry_run_output.splitlines()
+                   if "lightning_opd.lightning_opd " in line and "/models/lightning-sft-" in line)
     return json.loads(re.search(r"--opd '([^']*)'", command).group(1))
 
 
@@ -119,6 +120,32 @@ def test_top_k_options_reach_the_cache_and_lightning_opd_but_not_standard_opd(tm
     standard = next(line for line in result.stdout.splitlines() if "lightning_opd.standard_opd " in line)
     standard_opd = json.loads(re.search(r"--opd '([^']*)'", standard).group(1))
     assert "loss" not in standard_opd and "top_k" not in standard_opd  # it trains with the sampled loss
+
+
+def test_variants_train_with_their_fields_and_rounds_stay_in_the_dag(tmp_path):
+    result = snakemake("-n", "-p", "--config", f"results_dir={tmp_path / 'results'}",
+                       "runs={variants: [topk16, rounds4]}")
+    commands = [line for line in result.stdout.splitlines() if "lightning_opd.lightning_opd " in line]
+    opd = {re.search(r"--out \S*/models/(\S+)", c).group(1): json.loads(re.search(r"--opd '([^']*)'", c).group(1))
+           for c in commands}
+    assert set(opd) == {"lightning-sft-A_teacher-A_seed-0", "lightning-topk16-sft-A_teacher-A_seed-0",
+                        "lightning-rounds4-sft-A_teacher-A_seed-0",
+                        *(f"lightning-rounds4-sft-A_teacher-A_seed-0_round-{i}" for i in (1, 2, 3))}
+    assert opd["lightning-topk16-sft-A_teacher-A_seed-0"]["loss"] == "topk_reverse_kl"
+    assert opd["lightning-topk16-sft-A_teacher-A_seed-0"]["top_k"] == 16
+    assert all("rounds" not in fields and fields["loss"] == "sampled"
+               for label, fields in opd.items() if "topk16" not in label)
+    assert planned_jobs(result.stdout)["round_rollouts"] == 3
+
+
+@pytest.mark.parametrize("override, message", [
+    ("runs={variants: [topk3]}", "runs.variants: ['topk3'] are not defined under lightning_variants"),
+    ("lightning_variants={topk4: {top_k: 0}}", "lightning_variants.topk4: top_k: 0 is less than the minimum of 1"),
+    ("teacher_cache={top_k: 8}", "lightning_variants.topk16: loss topk_reverse_kl over the teacher's top 16 tokens"),
+])
+def test_a_bad_variant_is_refused_with_its_key(override, message, tmp_path):
+    result = snakemake("-n", "--config", f"results_dir={tmp_path / 'results'}", override, check=False)
+    assert result.returncode != 0 and message in result.stdout + result.stderr, (result.stdout + result.stderr)[-800:]
 
 
 def test_an_unknown_loss_is_refused_with_the_key(tmp_path):

@@ -24,7 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
 STAGES = ["task_data", "tokenizer", "pretrain_teacher", "pretrain_student_base", "sft_data", "sft", "rollouts",
-          "teacher_cache", "lightning_opd", "standard_opd", "evaluate", "report"]
+          "teacher_cache", "lightning_opd", "standard_opd", "evaluate", "report", "prompt_share", "round_rollouts",
+          "round_teacher_cache"]
 
 
 def snakemake(*args: str, cwd: Path = REPO, check: bool = True) -> subprocess.CompletedProcess:
@@ -71,7 +72,9 @@ def test_default_dag_dry_run(tmp_path):
     result = snakemake("-n", "--configfile", str(override))
     jobs = planned_jobs(result.stdout)
     assert set(STAGES) <= set(jobs), jobs
-    assert jobs["evaluate"] == 5  # teacher, student base, pi_ref, standard and Lightning OPD students
+    # teacher, student base, pi_ref, standard and Lightning OPD students, and the 4 Lightning OPD variants
+    assert jobs["evaluate"] == 9 and jobs["lightning_opd"] == 1 + 1 + 1 + 2 + 4
+    assert jobs["round_rollouts"] == jobs["round_teacher_cache"] == 1 + 3
     assert not (tmp_path / "results").exists()
 
 
@@ -116,21 +119,32 @@ def test_tiny_run_writes_the_report(tiny_run):
     work, _ = tiny_run
     report = work / "results/tiny/report"
     models = pd.read_csv(report / "models.csv", keep_default_na=False)
-    assert list(models["role"]) == ["teacher", "student_base", "sft", "lightning_opd", "standard_opd"]
+    assert list(models["role"]) == ["teacher", "student_base", "sft"] + ["lightning_opd"] * 3 + ["standard_opd"]
     assert models["synth_arith n_problems"].eq(12).all()
     assert models["synth_arith avg@2"].between(0, 1).all()
     assert (models["device_hours"] > 0).all()
-    assert list(models.loc[models.role.str.endswith("_opd"), "teacher_consistent"]) == ["yes", "yes"]
+    assert list(models.loc[models.role.str.endswith("_opd"), "teacher_consistent"]) == ["yes"] * 4
     table = pd.read_csv(report / "table.csv")
+    lightning = "Lightning OPD (SFT data: A, OPD teacher: A)"
     assert table["model"].tolist() == ["teacher A", "student base", "SFT (pi_ref) (SFT data: A)",
-                                       "standard OPD (SFT data: A, OPD teacher: A) [hf sampler]",
-                                       "Lightning OPD (SFT data: A, OPD teacher: A)"]
+                                       "standard OPD (SFT data: A, OPD teacher: A) [hf sampler]", lightning,
+                                       f"{lightning} [rounds2: rounds 2]",
+                                       f"{lightning} [topk4: loss topk_reverse_kl, top_k 4]"]
     assert table["cost_vs_standard_opd"].tolist()[3] == 1.0
-    lightning, standard = (models.loc[models.role == r, "device_hours"].item()
-                           for r in ("lightning_opd", "standard_opd"))
-    assert table["cost_vs_standard_opd"].tolist()[4] == pytest.approx(lightning / standard, abs=1e-3)
+    cost = models.set_index("model")["device_hours"]
+    standard = cost["standard-sft-A_teacher-A_seed-0"]
+    for row, label in [(4, "lightning-sft-A_teacher-A_seed-0"), (6, "lightning-topk4-sft-A_teacher-A_seed-0")]:
+        assert table["cost_vs_standard_opd"].tolist()[row] == pytest.approx(cost[label] / standard, abs=1e-3)
     stages = pd.read_csv(report / "stage_costs.csv")
     assert set(STAGES) - {"report"} <= set(stages["stage"])
+    # two rounds: half of pi_ref's rollouts and cache (round 1's share), then each round's own stages
+    hours = stages.set_index("job")["device_hours"]
+    run = "lightning-rounds2-sft-A_teacher-A_seed-0"
+    expected = (stages.query("stage in ['rollouts', 'teacher_cache']").device_hours.sum() / 2
+                + hours["share-1-of-2"] + hours["share-2-of-2"]
+                + hours[f"{run}_round-2"].sum() + hours["sft-A_teacher-A_seed-0-rounds2_round-1"]
+                + hours["sft-A_teacher-A_seed-0-rounds2"])
+    assert cost[run] == pytest.approx(expected, abs=2e-5)
     assert ((stages["wall_s"] * stages["devices"] / 3600 - stages["device_hours"]).abs() < 1e-6).all()
     assert (report / "opd_training_curve.png").stat().st_size > 10_000
     assert (report / "accuracy_vs_cost.png").stat().st_size > 10_000
@@ -198,7 +212,8 @@ def test_tiny_run_renders_every_prompt_with_the_chat_template_kwargs(tiny_run):
 def test_tiny_run_logs_drift_and_the_tokens_of_a_step(tiny_run):
     work, _ = tiny_run
     logs = {
-        method: [e for e in read_train_log(next((work / "results/tiny/models").glob(f"{method}-*"))) if "loss" in e]
+        method: [e for e in read_train_log(work / f"results/tiny/models/{method}-sft-A_teacher-A_seed-0")
+                 if "loss" in e]
         for method in ("lightning", "standard")
     }
     for method, entries in logs.items():  # a log per step (logging_steps 1), drift at each (every_steps null)
@@ -213,6 +228,34 @@ def test_tiny_run_logs_drift_and_the_tokens_of_a_step(tiny_run):
     assert prompt_tokens["standard"] == 2 * prompt_tokens["lightning"]
 
 
+def test_tiny_run_trains_two_rounds_on_disjoint_prompt_shares(tiny_run):
+    """rounds2: round 1 trains pi_ref on its half of pi_ref's cached rollouts; round 2 trains round 1's
+    model on that model's own rollouts of the other half, scored by the teacher; one training log."""
+    results = tiny_run[0] / "results/tiny"
+    run = "lightning-rounds2-sft-A_teacher-A_seed-0"
+    shares = [set(pq.read_table(results / f"data/opd_shares/share-{i}-of-2.parquet").column("id").to_pylist())
+              for i in (1, 2)]
+    opd = set(pq.read_table(results / "data/opd.parquet").column("id").to_pylist())
+    assert not shares[0] & shares[1] and shares[0] | shares[1] == opd and len(shares[0]) == 16
+    first = json.loads((results / f"models/{run}_round-1/provenance.json").read_text())
+    last = json.loads((results / f"models/{run}/provenance.json").read_text())
+    sft = json.loads((results / "models/sft-A/provenance.json").read_text())
+    assert (first["round"], first["rounds"], last["round"], last["rounds"]) == (1, 2, 2, 2)
+    assert first["init_model"]["path"].endswith("models/sft-A")
+    assert last["init_model"]["path"].endswith(f"models/{run}_round-1")
+    assert last["sft_teacher"] == sft["sft_teacher"] and last["teacher_consistent"]
+    rollouts = pq.read_table(results / f"rollouts/{run}_round-2.parquet")
+    meta = json.loads(rollouts.schema.metadata[METADATA_KEY])
+    assert meta["model"]["fingerprint"] == last["init_model"]["fingerprint"]  # sampled by round 1's model
+    assert set(rollouts.column("id").to_pylist()) == shares[1]
+    cache = json.loads(pq.read_schema(results / f"cache/{run}_round-2.parquet").metadata[METADATA_KEY])
+    assert cache["teacher"]["label"] == "A" and cache["rollout_policy"]["fingerprint"] == meta["model"]["fingerprint"]
+    # each round: 16 prompts, 8 a step, logged at every step; round 2's steps follow round 1's
+    log = [e for e in read_train_log(results / f"models/{run}") if "loss" in e]
+    assert [e["step"] for e in log] == [1, 2, 3, 4]
+    assert all(e["drift_kl_ref"] >= 0 for e in log)
+
+
 def test_second_run_does_nothing(tiny_run):
     work, config = tiny_run
     assert planned_jobs(snakemake("-n", *config, cwd=work).stdout) == {}
@@ -223,7 +266,10 @@ def test_opd_hyperparameter_reruns_only_opd_training_its_evals_and_report(tiny_r
     work, config = tiny_run
     lr = write_yaml(tmp_path / "lr.yaml", {"lightning_opd": {"learning_rate": 3e-5}})
     jobs = planned_jobs(snakemake("-n", *config, str(lr), cwd=work).stdout)
-    assert jobs == {"lightning_opd": 1, "standard_opd": 1, "evaluate": 2, "report": 1, "all": 1}
+    # every Lightning OPD training (main, topk4, both rounds of rounds2) and, through round 1's model,
+    # round 2's rollouts and cache
+    assert jobs == {"lightning_opd": 4, "round_rollouts": 1, "round_teacher_cache": 1, "standard_opd": 1,
+                    "evaluate": 4, "report": 1, "all": 1}
 
 
 def test_module_edit_reruns_its_stage_and_downstream(tiny_run):
@@ -235,7 +281,8 @@ def test_module_edit_reruns_its_stage_and_downstream(tiny_run):
         jobs = planned_jobs(snakemake("-n", *config, cwd=work).stdout)
     finally:
         module.write_text(original)
-    assert jobs == {"teacher_cache": 1, "lightning_opd": 1, "evaluate": 1, "report": 1, "all": 1}
+    assert jobs == {"teacher_cache": 1, "round_teacher_cache": 1, "round_rollouts": 1, "lightning_opd": 4,
+                    "evaluate": 3, "report": 1, "all": 1}
 
 
 @pytest.mark.parametrize("paper", ["qwen3-4b", "qwen3-8b", "qwen3-30b-a3b"])

@@ -122,3 +122,18 @@ def test_top_k_cache_bytes_and_loss_path(tmp_path):
     assert "392 bytes per response token at top_k 64" in topk["teacher_cache[A]"].note
     assert topk["lightning_opd"].parts["logprobs"] == pytest.approx(5 / 3 * plain["lightning_opd"].parts["logprobs"])
     assert topk["standard_opd"].parts["logprobs"] == plain["standard_opd"].parts["logprobs"]
+
+
+def test_every_variant_is_planned_with_its_loss_and_rounds(tmp_path):
+    """A paper config with variants: a top-k variant keeps more log-prob copies, a variant of 4 rounds
+    samples and scores the 3/4 of the prompts its later rounds take; one evaluation per variant."""
+    override = write_yaml(tmp_path / "v.yaml", {"teacher_cache": {"top_k": 16},
+                                                 "runs": {"variants": ["topk16", "rounds4"]}})
+    plans = {p.stage: p for p in plan(paper("qwen3-8b", override))}
+    main, topk, rounds = plans["lightning_opd"], plans["lightning_opd[topk16]"], plans["lightning_opd[rounds4]"]
+    assert topk.parts["logprobs"] > main.parts["logprobs"] and rounds.parts == main.parts
+    assert rounds.tokens["trained"] == pytest.approx(main.tokens["trained"], rel=0.01)
+    assert rounds.tokens["generated"] == pytest.approx(0.75 * plans["rollouts"].tokens["generated"], rel=0.01)
+    plain = {p.stage: p for p in plan(paper("qwen3-8b"))}
+    models = int(plain["evaluate"].note.rpartition("largest of ")[2].split()[0])
+    assert f"largest of {models + 2} models" in plans["evaluate"].note

@@ -38,6 +38,33 @@ def test_device_hours_are_wall_time_times_devices(tmp_path):
     assert costs["device_hours"].sum() == pytest.approx(9.0 + 400 / 3600)
 
 
+def test_a_share_of_a_job_costs_that_share(tmp_path):
+    entry = {"stage": "rollouts", "benchmark": bench(tmp_path / "r.tsv", 3600.0), "devices": 8}
+    assert stage_costs([{**entry, "share": 0.25}])["device_hours"].tolist() == pytest.approx([2.0])
+    assert stage_costs([entry])["device_hours"].tolist() == pytest.approx([8.0])
+
+
+def test_variants_get_rows_of_their_own_named_by_their_changes(tmp_path):
+    models = []
+    for label, variant, fields, seed, acc in [("l-0", "", {}, 0, 0.5), ("l-1", "", {}, 1, 0.7),
+                                              ("r-0", "rounds2", {"rounds": 2}, 0, 0.9)]:
+        (tmp_path / f"{label}.json").write_text(json.dumps({"k": 4, "avg_at_k": acc, "pass_at_k": 1.0,
+                                                            "n_problems": 10}))
+        model_dir = tmp_path / label
+        model_dir.mkdir()
+        (model_dir / "train_log.jsonl").write_text("".join(
+            json.dumps({"step": s, "loss": 0.1, "drift_kl_ref": d}) + "\n" for s, d in [(1, 0.01), (2, acc / 10)]))
+        models.append({"label": label, "role": "lightning_opd", "variant": variant, "variant_fields": fields,
+                       "sft_teacher": "A", "opd_teacher": "A", "seed": seed, "model_dir": str(model_dir),
+                       "evals": {"t": str(tmp_path / f"{label}.json")},
+                       "cost": [{"stage": "x", "benchmark": bench(tmp_path / f"{label}.tsv", 36.0), "devices": 1}]})
+    table = summary_table(model_table({"models": models}), ["t"], 4)
+    assert table["model"].tolist() == ["Lightning OPD (SFT data: A, OPD teacher: A)",
+                                       "Lightning OPD (SFT data: A, OPD teacher: A) [rounds2: rounds 2]"]
+    assert table["t avg@4 mean"].tolist() == [0.6, 0.9] and table["seeds"].tolist() == [2, 1]
+    assert table["final_drift_kl_ref"].tolist() == pytest.approx([0.06, 0.09])  # the last drift, mean over seeds
+
+
 def test_unreadable_benchmark_is_named(tmp_path):
     bad = tmp_path / "bad.tsv"
     bad.write_text("not\ta benchmark\n1\t2\n")
@@ -65,7 +92,7 @@ def test_a_column_per_benchmark_with_mean_and_std_over_seeds(tmp_path):
     table = summary_table(frame, ["aime24", "aime25"], 32)
     assert table.columns.tolist() == ["model", "aime24 avg@32", "aime25 avg@32", "aime24 avg@32 mean",
                                       "aime24 avg@32 std", "aime25 avg@32 mean", "aime25 avg@32 std", "seeds",
-                                      "device_hours", "cost_vs_standard_opd"]
+                                      "device_hours", "cost_vs_standard_opd", "final_drift_kl_ref"]
     assert table["aime24 avg@32"].tolist() == ["0.5000 +- 0.0000", "0.7000 +- 0.1414"]
     assert table["aime25 avg@32 mean"].tolist() == [0.25, 0.25]
     assert table["seeds"].tolist() == [1, 2] and table["device_hours"].tolist() == [0.8, 0.8]
@@ -87,8 +114,9 @@ def test_token_budget_of_both_methods_side_by_side(tiny_run):
             sum(e["response_tokens_per_step"] for e in log) / len(log), abs=rounding)
         assert row[f"{name} steps"] == log[-1]["step"] == 4
     models = pd.read_csv(report / "models.csv")
-    assert row["Lightning OPD device_hours"] == models.loc[models.role == "lightning_opd", "device_hours"].item()
-    assert row["standard OPD device_hours"] == models.loc[models.role == "standard_opd", "device_hours"].item()
+    cost = models.set_index("model")["device_hours"]  # the main Lightning OPD run's, not its variants'
+    assert row["Lightning OPD device_hours"] == cost["lightning-sft-A_teacher-A_seed-0"]
+    assert row["standard OPD device_hours"] == cost["standard-sft-A_teacher-A_seed-0"]
     # a standard OPD step holds n = 2 samples of each of its prompts: twice Lightning OPD's tokens and more
     assert row["standard / Lightning tokens per step"] == pytest.approx(
         row["standard OPD tokens/step"] / row["Lightning OPD tokens/step"], abs=1e-3)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
-import math
 import os
 import shutil
 import uuid
@@ -253,24 +252,27 @@ def read_cache(path: Path | str) -> tuple[pa.Table, dict[str, Any]]:
     schema = cache_schema(k)
     _check_columns(path, table, schema, f" (its provenance says top_k {k})" if k else "")
     table = table.select(schema.names)
-    ids = table.column("response_ids").to_pylist()
-    logprobs = table.column("teacher_logprobs").to_pylist()
-    row_ids = table.column("id").to_pylist()
-    for row_id, tokens, scores in zip(row_ids, ids, logprobs):
-        if scores is None or tokens is None or len(tokens) != len(scores):
-            raise ArtifactError(
-                f"{path}: row {row_id!r} has {len(tokens or [])} response tokens but "
-                f"{len(scores or [])} teacher log-probs; the cache does not line up with its token ids: "
-                "delete it and rerun the teacher_cache stage"
-            )
-        # a log-prob is finite and at most 0; NaN or inf would train an all-NaN model without a word
-        bad = next((t for t, x in enumerate(scores) if not math.isfinite(x) or x > 1e-3), None)
-        if bad is not None:
-            raise ArtifactError(
-                f"{path}: row {row_id!r} has teacher log-prob {scores[bad]} at response token {bad}; a log-prob "
-                "must be finite and <= 0: delete the cache and rerun the teacher_cache stage "
-                "(check the teacher's weights if it happens again)"
-            )
+    # vectorised over the whole column: a paper-scale cache as Python lists would not fit in memory
+    row_ids = table.column("id")
+    tokens = pc.list_value_length(table.column("response_ids")).fill_null(-1).to_numpy(zero_copy_only=False)
+    scores = pc.list_value_length(table.column("teacher_logprobs")).fill_null(-1).to_numpy(zero_copy_only=False)
+    if (bad := np.flatnonzero((tokens != scores) | (tokens < 0))).size:
+        row = int(bad[0])
+        raise ArtifactError(
+            f"{path}: row {row_ids[row].as_py()!r} has {max(tokens[row], 0)} response tokens but "
+            f"{max(scores[row], 0)} teacher log-probs; the cache does not line up with its token ids: "
+            "delete it and rerun the teacher_cache stage"
+        )
+    values = pc.list_flatten(table.column("teacher_logprobs")).to_numpy(zero_copy_only=False)
+    # a log-prob is finite and at most 0; NaN or inf would train an all-NaN model without a word
+    if (bad := np.flatnonzero(~np.isfinite(values) | (values > 1e-3))).size:
+        at = int(bad[0])
+        row = int(np.searchsorted(np.cumsum(tokens), at, side="right"))
+        raise ArtifactError(
+            f"{path}: row {row_ids[row].as_py()!r} has teacher log-prob {values[at]} at response token "
+            f"{at - int(tokens[:row].sum())}; a log-prob must be finite and <= 0: delete the cache and rerun the "
+            "teacher_cache stage (check the teacher's weights if it happens again)"
+        )
     if k:
         _check_top_k(path, table, k)
     return table, meta

@@ -6,7 +6,13 @@ tokenizer, rollouts sampled by the init model, and a cache teacher equal to
 the teacher that wrote the init model's SFT data (unless the config allows a
 mismatch on purpose, which the output then records). A top-k loss
 (``loss: topk_reverse_kl | topk_forward_kl``) needs a top-k cache with at
-least the loss's k tokens per position."""
+least the loss's k tokens per position.
+
+Round I of multi-round Lightning OPD (``--round I-of-N``) is the same stage:
+round 1 trains pi_ref on the cache's rows of its prompt share
+(``--prompt-share``), round I > 1 trains round I-1's model on the cache of
+its own fresh rollouts. Drift is measured against pi_ref
+(``--drift-reference``) and the training log continues round I-1's."""
 from __future__ import annotations
 
 import argparse
@@ -20,13 +26,16 @@ from lightning_opd.hparams import OPDParams, parse_hparams
 from lightning_opd.modeling import DEFAULT_PROMPT_TEMPLATE, check_context, load_tokenizer, vocab_size
 from lightning_opd.opd_loss import LOSSES
 from lightning_opd.opd_trainer import OPDTrainer, add_output_arguments, drift_reference, opd_example
+from lightning_opd.prompt_share import share_ids
 from lightning_opd.provenance import (
     check_same_tokenizer,
     check_teacher_consistency,
     describe_model,
     file_sha256,
+    read_train_log,
     sft_teacher_of,
 )
+from lightning_opd.shards import Part
 from lightning_opd.training import (
     accumulation,
     checkpoint_dir,
@@ -62,9 +71,21 @@ def loss_top_k(cache_path: Path, meta: dict, params: OPDParams) -> int:
     return k
 
 
+def rows_of_prompts(table, ids: set[str], cache_path: Path, share_path: Path):
+    """The rows of rollouts of the prompts ``ids`` (a rollout's id is its prompt's, or ``<prompt id>#<k>``)."""
+    prompt_of = [i if i in ids else i.rpartition("#")[0] for i in table.column("id").to_pylist()]
+    keep = [n for n, prompt in enumerate(prompt_of) if prompt in ids]
+    if not keep:
+        raise ArtifactError(f"{cache_path}: no rollout of the prompts of {share_path}: the share comes from "
+                            "other OPD prompts; delete it and rerun the prompt_share stage")
+    return table.take(keep)
+
+
 def load_checked_cache(cache_path: Path, init: dict, tokenizer, allow_mismatch: bool,
-                       params: OPDParams | None = None) -> tuple[list[dict], dict]:
+                       params: OPDParams | None = None, share: Path | None = None) -> tuple[list[dict], dict]:
     table, meta = read_cache(cache_path)
+    if share is not None:
+        table = rows_of_prompts(table, share_ids(share), cache_path, share)
     check_same_tokenizer(cache_path, meta, tokenizer, f"the student {init['path']}")
     if meta["rollout_policy"]["fingerprint"] != init["fingerprint"]:
         raise ArtifactError(f"{cache_path}: the rollouts were sampled by {meta['rollout_policy']['path']} "
@@ -98,6 +119,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--init", required=True, help="pi_ref: the SFT model that sampled the rollouts")
     parser.add_argument("--cache", type=Path, required=True, help="teacher cache parquet")
     parser.add_argument("--opd", default="{}", help="JSON of OPDParams fields")
+    parser.add_argument("--round", type=Part.parse, default=Part(1, 1),
+                        help="I-of-N: round I of N (default 1-of-1: the paper's single round)")
+    parser.add_argument("--prompt-share", type=Path,
+                        help="train only on the cache's rollouts of these prompts (round 1 of N > 1)")
+    parser.add_argument("--drift-reference", help="pi_ref, for the drift KL (default: --init)")
     add_output_arguments(parser)
     args = parser.parse_args(argv)
     params = parse_hparams(OPDParams, args.opd, "--opd")
@@ -105,15 +131,19 @@ def main(argv: list[str] | None = None) -> None:
 
     init = describe_model(args.init)
     tokenizer = load_tokenizer(args.init)
-    examples, meta = load_checked_cache(args.cache, init, tokenizer, params.allow_teacher_mismatch, params)
-    print(f"Lightning OPD on {len(examples)} cached rollouts, teacher {meta['teacher'].get('label')} "
+    examples, meta = load_checked_cache(args.cache, init, tokenizer, params.allow_teacher_mismatch, params,
+                                        args.prompt_share)
+    earlier_rounds = read_train_log(args.init) if args.round.index > 1 else []
+    print(f"Lightning OPD{f' round {args.round}' if args.round.count > 1 else ''} on {len(examples)} cached "
+          f"rollouts, teacher {meta['teacher'].get('label')} "
           f"({'consistent' if meta['teacher_consistent'] else 'INCONSISTENT'} with the SFT teacher), loss "
           f"{params.loss}" + (f" over the teacher's top {meta['loss_top_k']}" if params.loss != "sampled" else ""))
     key = {"stage": "lightning_opd", "init": init["fingerprint"], "cache": file_sha256(args.cache),
-           "opd": params_record(params)}
+           "opd": params_record(params),
+           **({"prompt_share": file_sha256(args.prompt_share)} if args.prompt_share else {})}
     model = load_for_fsdp(args.init, params)
     reference, drift_batches = drift_reference(
-        args.init, tokenizer, args.drift_prompts, args.drift_n,
+        args.drift_reference or args.init, tokenizer, args.drift_prompts, args.drift_n,
         meta["rollouts"].get("prompt_template") or DEFAULT_PROMPT_TEMPLATE, args.drift_max_new_tokens,
         accumulation(params, world_size())[0], frozen_dtype(params), meta["rollouts"].get("chat_template_kwargs"))
     trainer = OPDTrainer(model=model, tau=params.tau, loss=params.loss, reference=reference,
@@ -127,7 +157,8 @@ def main(argv: list[str] | None = None) -> None:
         "sft_teacher": sft_teacher_of(init), "teacher_consistent": meta["teacher_consistent"],
         "loss": params.loss, "loss_top_k": meta.get("loss_top_k", 0),
         "chat_template_kwargs": meta["rollouts"].get("chat_template_kwargs", {}),
-    })
+        "round": args.round.index, "rounds": args.round.count,
+    }, earlier_log=earlier_rounds)
     print(f"-> {args.out}")
 
 

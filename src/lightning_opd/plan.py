@@ -180,11 +180,11 @@ class StagePlan:
     def fits(self) -> bool:
         return self.peak_gb <= self.limit_gb and not self.blocked
 
-    def line(self) -> str:
+    def line(self, width: int = 17) -> str:
         parts = ", ".join(f"{name} {value:.1f}" for name, value in self.parts.items() if value >= 0.05)
         tokens = ", ".join(f"{_count(n)} {what}" for what, n in self.tokens.items())
         verdict = "fits" if self.fits else f"DOES NOT FIT: turn {self.knob}"
-        return (f"{self.stage:<17} {self.devices:<18} peak {self.peak_gb:6.1f} / {self.limit_gb:.0f} GB per rank "
+        return (f"{self.stage:<{width}} {self.devices:<18} peak {self.peak_gb:6.1f} / {self.limit_gb:.0f} GB per rank "
                 f"({parts}){' ' + self.note if self.note else ''}; tokens: {tokens}; {verdict}")
 
 
@@ -478,6 +478,20 @@ class Planner:
         p = self.training("lightning_opd", self.student, opd, cache_seq, drift, top_k=loss_k)
         p.tokens = {"trained": self.opd_steps(opd, n_opd) * opd["batch_size"] * cache_seq}
         plans.append(p)
+        for name in runs.get("variants", []):  # a variant's loss and batch may change the peak
+            fields = {**opd, **c.get("lightning_variants", {}).get(name, {})}
+            k = (fields.get("top_k") or cache.get("top_k", 0)) if fields.get("loss", "sampled") != "sampled" else 0
+            p = self.training(f"lightning_opd[{name}]", self.student, fields, cache_seq, drift, top_k=k)
+            rounds = fields.get("rounds", 1)
+            # each round trains on its share of the prompts; rounds after the first sample and score theirs
+            steps = (fields["max_steps"] if fields.get("max_steps", -1) > 0  # split over the rounds
+                     else rounds * self.opd_steps(fields, math.ceil(n_opd / rounds)))
+            p.tokens = {"trained": steps * fields["batch_size"] * cache_seq}
+            if rounds > 1:
+                later = n_opd - math.ceil(n_opd / rounds)
+                p.tokens = {"generated": later * roll.get("n", 1) * roll["max_new_tokens"],
+                            "scored": later * roll.get("n", 1) * cache_seq, **p.tokens}
+            plans.append(p)
         if c["standard_opd"]["enabled"]:
             s = c["standard_opd"]["sampling"]
             seq = PROMPT_TOKENS + s["max_new_tokens"]
@@ -516,6 +530,7 @@ class Planner:
             + 1
             + len(runs["sft_teachers"])
             + len(list(self.opd_runs())) * (2 if c["standard_opd"]["enabled"] else 1)
+            + sum(s == t for s, t, _ in self.opd_runs()) * len(runs.get("variants", []))
         )
         p.tokens = {"generated": models * n_eval * e["k"] * e["max_gen_toks"]}
         p.note = (p.note + f" [largest of {models} models]").strip()
@@ -556,7 +571,8 @@ def check(plans: list[StagePlan], where: str = "the config") -> None:
 
 
 def report(plans: list[StagePlan]) -> str:
-    return "\n".join(["plan (predicted per stage; lightning_opd.plan):", *("  " + p.line() for p in plans)])
+    width = max([17, *(len(p.stage) for p in plans)])
+    return "\n".join(["plan (predicted per stage; lightning_opd.plan):", *("  " + p.line(width) for p in plans)])
 
 
 def load_config(configfiles: list[Path], base: Path) -> dict[str, Any]:

@@ -43,12 +43,22 @@ def stage_costs(stages: list[dict[str, Any]]) -> pd.DataFrame:
             continue  # a stage this run did not execute (a model given by path, say)
         seconds = benchmark_seconds(path)
         rows.append({"stage": entry["stage"], "job": entry.get("job", path.stem), "wall_s": round(seconds, 2),
-                     "devices": entry["devices"], "device_hours": seconds * entry["devices"] / 3600})
+                     "devices": entry["devices"],
+                     # a share of a job's rows costs that share (the rows a multi-round run's round 1 uses)
+                     "device_hours": seconds * entry["devices"] * entry.get("share", 1) / 3600})
     return pd.DataFrame(rows, columns=["stage", "job", "wall_s", "devices", "device_hours"])
 
 
 def accuracy_column(benchmark: str, k: int) -> str:
     return f"{benchmark} avg@{k}"
+
+
+def variant_name(model: dict[str, Any]) -> str:
+    """A Lightning OPD variant as the report names it: its name and the fields it changes."""
+    if not model.get("variant"):
+        return ""
+    changes = ", ".join(f"{key} {value}" for key, value in model.get("variant_fields", {}).items())
+    return f"{model['variant']}: {changes}" if changes else model["variant"]
 
 
 def model_table(manifest: dict[str, Any]) -> pd.DataFrame:
@@ -64,6 +74,7 @@ def model_table(manifest: dict[str, Any]) -> pd.DataFrame:
             "opd_teacher": model.get("opd_teacher", ""),
             "teacher_consistent": {True: "yes", False: "no"}.get(provenance.get("teacher_consistent"), ""),
             "seed": model.get("seed", ""),
+            "variant": variant_name(model),
             # who sampled the live student of standard OPD (runs before the vllm sampler existed used hf)
             "sampler": provenance.get("sampler", "hf") if model["role"] == "standard_opd" else "",
         }
@@ -73,9 +84,16 @@ def model_table(manifest: dict[str, Any]) -> pd.DataFrame:
             row[f"{benchmark} pass@{summary['k']}"] = round(summary["pass_at_k"], 4)
             row[f"{benchmark} n_problems"] = summary["n_problems"]
         row["device_hours"] = round(costs["device_hours"].sum(), 5)
+        row["drift_kl_ref"] = final_drift(model["model_dir"]) if model.get("model_dir") else None
         row["cost_stages"] = " + ".join(f"{s} {h:.5f}" for s, h in zip(costs["stage"], costs["device_hours"]))
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def final_drift(model_dir: Path | str) -> float | None:
+    """KL(pi_theta || pi_ref) on the held-out drift prompts at the end of training (None: not logged)."""
+    drifts = [e["drift_kl_ref"] for e in read_train_log(model_dir) if "drift_kl_ref" in e]
+    return round(drifts[-1], 5) if drifts else None
 
 
 def tokens_per_step(model_dir: Path | str) -> dict[str, float]:
@@ -100,7 +118,7 @@ def token_budget(manifest: dict[str, Any], models: pd.DataFrame) -> pd.DataFrame
     the device-hours of their stages."""
     runs: dict[tuple, dict[str, Any]] = {}
     for model, hours in zip(manifest["models"], models["device_hours"]):
-        if model["role"] not in OPD_METHODS:
+        if model["role"] not in OPD_METHODS or model.get("variant"):
             continue
         row = runs.setdefault((model["sft_teacher"], model["opd_teacher"], model["seed"]), {
             "sft_teacher": model["sft_teacher"], "opd_teacher": model["opd_teacher"], "seed": model["seed"]})
@@ -129,11 +147,14 @@ def summary_table(models: pd.DataFrame, benchmarks: list[str], k: int) -> pd.Dat
     benchmark as mean +- std over seeds, device-hours, and the cost ratio to standard OPD."""
     accs = [accuracy_column(b, k) for b in benchmarks]
     models = models.assign(order=models["role"].map(ROLE_ORDER.index))
-    keys = ["order", "role", "teacher", "sft_teacher", "opd_teacher", "teacher_consistent", "sampler"]
+    for column in ("variant", "drift_kl_ref"):
+        if column not in models:
+            models = models.assign(**{column: "" if column == "variant" else None})
+    keys = ["order", "role", "variant", "teacher", "sft_teacher", "opd_teacher", "teacher_consistent", "sampler"]
     grouped = models.groupby(keys, sort=True, dropna=False)
     aggregations = {f"{acc} {stat}": (acc, stat) for acc in accs for stat in ("mean", "std")}
-    table = grouped.agg(**aggregations, seeds=(accs[0], "size"),
-                        device_hours=("device_hours", "mean")).reset_index()
+    table = grouped.agg(**aggregations, seeds=(accs[0], "size"), device_hours=("device_hours", "mean"),
+                        drift_kl_ref=("drift_kl_ref", "mean")).reset_index()
     standard = (table[table.role == "standard_opd"].groupby(["sft_teacher", "opd_teacher"])["device_hours"]
                 .first())  # the first sampler's, should a config have both
     ratios = []
@@ -153,6 +174,8 @@ def summary_table(models: pd.DataFrame, benchmarks: list[str], k: int) -> pd.Dat
             name += " INCONSISTENT"
         if row.sampler:
             name += f" [{row.sampler} sampler]"
+        if row.variant:
+            name += f" [{row.variant}]"
         names.append(name)
     out = {"model": names}
     for acc in accs:
@@ -160,7 +183,8 @@ def summary_table(models: pd.DataFrame, benchmarks: list[str], k: int) -> pd.Dat
         out[acc] = [f"{m:.4f} +- {sd:.4f}" for m, sd in zip(table[f"{acc} mean"], table[f"{acc} std"])]
     for acc in accs:
         out[f"{acc} mean"], out[f"{acc} std"] = table[f"{acc} mean"].round(4), table[f"{acc} std"].round(4)
-    out.update(seeds=table.seeds, device_hours=table.device_hours.round(5), cost_vs_standard_opd=ratios)
+    out.update(seeds=table.seeds, device_hours=table.device_hours.round(5), cost_vs_standard_opd=ratios,
+               final_drift_kl_ref=table.drift_kl_ref.astype(float).round(5))
     return pd.DataFrame(out)
 
 
@@ -205,7 +229,7 @@ def plot_accuracy_vs_cost(models: pd.DataFrame, benchmark: str, k: int, kind: st
     acc = accuracy_column(benchmark, k)
     fig, axis = plt.subplots(figsize=(5.5, 4))
     opd = models[models.role.str.endswith("_opd")]
-    for (role, sft_t, opd_t), group in opd.groupby(["role", "sft_teacher", "opd_teacher"]):
+    for (role, variant, sft_t, opd_t), group in opd.groupby(["role", "variant", "sft_teacher", "opd_teacher"]):
         # one seed has no spread: std() is NaN there, drawn as no error bar
         axis.errorbar(
             group.device_hours.mean(),
@@ -214,7 +238,7 @@ def plot_accuracy_vs_cost(models: pd.DataFrame, benchmark: str, k: int, kind: st
             xerr=group.device_hours.std(ddof=1) if len(group) > 1 else 0.0,
             marker="o",
             capsize=3,
-            label=f"{ROLE_NAMES[role]} SFT {sft_t} / OPD {opd_t}",
+            label=f"{ROLE_NAMES[role]}{f' [{variant}]' if variant else ''} SFT {sft_t} / OPD {opd_t}",
         )
     for value in models.loc[models.role == "sft", acc]:
         axis.axhline(value, ls="--", color="gray", lw=0.8)

@@ -325,11 +325,12 @@ def train_with_resume(trainer: Trainer) -> None:
 
 
 def save_final(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, out: Path | str,
-               provenance: dict[str, Any]) -> None:
+               provenance: dict[str, Any], earlier_log: list[dict[str, Any]] = ()) -> None:
     """Write model, tokenizer, provenance and training log to ``out`` at once,
     then drop the run's checkpoints (the final model supersedes them). Every
     process of a distributed run calls it (FSDP gathers the full weights);
-    the main process writes."""
+    the main process writes. ``earlier_log``: the log of the training this one
+    continues (an earlier round), written first, this run's steps after its last."""
     out = Path(out)
     staging = out.with_name(f".{out.name}.partial")
     if trainer.is_world_process_zero():
@@ -343,9 +344,12 @@ def save_final(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, out: Path |
                 os.replace(staging, tmp)
                 tokenizer.save_pretrained(tmp)
                 (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, default=str) + "\n")
+                offset = max((e.get("step", 0) for e in earlier_log), default=0)
                 with open(tmp / TRAIN_LOG_FILE, "w") as log:
-                    for entry in trainer.state.log_history:
+                    for entry in earlier_log:
                         log.write(json.dumps(entry) + "\n")
+                    for entry in trainer.state.log_history:
+                        log.write(json.dumps({**entry, "step": entry.get("step", 0) + offset}) + "\n")
             shutil.rmtree(trainer.args.output_dir, ignore_errors=True)
     except Exception as error:
         if failure := write_failure(out, error):

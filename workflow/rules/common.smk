@@ -43,6 +43,10 @@ STAGES = {
     "rollouts": Stage("generate", "generate"),
     "teacher_cache": Stage("teacher_cache", "generate"),
     "lightning_opd": Stage("lightning_opd", "train", launched=True),
+    # rounds 2.. of multi-round Lightning OPD: the current student's rollouts on its prompt share, scored
+    "prompt_share": Stage("prompt_share", "light"),
+    "round_rollouts": Stage("generate", "generate"),
+    "round_teacher_cache": Stage("teacher_cache", "generate"),
     "standard_opd": Stage("standard_opd", "train", launched=True),
     "evaluate": Stage("evaluate", "evaluate"),
     "report": Stage("report", "light"),
@@ -312,15 +316,126 @@ def opd_runs():
         yield sft_t, opd_t, seed
 
 
-METHODS = ["lightning"] + (["standard"] if config["standard_opd"]["enabled"] else [])
+# Each Lightning OPD variant is lightning_opd with its changes: checked as lightning_opd is.
+def check_lightning_runs():
+    import jsonschema
+    import yaml
+
+    schema = yaml.safe_load(open(f"{workflow.basedir}/schemas/config.schema.yaml"))
+    fields_schema = {"$defs": schema["$defs"], **schema["properties"]["lightning_opd"]}
+    cache_k = config["teacher_cache"].get("top_k", 0)
+    if unknown := [n for n in config["runs"].get("variants", []) if n not in config["lightning_variants"]]:
+        raise WorkflowError(
+            f"runs.variants: {unknown} are not defined under lightning_variants (defined: "
+            f"{sorted(config['lightning_variants'])}); define them there or remove them from runs.variants"
+        )
+    runs = {"lightning_opd": {}, **{f"lightning_variants.{n}": c for n, c in config["lightning_variants"].items()}}
+    for where, changes in runs.items():
+        coerce_types(changes, fields_schema)  # a variant's fields are typed as lightning_opd's
+        fields = {**config["lightning_opd"], **changes}
+        errors = sorted(jsonschema.Draft202012Validator(fields_schema).iter_errors(fields), key=str)
+        if errors:
+            error = errors[0]
+            at = ".".join(map(str, error.path)) or "(the variant)"
+            raise WorkflowError(f"{where}: {at}: {error.message} (a variant takes the fields of lightning_opd)")
+        k = fields.get("top_k") or cache_k
+        runs_it = where == "lightning_opd" or where.partition(".")[2] in config["runs"].get("variants", [])
+        if runs_it and fields.get("loss", "sampled") != "sampled" and not 1 <= k <= cache_k:
+            raise WorkflowError(
+                f"{where}: loss {fields['loss']} over the teacher's top {k or 'k'} tokens needs a cache of them, "
+                f"but teacher_cache.top_k is {cache_k}: set teacher_cache.top_k to at least {k or 1} or lower top_k"
+            )
+        if 0 < fields.get("max_steps", -1) < fields.get("rounds", 1):
+            raise WorkflowError(
+                f"{where}: max_steps {fields['max_steps']} < rounds {fields['rounds']}: the rounds share the steps; "
+                "raise max_steps or lower rounds"
+            )
+        if fields.get("rounds", 1) > config["task"]["n_opd"] if "data" not in config else False:
+            raise WorkflowError(
+                f"{where}: rounds {fields['rounds']} > task.n_opd {config['task']['n_opd']}: every round needs "
+                "prompts; lower rounds or raise task.n_opd"
+            )
+
+
+check_lightning_runs()
+
+
+# ---- Lightning OPD: the main run ("") and the variants of `lightning_variants` ("-<name>"), each
+# the fields of lightning_opd with the variant's changes; a run of R rounds ends in its model and
+# leaves rounds 1..R-1 at <model>_round-<i>
+LIGHTNING = {
+    "": config["lightning_opd"],
+    **{
+        f"-{name}": {**config["lightning_opd"], **config["lightning_variants"][name]}
+        for name in RUNS.get("variants", [])
+    },
+}
+METHODS = [f"lightning{variant}" for variant in LIGHTNING] + (["standard"] if config["standard_opd"]["enabled"] else [])
+
+
+def run_methods(sft_t, opd_t):
+    """The methods of an OPD run: the variants only where the teachers are consistent (the
+    inconsistent pairs are the consistency ablation of the main methods)."""
+    return [m for m in METHODS if sft_t == opd_t or not m.startswith("lightning-")]
 
 
 def opd_label(method, sft_t, opd_t, seed):
     return f"{method}-sft-{sft_t}_teacher-{opd_t}_seed-{seed}"
 
 
+def rounds_of(w):
+    return LIGHTNING[w.variant].get("rounds", 1)
+
+
+def round_index(w):
+    """The round a Lightning OPD job trains: the last one for the run's model, I for <model>_round-<I>."""
+    if not w.round:
+        return rounds_of(w)
+    i = int(w.round.removeprefix("_round-"))
+    if not 1 <= i < rounds_of(w):
+        raise WorkflowError(f"{w.round}: lightning{w.variant} has rounds 1..{rounds_of(w)}; its last one is the model")
+    return i
+
+
+def round_model(w, i):
+    """Round i's model of the run of `w` (the last round's is the run's model)."""
+    label = opd_label(f"lightning{w.variant}", w.sft_teacher, w.opd_teacher, w.seed)
+    return f"{R}/models/{label}" + ("" if i == rounds_of(w) else f"_round-{i}")
+
+
+def round_artifact(kind, w, i):
+    """Rollouts (kind "rollouts") or teacher cache ("cache") of round i > 1 of the run of `w`."""
+    label = opd_label(f"lightning{w.variant}", w.sft_teacher, w.opd_teacher, w.seed)
+    return f"{R}/{kind}/{label}_round-{i}.parquet"
+
+
+def prompt_share(i, n):
+    return f"{R}/data/opd_shares/share-{i}-of-{n}.parquet"
+
+
+def lightning_init(w):
+    i = round_index(w)
+    return f"{R}/models/sft-{w.sft_teacher}" if i == 1 else round_model(w, i - 1)
+
+
+def lightning_cache(w):
+    """Round 1 trains on pi_ref's cache (of its share of prompts when there are rounds after it)."""
+    i = round_index(w)
+    return f"{R}/cache/sft-{w.sft_teacher}_teacher-{w.opd_teacher}.parquet" if i == 1 else round_artifact("cache", w, i)
+
+
+def round_sampling(w):
+    """rollouts.sampling, seeded per run and round"""
+    sampling = config["rollouts"]["sampling"]
+    return js({**sampling, "seed": sampling["seed"] + 1000 * int(w.i) + int(w.seed)})
+
+
+def lightning_share(w):
+    return [prompt_share(1, rounds_of(w))] if round_index(w) == 1 and rounds_of(w) > 1 else []
+
+
 def opd_labels():
-    return [opd_label(method, *run) for run in opd_runs() for method in METHODS]
+    return [opd_label(method, *run) for run in opd_runs() for method in run_methods(*run[:2])]
 
 
 def eval_model_path(label):
@@ -385,26 +500,51 @@ def eval_task_code(benchmark):
     return task_code(BENCHMARKS[benchmark])
 
 
-def opd_fields(w):
-    # the mismatch switch reaches only inconsistent runs, so flipping it does
-    # not invalidate the consistent ones
+def opd_fields(fields, w):
+    """A training's OPDParams: the fields without `rounds` (the DAG's business), with the run's seed.
+    The mismatch switch reaches only inconsistent runs, so flipping it does not invalidate the
+    consistent ones."""
     allow = w.sft_teacher != w.opd_teacher and config["allow_teacher_mismatch"]
-    return {**config["lightning_opd"], "seed": int(w.seed), "allow_teacher_mismatch": allow}
+    fields = {k: v for k, v in fields.items() if k != "rounds"}
+    return {**fields, "seed": int(w.seed), "allow_teacher_mismatch": allow}
 
 
 def opd_params(w):
-    return js(opd_fields(w))
+    """A Lightning OPD job's fields; a round of several with max_steps takes its part of the steps."""
+    fields = opd_fields(LIGHTNING[w.variant], w)
+    rounds, i = rounds_of(w), round_index(w)
+    if rounds > 1 and fields.get("max_steps", -1) > 0:
+        fields["max_steps"] = fields["max_steps"] * i // rounds - fields["max_steps"] * (i - 1) // rounds
+    return js(fields)
 
 
 def standard_opd_params(w):
     """Lightning OPD's fields without its loss choice: standard OPD trains with the sampled loss (and a
     change of lightning_opd.loss does not rerun it)."""
-    return js({k: v for k, v in opd_fields(w).items() if k not in ("loss", "top_k")})
+    return js({k: v for k, v in opd_fields(config["lightning_opd"], w).items() if k not in ("loss", "top_k")})
 
 
 # ---- the report's manifest: models, their evaluations and the stages that made them
 def stage_entry(name, pattern):
     return {"stage": name, "job": pattern or name, "benchmark": bench(name, pattern), "devices": devices(name)}
+
+
+def lightning_cost(variant, rounds, sft_t, opd_t, seed):
+    """The stages of a Lightning OPD run: pi_ref's rollouts and their cache (the share its first
+    round trains on, 1/rounds of their rows), then per round its training and, after the first,
+    the prompt share, fresh rollouts and cache it trains on."""
+    pair = f"sft-{sft_t}_teacher-{opd_t}"
+    run = f"{pair}_seed-{seed}{variant}"
+    label = opd_label(f"lightning{variant}", sft_t, opd_t, seed)
+    entries = [{**e, "share": 1 / rounds} for e in gen_entries("rollouts", sft_t) + gen_entries("teacher_cache", pair)]
+    for i in range(1, rounds + 1):
+        suffix = "" if i == rounds else f"_round-{i}"
+        if rounds > 1:
+            entries.append(stage_entry("prompt_share", f"share-{i}-of-{rounds}"))
+        if i > 1:
+            entries += [stage_entry(s, f"{label}_round-{i}") for s in ("round_rollouts", "round_teacher_cache")]
+        entries.append(stage_entry("lightning_opd", f"{run}{suffix}"))
+    return [{k: v for k, v in e.items() if k != "share" or v != 1} for e in entries]
 
 
 def report_manifest():
@@ -436,20 +576,18 @@ def report_manifest():
         )
     for sft_t, opd_t, seed in opd_runs():
         pair = f"sft-{sft_t}_teacher-{opd_t}"
-        cost = {
-            "lightning": [
-                *gen_entries("rollouts", sft_t),
-                *gen_entries("teacher_cache", pair),
-                stage_entry("lightning_opd", f"{pair}_seed-{seed}"),
-            ],
-            "standard": [stage_entry("standard_opd", f"{pair}_seed-{seed}")],
-        }
-        for method in METHODS:
+        cost = {"standard": [stage_entry("standard_opd", f"{pair}_seed-{seed}")]}
+        for variant, fields in LIGHTNING.items():  # (a variant of an inconsistent pair does not run)
+            cost[f"lightning{variant}"] = lightning_cost(variant, fields.get("rounds", 1), sft_t, opd_t, seed)
+        for method in run_methods(sft_t, opd_t):
             label = opd_label(method, sft_t, opd_t, seed)
+            variant = method.partition("-")[2]
             models.append(
                 {
                     "label": label,
-                    "role": f"{method}_opd",
+                    "role": f"{method.partition('-')[0]}_opd",
+                    "variant": variant,
+                    "variant_fields": config["lightning_variants"].get(variant, {}),
                     "sft_teacher": sft_t,
                     "opd_teacher": opd_t,
                     "seed": seed,
@@ -465,7 +603,9 @@ def report_manifest():
         stages = [stage_entry("task_data", "")]
     if "build" in config["tokenizer"]:
         stages.append(stage_entry("tokenizer", ""))
-    stages += [entry for m in models for entry in m["cost"] if entry not in stages]
+    for entry in (e for m in models for e in m["cost"]):
+        if (whole := {k: v for k, v in entry.items() if k != "share"}) not in stages:
+            stages.append(whole)
     stages += [stage_entry("evaluate", f"{b}/{m['label']}") for b in BENCHMARKS for m in models]
     kind = "gpu" if any(res(k)["gpus"] for k in ("generate", "train", "evaluate")) else "cpu"
     return {
@@ -497,6 +637,10 @@ wildcard_constraints:
     sft_teacher="[A-Za-z0-9]+",
     opd_teacher="[A-Za-z0-9]+",
     seed="[0-9]+",
+    variant="(-[a-z][a-z0-9]*)?",
+    round="(_round-[0-9]+)?",
+    i="[0-9]+",
+    n="[0-9]+",
     model="[A-Za-z0-9_\\-]+",
     benchmark="[A-Za-z0-9_\\-]+",
     scatteritem="[0-9]+-of-[0-9]+",

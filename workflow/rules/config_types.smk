@@ -40,9 +40,12 @@ def string_type_errors(errors):
 
 
 def coerce_config_types(config, schema_file):
+    return coerce_types(config, yaml.safe_load(Path(schema_file).read_text()))
+
+
+def coerce_types(config, schema):
     """Replaces, in place, every string of `config` that stands where the schema wants a number,
     integer, boolean or null and reads as one; anything else is left for validate() to refuse."""
-    schema = yaml.safe_load(Path(schema_file).read_text())
     validator = jsonschema.validators.validator_for(schema)(schema)
     changed = True
     while changed:  # a fixed value can uncover errors deeper down (e.g. under oneOf)

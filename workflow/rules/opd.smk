@@ -77,16 +77,18 @@ rule teacher_cache:
 
 rule lightning_opd:
     input:
-        init=f"{R}/models/sft-{{sft_teacher}}",
-        cache=f"{R}/cache/sft-{{sft_teacher}}_teacher-{{opd_teacher}}.parquet",
+        init=lightning_init,
+        cache=lightning_cache,
+        share=lightning_share,
+        reference=f"{R}/models/sft-{{sft_teacher}}",
         drift_prompts=eval_data(next(iter(BENCHMARKS))),  # the first benchmark's problems
         code=code_inputs("lightning_opd"),
     output:
-        directory(f"{R}/models/lightning-sft-{{sft_teacher}}_teacher-{{opd_teacher}}_seed-{{seed}}"),
+        directory(f"{R}/models/lightning{{variant}}-sft-{{sft_teacher}}_teacher-{{opd_teacher}}_seed-{{seed}}{{round}}"),
     log:
-        logfile("lightning_opd", "sft-{sft_teacher}_teacher-{opd_teacher}_seed-{seed}"),
+        logfile("lightning_opd", "sft-{sft_teacher}_teacher-{opd_teacher}_seed-{seed}{variant}{round}"),
     benchmark:
-        bench("lightning_opd", "sft-{sft_teacher}_teacher-{opd_teacher}_seed-{seed}")
+        bench("lightning_opd", "sft-{sft_teacher}_teacher-{opd_teacher}_seed-{seed}{variant}{round}")
     conda:
         "../envs/train.yaml"
     threads: rule_threads("lightning_opd")
@@ -94,18 +96,122 @@ rule lightning_opd:
         **rule_resources("lightning_opd"),
     params:
         opd=opd_params,
+        round=lambda w: f"{round_index(w)}-of-{rounds_of(w)}",
+        share=lambda w, input: ["--prompt-share", input.share] if input.share else [],
         ckpt=f"{R}/checkpoints/lightning_opd",
         cmd=command("lightning_opd"),
-        tracking=lambda w: tracking("lightning_opd", opd_label("lightning", w.sft_teacher, w.opd_teacher, w.seed)),
+        tracking=lambda w: tracking(
+            "lightning_opd", opd_label(f"lightning{w.variant}", w.sft_teacher, w.opd_teacher, w.seed) + w.round
+        ),
         drift_n=config["opd_drift"]["n_prompts"],
         drift_tokens=config["opd_drift"]["max_new_tokens"],
         drift_every=config["opd_drift"].get("every_steps") or 0,
     shell:
         "{params.cmd} --init {input.init:q} --cache {input.cache:q} --opd {params.opd} "
+        "--round {params.round:q} {params.share:q} --drift-reference {input.reference:q} "
         "--out {output:q} --checkpoint-root {params.ckpt:q} --drift-prompts {input.drift_prompts:q} "
         "--drift-n {params.drift_n:q} --drift-max-new-tokens {params.drift_tokens:q} "
         "--drift-every {params.drift_every:q} --tracking {params.tracking} "
         "2>&1 | tee {log:q}"
+
+
+# Multi-round Lightning OPD (lightning_opd.rounds or a variant's rounds = N > 1): round i > 1
+# trains on the rollouts of round i-1's model on share i of N of the prompts, scored by the teacher.
+
+
+rule prompt_share:
+    input:
+        prompts=f"{R}/data/opd.parquet",
+        code=code_inputs("prompt_share"),
+    output:
+        prompt_share("{i}", "{n}"),
+    log:
+        logfile("prompt_share", "share-{i}-of-{n}"),
+    benchmark:
+        bench("prompt_share", "share-{i}-of-{n}")
+    conda:
+        "../envs/gen.yaml"
+    threads: rule_threads("prompt_share")
+    resources:
+        **rule_resources("prompt_share"),
+    params:
+        cmd=command("prompt_share"),
+    shell:
+        "{params.cmd} --prompts {input.prompts:q} --share {wildcards.i:q}-of-{wildcards.n:q} --out {output:q} "
+        "2>&1 | tee {log:q}"
+
+
+ROUND_RUN = "lightning{variant}-sft-{sft_teacher}_teacher-{opd_teacher}_seed-{seed}_round-{i}"
+
+
+rule round_rollouts:
+    input:
+        policy=lambda w: round_model(w, int(w.i) - 1),
+        prompts=lambda w: prompt_share(w.i, rounds_of(w)),
+        code=code_inputs("round_rollouts"),
+    output:
+        f"{R}/rollouts/{ROUND_RUN}.parquet",
+    log:
+        logfile("round_rollouts", ROUND_RUN),
+    benchmark:
+        bench("round_rollouts", ROUND_RUN)
+    conda:
+        "../envs/gen.yaml"
+    threads: rule_threads("round_rollouts")
+    resources:
+        **rule_resources("round_rollouts"),
+    params:
+        cmd=command("round_rollouts"),
+        backend=config["generation"]["backend"],
+        backend_options=js(gen_option("rollouts", "backend_options")),
+        sampling=round_sampling,
+        template=lambda w: config["prompt_template"],
+        chat_template=js(config["chat_template_kwargs"]),
+        shard_size=gen_option("rollouts", "shard_size"),
+        data_parallel=engines("rollouts"),
+        work_dir=f"{R}/checkpoints/rollouts",
+    shell:
+        "{params.cmd} --model {input.policy:q} --prompts {input.prompts:q} --out {output:q} "
+        "--label round-{wildcards.i:q} --backend {params.backend:q} "
+        "--backend-options {params.backend_options} --sampling {params.sampling} "
+        "--prompt-template {params.template:q} --chat-template-kwargs {params.chat_template} "
+        "--shard-size {params.shard_size:q} "
+        "--data-parallel {params.data_parallel:q} --work-dir {params.work_dir:q} 2>&1 | tee {log:q}"
+
+
+rule round_teacher_cache:
+    input:
+        teacher=lambda w: built(teacher_path(w.opd_teacher)),
+        rollouts=f"{R}/rollouts/{ROUND_RUN}.parquet",
+        code=code_inputs("round_teacher_cache"),
+    output:
+        f"{R}/cache/{ROUND_RUN}.parquet",
+    log:
+        logfile("round_teacher_cache", ROUND_RUN),
+    benchmark:
+        bench("round_teacher_cache", ROUND_RUN)
+    conda:
+        "../envs/gen.yaml"
+    threads: rule_threads("round_teacher_cache")
+    resources:
+        **rule_resources("round_teacher_cache"),
+    params:
+        cmd=command("round_teacher_cache"),
+        model=lambda w: teacher_path(w.opd_teacher),
+        backend=config["teacher_cache"]["backend"],
+        backend_options=js(config["teacher_cache"]["backend_options"]),
+        max_tokens=config["teacher_cache"]["max_response_tokens"],
+        temperature=config["teacher_cache"]["temperature"],
+        top_k=config["teacher_cache"].get("top_k", 0),
+        shard_size=config["teacher_cache"]["shard_size"],
+        data_parallel=engines("teacher_cache"),
+        work_dir=f"{R}/checkpoints/teacher_cache",
+    shell:
+        "{params.cmd} --teacher {params.model:q} --rollouts {input.rollouts:q} "
+        "--out {output:q} --label {wildcards.opd_teacher:q} --backend {params.backend:q} "
+        "--backend-options {params.backend_options} --max-response-tokens {params.max_tokens:q} "
+        "--temperature {params.temperature:q} --top-k {params.top_k:q} --shard-size {params.shard_size:q} "
+        "--data-parallel {params.data_parallel:q} --work-dir {params.work_dir:q} 2>&1 | tee {log:q}"
 
 
 rule standard_opd:
