@@ -162,3 +162,45 @@ def test_report_shows_cache_state_bytes_per_token(world):
     assert table.top_k.tolist() == [0, 8]
     assert table.state_bytes_per_token.tolist() == [8.0, 56.0]
     assert table.logprobs.tolist() == ["float32", "float32 + top-k float16"]
+
+
+@pytest.mark.parametrize("loss, k", [("sampled", 0), ("topk_reverse_kl", 3)])
+def test_the_training_set_keeps_the_cache_in_arrow_and_makes_each_example_on_load(world, loss, k):
+    """Lightning OPD's training set is the cache's Arrow columns; a loaded row is the example built from
+    the row itself: the teacher's log-probs (and first k of the stored top 8) at the response positions."""
+    from lightning_opd.hparams import OPDParams
+    from lightning_opd.lightning_opd import load_checked_cache
+    from lightning_opd.modeling import load_tokenizer
+    from lightning_opd.opd_trainer import opd_example
+    from lightning_opd.provenance import describe_model
+
+    cache = world["cache_A_top8"]
+    dataset, meta = load_checked_cache(cache, describe_model(world["sft_A"]), load_tokenizer(world["sft_A"]), False,
+                                       OPDParams(loss=loss, top_k=k or None))
+    rows = pq.read_table(cache).to_pylist()
+    assert len(dataset) == len(rows) and meta.get("loss_top_k", 0) == k
+    assert dataset.data.column_names[:3] == ["prompt_ids", "response_ids", "teacher_logprobs"]  # Arrow, no lists
+    for n in (0, len(rows) - 1):
+        row, top = rows[n], [None, None]
+        if k:
+            top = [[values[i:i + 8][:k] for i in range(0, len(values), 8)]
+                   for values in (row["teacher_topk_ids"], row["teacher_topk_logprobs"])]
+        expected = opd_example(row["prompt_ids"], row["response_ids"], row["teacher_logprobs"], *top)
+        got = dataset[n]
+        assert set(got) == set(expected) and got["input_ids"] == expected["input_ids"]
+        for key in expected:
+            assert np.allclose(np.asarray(got[key], float), np.asarray(expected[key], float), atol=1e-3), key
+    assert len(dataset.__getitems__([0, 1])) == 2
+
+
+def test_top_k_ids_outside_the_students_vocabulary_are_refused_with_the_row(world, tmp_path):
+    from lightning_opd.hparams import OPDParams
+    from lightning_opd.lightning_opd import load_checked_cache
+    from lightning_opd.modeling import load_tokenizer, vocab_size
+    from lightning_opd.provenance import describe_model
+
+    width = vocab_size(world["sft_A"])
+    bad = rewrite_top_k(world["cache_A_top8"], tmp_path / "wide.parquet", set_top(3, "teacher_topk_ids", 9, width))
+    with pytest.raises(ArtifactError, match=rf"wide.parquet: row 'opd-000003' has top-k token id {width}, outside"):
+        load_checked_cache(bad, describe_model(world["sft_A"]), load_tokenizer(world["sft_A"]), False,
+                           OPDParams(loss="topk_forward_kl", top_k=4))

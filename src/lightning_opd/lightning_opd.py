@@ -16,9 +16,11 @@ its own fresh rollouts. Drift is measured against pi_ref
 from __future__ import annotations
 
 import argparse
+from functools import partial
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 from datasets import Dataset
 
 from lightning_opd.artifacts import ArtifactError, cache_top_k, read_cache
@@ -82,7 +84,11 @@ def rows_of_prompts(table, ids: set[str], cache_path: Path, share_path: Path):
 
 
 def load_checked_cache(cache_path: Path, init: dict, tokenizer, allow_mismatch: bool,
-                       params: OPDParams | None = None, share: Path | None = None) -> tuple[list[dict], dict]:
+                       params: OPDParams | None = None, share: Path | None = None) -> tuple[Dataset, dict]:
+    """The training set of a checked cache (of the rollouts of ``share``'s prompts, given one) and the
+    cache's provenance. The set keeps the cache's Arrow columns: a row becomes a training example
+    only when a batch loads it, so a paper-scale cache (a top-k one above all) is never held as
+    Python lists."""
     table, meta = read_cache(cache_path)
     if share is not None:
         table = rows_of_prompts(table, share_ids(share), cache_path, share)
@@ -93,25 +99,39 @@ def load_checked_cache(cache_path: Path, init: dict, tokenizer, allow_mismatch: 
                             f"{init['path']} ({init['fingerprint']})")
     consistent = check_teacher_consistency(sft_teacher_of(init), meta["teacher"], allow_mismatch, str(cache_path))
     k = loss_top_k(cache_path, meta, params or OPDParams())
-    rows = table.to_pylist()
-    check_context(init["path"], {r["id"]: len(r["prompt_ids"]) + len(r["response_ids"]) for r in rows}, cache_path,
+    lengths = pc.add(*(pc.list_value_length(table.column(c)) for c in ("prompt_ids", "response_ids")))
+    check_context(init["path"], dict(zip(table.column("id").to_pylist(), lengths.to_pylist())), cache_path,
                   "lower teacher_cache.max_response_tokens or rollouts.sampling.max_new_tokens")
+    columns = ["prompt_ids", "response_ids", "teacher_logprobs"]
     if not k:
-        examples = [opd_example(r["prompt_ids"], r["response_ids"], r["teacher_logprobs"]) for r in rows]
-        return examples, {**meta, "teacher_consistent": consistent}
+        return Dataset(table.select(columns)).with_transform(opd_batch), {**meta, "teacher_consistent": consistent}
     stored, width = cache_top_k(meta), vocab_size(init["path"])
+    # the first k of each position are the teacher's k most likely tokens (canonical order)
+    ids = pc.list_flatten(table.column("teacher_topk_ids")).to_numpy(zero_copy_only=False).reshape(-1, stored)[:, :k]
+    if ids.size and (top := int(ids.max())) >= width:
+        token = int(np.flatnonzero((ids >= width).any(1))[0])
+        row = int(np.searchsorted(np.cumsum(pc.list_value_length(table.column("response_ids"))), token, side="right"))
+        raise ArtifactError(f"{cache_path}: row {table.column('id')[row].as_py()!r} has top-k token id {top}, outside "
+                            f"the {width}-token output of the student {init['path']}: the cache comes from "
+                            "another model family; delete it and rerun the teacher_cache stage")
+    dataset = Dataset(table.select([*columns, "teacher_topk_ids", "teacher_topk_logprobs"]))
+    return (dataset.with_transform(partial(opd_batch, top_k=k, stored=stored)),
+            {**meta, "teacher_consistent": consistent, "loss_top_k": k})
+
+
+def opd_batch(batch: dict[str, list], top_k: int = 0, stored: int = 0) -> dict[str, list]:
+    """Rows of the cache (as a batch of columns) as OPD training examples; with ``top_k``, the first
+    ``top_k`` of the ``stored`` teacher tokens at each response position."""
     examples = []
-    for r in rows:
-        # the first k of each position are the teacher's k most likely tokens (canonical order)
-        ids = np.asarray(r["teacher_topk_ids"], np.int64).reshape(-1, stored)[:, :k]
-        logprobs = np.asarray(r["teacher_topk_logprobs"], np.float32).reshape(-1, stored)[:, :k]
-        if ids.size and ids.max() >= width:
-            raise ArtifactError(f"{cache_path}: row {r['id']!r} has top-k token id {ids.max()}, outside the "
-                                f"{width}-token output of the student {init['path']}: the cache comes from "
-                                "another model family; delete it and rerun the teacher_cache stage")
-        examples.append(opd_example(r["prompt_ids"], r["response_ids"], r["teacher_logprobs"], ids.tolist(),
-                                    logprobs.tolist()))
-    return examples, {**meta, "teacher_consistent": consistent, "loss_top_k": k}
+    for n, (prompt, response, logprobs) in enumerate(zip(batch["prompt_ids"], batch["response_ids"],
+                                                         batch["teacher_logprobs"])):
+        if not top_k:
+            examples.append(opd_example(prompt, response, logprobs))
+            continue
+        ids = np.asarray(batch["teacher_topk_ids"][n], np.int64).reshape(-1, stored)[:, :top_k]
+        top = np.asarray(batch["teacher_topk_logprobs"][n], np.float32).reshape(-1, stored)[:, :top_k]
+        examples.append(opd_example(prompt, response, logprobs, ids.tolist(), top.tolist()))
+    return {key: [e[key] for e in examples] for key in examples[0]} if examples else {}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -131,10 +151,10 @@ def main(argv: list[str] | None = None) -> None:
 
     init = describe_model(args.init)
     tokenizer = load_tokenizer(args.init)
-    examples, meta = load_checked_cache(args.cache, init, tokenizer, params.allow_teacher_mismatch, params,
-                                        args.prompt_share)
+    dataset, meta = load_checked_cache(args.cache, init, tokenizer, params.allow_teacher_mismatch, params,
+                                       args.prompt_share)
     earlier_rounds = read_train_log(args.init) if args.round.index > 1 else []
-    print(f"Lightning OPD{f' round {args.round}' if args.round.count > 1 else ''} on {len(examples)} cached "
+    print(f"Lightning OPD{f' round {args.round}' if args.round.count > 1 else ''} on {len(dataset)} cached "
           f"rollouts, teacher {meta['teacher'].get('label')} "
           f"({'consistent' if meta['teacher_consistent'] else 'INCONSISTENT'} with the SFT teacher), loss "
           f"{params.loss}" + (f" over the teacher's top {meta['loss_top_k']}" if params.loss != "sampled" else ""))
@@ -149,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     trainer = OPDTrainer(model=model, tau=params.tau, loss=params.loss, reference=reference,
                          drift_batches=drift_batches, drift_every=args.drift_every,
                          args=training_arguments(params, checkpoint_dir(args.checkpoint_root, key), tracking),
-                         train_dataset=Dataset.from_list(examples),
+                         train_dataset=dataset,
                          data_collator=collator(params, tokenizer.pad_token_id))
     train_with_resume(trainer)
     save_final(trainer, tokenizer, args.out, {

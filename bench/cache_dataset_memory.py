@@ -1,0 +1,95 @@
+"""Host memory of Lightning OPD's training set over a teacher cache: the cache's
+Arrow columns with examples made when a batch loads (what `lightning_opd`
+does) against every row built up front as Python lists (what it did before).
+Each way runs in a fresh process on the same synthetic cache (random ids and
+log-probs of the cache's schema, top-k columns included) and prints the peak
+RSS over the cache read, and the time to build the set and load one epoch of
+micro-batches.
+
+    python bench/cache_dataset_memory.py --rows 2000 --tokens 1024 --top-k 16
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+def write_cache(path: Path, rows: int, tokens: int, top_k: int, vocab: int = 151_936) -> None:
+    rng = np.random.default_rng(0)
+    prompt = 64
+    ids = pa.array(list(rng.integers(0, vocab, (rows, tokens), dtype=np.int32)), pa.list_(pa.int32()))
+    table = pa.table({
+        "prompt_ids": pa.array(list(rng.integers(0, vocab, (rows, prompt), dtype=np.int32)), pa.list_(pa.int32())),
+        "response_ids": ids,
+        "teacher_logprobs": pa.array(list(-rng.random((rows, tokens), dtype=np.float32)), pa.list_(pa.float32())),
+        "teacher_topk_ids": pa.array(list(rng.integers(0, vocab, (rows, tokens * top_k), dtype=np.int32)),
+                                     pa.list_(pa.int32())),
+        "teacher_topk_logprobs": pa.array(list(-rng.random((rows, tokens * top_k)).astype(np.float16)),
+                                          pa.list_(pa.float16())),
+    })
+    pq.write_table(table, path)
+
+
+def measure(path: Path, way: str, top_k: int, micro_batch: int) -> dict:
+    from datasets import Dataset
+
+    from lightning_opd.lightning_opd import opd_batch
+    from lightning_opd.opd_trainer import opd_example
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    table = pq.read_table(path)
+    if way == "arrow":
+        dataset = Dataset(table).with_transform(lambda b: opd_batch(b, top_k=top_k, stored=top_k))
+    else:
+        examples = []
+        for r in table.to_pylist():
+            ids = np.asarray(r["teacher_topk_ids"]).reshape(-1, top_k).tolist()
+            logprobs = np.asarray(r["teacher_topk_logprobs"], np.float32).reshape(-1, top_k).tolist()
+            examples.append(opd_example(r["prompt_ids"], r["response_ids"], r["teacher_logprobs"], ids, logprobs))
+        dataset = Dataset.from_list(examples)
+    built = time.perf_counter() - start
+    for i in range(0, len(dataset), micro_batch):
+        dataset.__getitems__(list(range(i, min(i + micro_batch, len(dataset)))))
+    return {"way": way, "peak_rss_gb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 2**20,
+            "build_s": built, "epoch_load_s": time.perf_counter() - start - built}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=1000)
+    parser.add_argument("--tokens", type=int, default=512, help="response tokens per row")
+    parser.add_argument("--top-k", type=int, default=16)
+    parser.add_argument("--micro-batch", type=int, default=8)
+    parser.add_argument("--measure", nargs=2, metavar=("CACHE", "WAY"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.measure:
+        print(json.dumps(measure(Path(args.measure[0]), args.measure[1], args.top_k, args.micro_batch)))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = Path(tmp) / "cache.parquet"
+        write_cache(cache, args.rows, args.tokens, args.top_k)
+        print(f"cache: {args.rows} rows x {args.tokens} response tokens, top_k {args.top_k}: "
+              f"{cache.stat().st_size / 2**20:.0f} MiB parquet, "
+              f"{pq.read_table(cache).nbytes / 2**30:.2f} GiB as Arrow")
+        for way in ("arrow", "python lists"):
+            out = subprocess.run([sys.executable, __file__, "--top-k", str(args.top_k), "--micro-batch",
+                                  str(args.micro_batch), "--measure", str(cache), way],
+                                 capture_output=True, text=True, check=True).stdout
+            result = json.loads(out.strip().splitlines()[-1])
+            print(f"{way:>12}: peak RSS +{result['peak_rss_gb']:.2f} GiB, built in {result['build_s']:.1f} s, "
+                  f"one epoch of micro-batches {args.micro_batch} loaded in {result['epoch_load_s']:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
