@@ -222,7 +222,7 @@ def task_yamls(output: str) -> list[str]:
     "configfile, tasks, n_models",
     [
         ("config/paper/qwen3-8b.yaml", ["aime24", "aime25"], 5),
-        (None, ["synth_arith"], 5),
+        (None, ["synth_arith"], 9),  # and the 4 Lightning OPD variants
     ],
 )
 def test_dry_run_evaluates_every_model_on_every_benchmark(configfile, tasks, n_models, tmp_path):

@@ -81,8 +81,9 @@ def evaluate(model: str, eval_file: Path, out: Path, k: int = 4, temperature: fl
     config = task_config(task_yaml, eval_file, k, temperature, top_p, max_gen_toks)
     model_type, model_args = lm_eval_model(backend, model, batch_size, seed, backend_options or {},
                                            chat_template_kwargs, think_end_token)
+    # the task comes whole as a config: indexing lm-eval's default tasks would cost ~12 s per job
     output = lm_eval.simple_evaluate(
-        model=model_type, model_args=model_args, tasks=[config], task_manager=TaskManager(),
+        model=model_type, model_args=model_args, tasks=[config], task_manager=TaskManager(include_defaults=False),
         apply_chat_template=True, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
         log_samples=True, bootstrap_iters=0,
     )
