@@ -49,7 +49,7 @@ def test_prompt_template_reaches_the_module_as_one_literal_argument(tmp_path):
     result = dry_run(tmp_path, {"prompt_template": template}, "-p")
     assert result.returncode == 0, result.stderr[-2000:]
     commands = [line for line in result.stdout.splitlines() if "--prompt-template" in line]
-    assert len(commands) == 3  # SFT data, rollouts, standard OPD
+    assert len(commands) == 7  # SFT data, rollouts, standard OPD, the 1 + 3 later rounds of rounds2 and rounds4
     for line in commands:
         words = shlex.split(line.split("Shell command:", 1)[-1])
         assert words[words.index("--prompt-template") + 1] == template
@@ -81,7 +81,8 @@ def test_opd_teacher_that_can_never_run_is_refused(tmp_path):
     assert_refused(result, "runs.opd_teachers", "['B'] never run", "allow_teacher_mismatch")
     fixed = dry_run(tmp_path, {**override, "allow_teacher_mismatch": True})
     assert fixed.returncode == 0, fixed.stderr[-2000:]
-    assert planned_jobs(fixed.stdout)["lightning_opd"] == 2
+    # A/A and A/B; the default's variants (topk4, topk16, 2 + 4 rounds: 8 trainings) for A/A alone
+    assert planned_jobs(fixed.stdout)["lightning_opd"] == 2 + 8
 
 
 def test_skipped_inconsistent_pairs_are_reported(tmp_path):
@@ -90,7 +91,7 @@ def test_skipped_inconsistent_pairs_are_reported(tmp_path):
     result = dry_run(tmp_path, override)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "pairs ['A/B', 'B/A'] are skipped" in result.stdout + result.stderr
-    assert planned_jobs(result.stdout)["lightning_opd"] == 2
+    assert planned_jobs(result.stdout)["lightning_opd"] == 2 * (1 + 8)  # A/A and B/B, each with the variants
 
 
 JSON_PARAMS = re.compile(r"^\s*(\w+)=(?:lambda w[^:]*: )?(?:js\(|opd_params|command\(|tracking\()", re.MULTILINE)
