@@ -345,12 +345,12 @@ def check_lightning_runs():
                 f"{where}: loss {fields['loss']} over the teacher's top {k or 'k'} tokens needs a cache of them, "
                 f"but teacher_cache.top_k is {cache_k}: set teacher_cache.top_k to at least {k or 1} or lower top_k"
             )
-        if 0 < fields.get("max_steps", -1) < fields.get("rounds", 1):
+        if runs_it and 0 < fields.get("max_steps", -1) < fields.get("rounds", 1):
             raise WorkflowError(
                 f"{where}: max_steps {fields['max_steps']} < rounds {fields['rounds']}: the rounds share the steps; "
                 "raise max_steps or lower rounds"
             )
-        if fields.get("rounds", 1) > config["task"]["n_opd"] if "data" not in config else False:
+        if runs_it and "data" not in config and fields.get("rounds", 1) > config["task"]["n_opd"]:
             raise WorkflowError(
                 f"{where}: rounds {fields['rounds']} > task.n_opd {config['task']['n_opd']}: every round needs "
                 "prompts; lower rounds or raise task.n_opd"
