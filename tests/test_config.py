@@ -84,10 +84,10 @@ def test_scientific_notation_and_other_typed_values_in_nested_config(tmp_path):
 
 
 def test_a_nested_override_reruns_what_it_changes(tiny_run):
-    """The same value written as 1e-5 in --config and as 1.0e-5 in the config: nothing to do."""
+    """The same value written as 1e-4 in --config and as 1.0e-4 in the config: nothing to do."""
     work, config = tiny_run
     assert (
-        planned_jobs(snakemake("-n", *config, "--config", "lightning_opd={learning_rate: 1e-5}", cwd=work).stdout) == {}
+        planned_jobs(snakemake("-n", *config, "--config", "lightning_opd={learning_rate: 1e-4}", cwd=work).stdout) == {}
     )
 
 

@@ -58,7 +58,7 @@ class TrainParams:
     micro_batch_size: int | None = None
     # concatenate each micro-batch into one row (no padding; attention stays within each sequence)
     packing: bool = False
-    epochs: float = 8.0
+    epochs: float = 2.0
     max_steps: int = -1
     seed: int = 0
     bf16: bool = False
@@ -83,7 +83,7 @@ class SamplingParams:
 @dataclasses.dataclass
 class OPDParams(TrainParams):
     # the paper's optimiser (Adam 0.9/0.98, weight decay 0.1, constant lr) with an lr for the tiny models
-    learning_rate: float = 1e-5
+    learning_rate: float = 1e-4
     lr_scheduler_type: str = "constant"
     warmup_ratio: float = 0.0
     weight_decay: float = 0.1
