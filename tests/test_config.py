@@ -153,3 +153,13 @@ def test_an_unknown_loss_is_refused_with_the_key(tmp_path):
                        check=False)
     assert result.returncode != 0 and "loss" in result.stdout + result.stderr
     assert "topk_kl" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("text, key", [("lightning_opd: {learning_rate: .nan}\n", "lightning_opd.learning_rate"),
+                                       ("lightning_variants: {topk4: {tau: .inf}}\n", "lightning_variants.topk4.tau")])
+def test_a_non_finite_number_in_a_config_file_is_refused_with_its_key(text, key, tmp_path):
+    override = tmp_path / "o.yaml"
+    override.write_text(f"results_dir: {tmp_path / 'results'}\n{text}")  # YAML reads .nan and .inf as floats
+    result = snakemake("-n", "--configfile", str(override), check=False)
+    assert result.returncode != 0 and f"{key}: not a finite number" in result.stdout + result.stderr
+    assert not (tmp_path / "results").exists()

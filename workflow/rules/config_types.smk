@@ -2,6 +2,7 @@
 # read as such before validation: Snakemake passes the values of a nested
 # `--config 'key={...}'` as strings, and YAML 1.1 (PyYAML) reads `1e-5`, without a dot,
 # as a string.
+import math
 import re
 from pathlib import Path
 
@@ -60,3 +61,16 @@ def coerce_types(config, schema):
                 parent[key] = value
                 changed = True
     return config
+
+
+def non_finite_numbers(value, where="config"):
+    """The keys (dotted) of NaN and infinite numbers anywhere in the config: YAML reads .nan and .inf
+    as numbers, and JSON schema's bounds do not catch NaN."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from non_finite_numbers(item, f"{where}.{key}")
+    elif isinstance(value, list):
+        for n, item in enumerate(value):
+            yield from non_finite_numbers(item, f"{where}[{n}]")
+    elif isinstance(value, float) and not math.isfinite(value):
+        yield where.removeprefix("config.")
