@@ -9,7 +9,7 @@ import re
 import pytest
 import yaml
 
-from test_pipeline import REPO, planned_jobs, snakemake
+from test_pipeline import REPO, copy_repo, planned_jobs, snakemake
 
 SCHEMA = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())
 README = (REPO / "config/README.md").read_text()
@@ -101,6 +101,11 @@ def test_a_nested_override_reruns_what_it_changes(tiny_run):
             "['lightning_opd']['learning_rate']",
         ),
         ("sft={keep_unfinished: maybe}", "'maybe' is not of type 'boolean'", "['sft']['keep_unfinished']"),
+        (
+            "chat_template_kwargs={enable_thinking: maybe}",
+            "'maybe' is not of type 'boolean'",
+            "['chat_template_kwargs']['enable_thinking']",
+        ),
     ],
 )
 def test_values_of_the_wrong_type_are_refused_with_the_key(override, message, key, tmp_path):
@@ -163,3 +168,55 @@ def test_a_non_finite_number_in_a_config_file_is_refused_with_its_key(text, key,
     result = snakemake("-n", "--configfile", str(override), check=False)
     assert result.returncode != 0 and f"{key}: not a finite number" in result.stdout + result.stderr
     assert not (tmp_path / "results").exists()
+
+
+def shell_commands(dry_run_output: str, module: str) -> list[str]:
+    return [line for line in dry_run_output.splitlines() if f"-m lightning_opd.{module} " in line]
+
+
+def quoted_json(command: str, option: str):
+    return json.loads(re.search(f"{option} '([^']*)'", command).group(1))
+
+
+def test_free_form_values_and_the_thinking_switch_reach_the_jobs_typed(tmp_path):
+    """Values of free-form mappings read as numbers and booleans, from a config file (YAML 1.1 reads
+    9e-1 as a string) and from a nested --config (every value a string); enable_thinking: false
+    reaches every stage as JSON false, not the string "false" (which a chat template takes as true)."""
+    override = tmp_path / "o.yaml"
+    override.write_text(f"results_dir: {tmp_path / 'results'}\n"
+                        "eval: {backend_options: {gpu_memory_utilization: 9e-1, enforce_eager: true}}\n")
+    result = snakemake("-n", "-p", "--configfile", str(override), "--config",
+                       "chat_template_kwargs={enable_thinking: false, reasoning: low}",
+                       "eval={think_end_token: </think>}",
+                       "rollouts={backend_options: {batch_size: 8, dtype: float32}}",
+                       "lightning_opd={fsdp: {version: 2, activation_checkpointing: false}}")
+    templated = re.findall(r"--chat-template-kwargs '([^']*)'", result.stdout)
+    assert len(templated) >= 5 and set(templated) == {'{"enable_thinking": false, "reasoning": "low"}'}
+    evaluate = shell_commands(result.stdout, "evaluate")
+    assert evaluate and all("--think-end-token '</think>'" in c for c in evaluate)
+    assert {json.dumps(quoted_json(c, "--backend-options")) for c in evaluate} == {
+        '{"enforce_eager": true, "gpu_memory_utilization": 0.9}'}  # JSON: no 1 for true, no "0.9" for 0.9
+    rollouts = [c for c in shell_commands(result.stdout, "generate") if "/rollouts/sft-" in c]
+    assert rollouts and {json.dumps(quoted_json(c, "--backend-options")) for c in rollouts} == {
+        '{"batch_size": 8, "dtype": "float32"}'}
+    assert json.dumps(opd_hyperparameters(result.stdout)["fsdp"], sort_keys=True) == \
+        '{"activation_checkpointing": false, "version": 2}'
+
+
+def test_thinking_without_a_think_end_token_is_refused_before_any_job(tmp_path):
+    result = snakemake("-n", "--config", f"results_dir={tmp_path / 'results'}",
+                       "chat_template_kwargs={enable_thinking: true}", check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "chat_template_kwargs.enable_thinking is true but eval.think_end_token is not set" in output
+    assert "set eval.think_end_token" in output and "Job stats" not in output
+    assert not (tmp_path / "results").exists()
+
+
+def test_a_rule_missing_from_the_stage_table_is_refused(tmp_path):
+    work = copy_repo(tmp_path / "work")
+    with open(work / "workflow/rules/report.smk", "a") as rules:
+        rules.write('\n\nrule unlisted:\n    output:\n        "x.txt",\n    shell:\n        "touch {output}"\n')
+    result = snakemake("-n", "--config", f"results_dir={tmp_path / 'results'}", cwd=work, check=False)
+    assert result.returncode != 0
+    assert "rule(s) ['unlisted'] have no entry in STAGES" in result.stdout + result.stderr

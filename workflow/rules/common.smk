@@ -11,8 +11,6 @@ from typing import NamedTuple
 
 from snakemake.exceptions import WorkflowError
 
-from snakemake.exceptions import WorkflowError
-
 R = f"{config['results_dir']}/{config['experiment']}"
 SRC = Path(workflow.basedir).parent / "src"
 PKG = SRC / "lightning_opd"

@@ -1,7 +1,8 @@
 # Numbers, booleans and null written as strings where the config schema asks for them are
 # read as such before validation: Snakemake passes the values of a nested
 # `--config 'key={...}'` as strings, and YAML 1.1 (PyYAML) reads `1e-5`, without a dot,
-# as a string.
+# as a string. In the free-form mappings (backend_options, fsdp, chat_template_kwargs) the
+# schema's option_value asks for a number, boolean or null wherever a string reads as one.
 import math
 import re
 from pathlib import Path
