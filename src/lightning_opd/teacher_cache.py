@@ -169,10 +169,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--label", default="", help="a human name for the teacher")
     parser.add_argument("--backend", choices=BACKENDS, default="hf")
-    parser.add_argument("--max-response-tokens", type=int, default=None)
+    parser.add_argument("--max-response-tokens", type=int, default=4096,
+                        help="rollouts are cut to this many response tokens before scoring")
     parser.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the scores")
     parser.add_argument("--backend-options", default="{}", help="JSON passed to the backend")
-    parser.add_argument("--top-k", type=int, default=0,
+    parser.add_argument("--top-k", type=int, default=16,
                         help="also store the teacher's k most likely tokens at every response position (0: no)")
     add_shard_arguments(parser, DEFAULT_SHARD_SIZE)
     args = parser.parse_args(argv)
