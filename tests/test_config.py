@@ -220,3 +220,100 @@ def test_a_rule_missing_from_the_stage_table_is_refused(tmp_path):
     result = snakemake("-n", "--config", f"results_dir={tmp_path / 'results'}", cwd=work, check=False)
     assert result.returncode != 0
     assert "rule(s) ['unlisted'] have no entry in STAGES" in result.stdout + result.stderr
+
+
+# ---- the default column of config/README.md's tables: a cell that starts with a backtick is
+# "`value`", or several "`value` in `section`" joined by "; ", each checked against config/config.yaml
+# (the training fields: against TrainParams, and OPDParams in `lightning_opd`); other cells are prose
+CONFIG = yaml.safe_load((REPO / "config/config.yaml").read_text())
+# the sections of config/config.yaml that each table (by the start of its heading) documents
+TABLE_SECTIONS = {
+    "Experiment and task": ["experiment", "results_dir", "task", "data", "prompt_template"],
+    "Prompts and tracking": ["chat_template_kwargs", "tracking"],
+    "Models": ["tokenizer", "teachers", "student_base"],
+    "Runs": ["runs", "allow_teacher_mismatch"],
+    "Stages": ["generation", "sft_data", "sft", "rollouts", "teacher_cache", "lightning_opd", "lightning_variants",
+               "standard_opd", "opd_drift", "eval"],
+    "Sampling": ["sft_data.sampling", "rollouts.sampling", "standard_opd.sampling", "opd_drift"],
+    "Evaluation": ["eval"],
+    "Resources": ["resources"],
+}
+TRAINING_TABLE = "Training fields"
+SEGMENT = r"`([^`]+)`(?: in `([\w.]+)`)?"
+
+
+def module_defaults() -> dict[str, object]:
+    """Defaults of keys that config/config.yaml leaves out: what the module that reads them uses."""
+    from lightning_opd.hparams import SAMPLER_ENGINE_DEFAULTS
+    from lightning_opd.plan import DEFAULT_GPU_MEM_GB
+    from test_defaults import cli_defaults
+
+    return {"split": cli_defaults("prepare_data")["split"], "gpu_mem_gb": DEFAULT_GPU_MEM_GB,
+            "nodes": cli_defaults("launch")["nnodes"], **SAMPLER_ENGINE_DEFAULTS}
+
+
+def readme_defaults() -> list[tuple[str, str, str]]:
+    """(table heading, key, default cell) of every table row whose default cell starts with a backtick."""
+    rows, heading = [], ""
+    for line in README.splitlines():
+        if line.startswith("#"):
+            heading = line.lstrip("# ")
+        elif line.startswith("| `"):
+            cells = [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]
+            if cells[2].startswith("`"):
+                rows.append((heading, re.match(r"`([^`]+)`", cells[0]).group(1), cells[2]))
+    return rows
+
+
+def config_paths(node, path=()):
+    yield path, node
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from config_paths(value, (*path, key))
+
+
+def canonical(value):
+    """A value to compare: 2 and 2.0 are the same number, but true is not 1."""
+    if isinstance(value, dict):
+        return {k: canonical(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [canonical(v) for v in value]
+    return (type(value).__name__ if isinstance(value, bool | str | None) else "number", value)
+
+
+def test_readme_defaults_are_the_embedded_config_and_the_dataclass_defaults():
+    from lightning_opd.hparams import OPDParams, TrainParams
+
+    modules = module_defaults()
+    checked, wrong = 0, []
+    for heading, key, cell in readme_defaults():
+        assert re.fullmatch(f"{SEGMENT}(; {SEGMENT})*", cell), f"config/README.md, {key}: default {cell!r} unreadable"
+        segments = [(m.group(1), m.group(2)) for m in re.finditer(SEGMENT, cell)]
+        if heading.startswith(TRAINING_TABLE):
+            scoped = {scope for _, scope in segments if scope}
+            assert scoped <= {"lightning_opd"}, f"config/README.md, {key}: training fields are in lightning_opd or not"
+            train, opd = (("TrainParams",), getattr(TrainParams(), key)), (("OPDParams",), getattr(OPDParams(), key))
+            places = {"": [train] if scoped else [train, opd], "lightning_opd": [opd]}
+        else:
+            sections = next(s for table, s in TABLE_SECTIONS.items() if heading.startswith(table))
+            parts = tuple(key.split("."))
+            candidates = [(path, value) for path, value in config_paths(CONFIG)
+                          if path[-len(parts):] == parts and any(".".join(path).startswith(s) for s in sections)]
+            places = {}
+            for _, scope in segments:
+                if scope:
+                    places[scope] = [(p, v) for p, v in candidates if ".".join(p).startswith(scope)]
+                    assert places[scope], f"config/README.md, {key}: no {key} in {scope} of config/config.yaml"
+            if any(not scope for _, scope in segments):
+                claimed = [p for paths in places.values() for p, _ in paths]
+                places[""] = [(p, v) for p, v in candidates if p not in claimed]
+                if not places[""]:  # left out of config/config.yaml: the module's default
+                    assert key in modules, f"config/README.md, {key}: default given, but no config or module default"
+                    places[""] = [(("module default",), modules[key])]
+        for text, scope in segments:
+            for path, value in places[scope or ""]:
+                checked += 1
+                if canonical(yaml.safe_load(text)) != canonical(value):
+                    wrong.append(f"{key} ({heading}): README says {text}, {'.'.join(map(str, path))} is {value!r}")
+    assert not wrong, "config/README.md's default column:\n" + "\n".join(wrong)
+    assert checked > 80  # every table was read

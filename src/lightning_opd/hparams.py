@@ -110,6 +110,12 @@ class TrackingParams:
     log_dir: str | None = None  # TensorBoard's event files (and W&B's local run files) go here
 
 
+# The colocated vLLM engine of standard OPD (`standard_opd.sampler_options`): the options it sets
+# itself when the config does not (the others default to vLLM's)
+SAMPLER_ENGINE_DEFAULTS: dict[str, Any] = {"gpu_memory_utilization": 0.3, "enable_sleep_mode": False,
+                                           "max_num_batched_tokens": 4096}
+
+
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "hparams") -> T:
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - fields)

@@ -22,6 +22,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lightning_opd.hparams import SAMPLER_ENGINE_DEFAULTS
+
 GB = 1e9
 DEFAULT_GPU_MEM_GB = 80.0
 # bytes of fp32 logits per chunk of the output layer in the log-prob path (= lightning_opd.logprobs.CHUNK_BYTES,
@@ -318,7 +320,7 @@ class Planner:
         training keeps between steps (weights, gradients, optimiser, frozen
         models); with sleep mode it gives that share back while training
         runs, otherwise it keeps it."""
-        share = options.get("gpu_memory_utilization", 0.3)
+        share = {**SAMPLER_ENGINE_DEFAULTS, **options}["gpu_memory_utilization"]
         engine = share * p.limit_gb
         between_steps = p.peak_gb - sum(p.parts.get(k, 0.0) for k in ("activations", "logprobs", "gathered"))
         sleeping = bool(options.get("enable_sleep_mode"))

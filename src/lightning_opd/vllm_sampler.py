@@ -27,7 +27,7 @@ from trl.generation.vllm_generation import VLLMGeneration
 from trl.trainer.utils import ensure_master_addr_port
 
 from lightning_opd.backends.base import request_seed
-from lightning_opd.hparams import SamplingParams
+from lightning_opd.hparams import SAMPLER_ENGINE_DEFAULTS, SamplingParams
 from lightning_opd.sampling import GenerationResult
 
 # what the sampler's engine options may set; the rest is fixed by colocation
@@ -62,12 +62,7 @@ class ColocatedVLLMSampler(VLLMGeneration):
         engine_options = check_engine_options(dict(engine_options))
         self.model_path = model_path
         self.stop_ids = sorted(stop_ids)
-        self.engine_options = {
-            "gpu_memory_utilization": 0.3,
-            "enable_sleep_mode": False,
-            "max_num_batched_tokens": 4096,
-            **engine_options,
-        }
+        self.engine_options = {**SAMPLER_ENGINE_DEFAULTS, **engine_options}
         self.synced_step: int | None = None
         super().__init__(
             model,
