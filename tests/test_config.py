@@ -171,7 +171,7 @@ def test_a_non_finite_number_in_a_config_file_is_refused_with_its_key(text, key,
 
 
 def shell_commands(dry_run_output: str, module: str) -> list[str]:
-    return [line for line in dry_run_output.splitlines() if f"-m lightning_opd.{module} " in line]
+    return [line for line in dry_run_output.splitlines() if f" lightning_opd.{module} " in line]  # -m or launched
 
 
 def quoted_json(command: str, option: str):
@@ -189,7 +189,8 @@ def test_free_form_values_and_the_thinking_switch_reach_the_jobs_typed(tmp_path)
                        "chat_template_kwargs={enable_thinking: false, reasoning: low}",
                        "eval={think_end_token: </think>}",
                        "rollouts={backend_options: {batch_size: 8, dtype: float32}}",
-                       "lightning_opd={fsdp: {version: 2, activation_checkpointing: false}}")
+                       "lightning_opd={fsdp: {version: 2, activation_checkpointing: false}}",
+                       "standard_opd={sampler_options: {gpu_memory_utilization: 9e-1, enable_sleep_mode: true}}")
     templated = re.findall(r"--chat-template-kwargs '([^']*)'", result.stdout)
     assert len(templated) >= 5 and set(templated) == {'{"enable_thinking": false, "reasoning": "low"}'}
     evaluate = shell_commands(result.stdout, "evaluate")
@@ -201,6 +202,9 @@ def test_free_form_values_and_the_thinking_switch_reach_the_jobs_typed(tmp_path)
         '{"batch_size": 8, "dtype": "float32"}'}
     assert json.dumps(opd_hyperparameters(result.stdout)["fsdp"], sort_keys=True) == \
         '{"activation_checkpointing": false, "version": 2}'
+    standard = shell_commands(result.stdout, "standard_opd")
+    assert standard and {json.dumps(quoted_json(c, "--sampler-options")) for c in standard} == {
+        '{"enable_sleep_mode": true, "gpu_memory_utilization": 0.9}'}
 
 
 def test_thinking_without_a_think_end_token_is_refused_before_any_job(tmp_path):
