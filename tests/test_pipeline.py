@@ -244,6 +244,10 @@ def test_tiny_run_trains_two_rounds_on_disjoint_prompt_shares(tiny_run):
     assert first["init_model"]["path"].endswith("models/sft-A")
     assert last["init_model"]["path"].endswith(f"models/{run}_round-1")
     assert last["sft_teacher"] == sft["sft_teacher"] and last["teacher_consistent"]
+    # round 2 goes on with round 1's optimiser state, which only a round that is not the last writes
+    assert (first["optimizer_state"], last["optimizer_state"]) == ("fresh", "round 1's")
+    assert (results / f"models/{run}_round-1/optimizer_state/optimizer.pt").is_file()
+    assert not (results / f"models/{run}/optimizer_state").exists()
     rollouts = pq.read_table(results / f"rollouts/{run}_round-2.parquet")
     meta = json.loads(rollouts.schema.metadata[METADATA_KEY])
     assert meta["model"]["fingerprint"] == last["init_model"]["fingerprint"]  # sampled by round 1's model

@@ -12,7 +12,10 @@ Round I of multi-round Lightning OPD (``--round I-of-N``) is the same stage:
 round 1 trains pi_ref on the cache's rows of its prompt share
 (``--prompt-share``), round I > 1 trains round I-1's model on the cache of
 its own fresh rollouts. Drift is measured against pi_ref
-(``--drift-reference``) and the training log continues round I-1's."""
+(``--drift-reference``) and the training log continues round I-1's. The
+optimiser state goes on from round to round too (written with each round's
+model but the last): a fresh Adam per round would take near sign-sized
+first steps every round."""
 from __future__ import annotations
 
 import argparse
@@ -39,6 +42,7 @@ from lightning_opd.provenance import (
 )
 from lightning_opd.shards import Part
 from lightning_opd.training import (
+    OPTIMIZER_STATE_DIR,
     accumulation,
     checkpoint_dir,
     collator,
@@ -166,8 +170,9 @@ def main(argv: list[str] | None = None) -> None:
         args.drift_reference or args.init, tokenizer, args.drift_prompts, args.drift_n,
         meta["rollouts"].get("prompt_template") or DEFAULT_PROMPT_TEMPLATE, args.drift_max_new_tokens,
         accumulation(params, world_size())[0], frozen_dtype(params), meta["rollouts"].get("chat_template_kwargs"))
+    carried = Path(args.init) / OPTIMIZER_STATE_DIR if args.round.index > 1 else None
     trainer = OPDTrainer(model=model, tau=params.tau, loss=params.loss, reference=reference,
-                         drift_batches=drift_batches, drift_every=args.drift_every,
+                         drift_batches=drift_batches, drift_every=args.drift_every, optimizer_state=carried,
                          args=training_arguments(params, checkpoint_dir(args.checkpoint_root, key), tracking),
                          train_dataset=dataset,
                          data_collator=collator(params, tokenizer.pad_token_id))
@@ -178,7 +183,8 @@ def main(argv: list[str] | None = None) -> None:
         "loss": params.loss, "loss_top_k": meta.get("loss_top_k", 0),
         "chat_template_kwargs": meta["rollouts"].get("chat_template_kwargs", {}),
         "round": args.round.index, "rounds": args.round.count,
-    }, earlier_log=earlier_rounds)
+        "optimizer_state": f"round {args.round.index - 1}'s" if carried else "fresh",
+    }, earlier_log=earlier_rounds, optimizer_state=args.round.index < args.round.count)
     print(f"-> {args.out}")
 
 

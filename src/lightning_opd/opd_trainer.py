@@ -16,7 +16,13 @@ from transformers import Trainer, TrainerCallback
 
 from lightning_opd.logprobs import drift_kl_sum, response_logprobs, response_support_logprobs
 from lightning_opd.opd_loss import LOSSES, opd_loss, topk_kl_loss
-from lightning_opd.training import IGNORE_INDEX, add_tracking_argument, supervised_example
+from lightning_opd.training import (
+    IGNORE_INDEX,
+    add_tracking_argument,
+    load_optimizer_state,
+    require_optimizer_state,
+    supervised_example,
+)
 
 
 def opd_example(prompt: list[int], response: list[int], teacher_logprobs: list[float],
@@ -66,14 +72,33 @@ class LogEvery(TrainerCallback):
         return control
 
 
+class ContinueOptimizer(TrainerCallback):
+    """Starts a run that does not resume from a checkpoint of its own from an
+    earlier run's optimiser state (the optimiser exists, prepared, by now)."""
+
+    def __init__(self, trainer: Trainer, directory: Path):
+        require_optimizer_state(directory)  # before any work
+        self.trainer, self.directory = trainer, directory
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step == 0:
+            load_optimizer_state(self.trainer, self.directory)
+
+
 class OPDTrainer(Trainer):
     """``drift_batches``: this process's share of the held-out sequences, as
     batches (every process gets as many); ``drift_every``: optimiser steps
     between drift measurements (None: at every training log)."""
 
     def __init__(self, *args, tau: float | None = None, reference=None, drift_batches=None,
-                 drift_every: int | None = None, loss: str = "sampled", **kwargs):
+                 drift_every: int | None = None, loss: str = "sampled", optimizer_state: Path | None = None,
+                 **kwargs):
+        """``optimizer_state``: a directory `save_final` wrote the optimiser state
+        into (an earlier round's); a run that does not resume from a checkpoint
+        starts from it instead of fresh moments (its lr schedule starts anew)."""
         super().__init__(*args, **kwargs)
+        if optimizer_state is not None:
+            self.add_callback(ContinueOptimizer(self, optimizer_state))
         if loss not in LOSSES:
             raise ValueError(f"unknown OPD loss {loss!r} (lightning_opd.loss); use one of {list(LOSSES)}")
         self.tau = tau

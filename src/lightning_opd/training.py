@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer import OPTIMIZER_NAME
 from transformers.trainer_utils import get_last_checkpoint
 
 from lightning_opd.artifacts import atomic_path, write_failure
@@ -21,6 +22,7 @@ from lightning_opd.hparams import TrackingParams, TrainParams, parse_hparams
 from lightning_opd.provenance import PROVENANCE_FILE, TRAIN_LOG_FILE, key_digest
 
 IGNORE_INDEX = -100
+OPTIMIZER_STATE_DIR = "optimizer_state"  # in a model directory: the state a continuing training starts from
 
 
 def supervised_example(prompt: list[int], response: list[int]) -> dict[str, list[int]]:
@@ -325,19 +327,27 @@ def train_with_resume(trainer: Trainer) -> None:
 
 
 def save_final(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, out: Path | str,
-               provenance: dict[str, Any], earlier_log: list[dict[str, Any]] = ()) -> None:
+               provenance: dict[str, Any], earlier_log: list[dict[str, Any]] = (),
+               optimizer_state: bool = False) -> None:
     """Write model, tokenizer, provenance and training log to ``out`` at once,
     then drop the run's checkpoints (the final model supersedes them). Every
     process of a distributed run calls it (FSDP gathers the full weights);
     the main process writes. ``earlier_log``: the log of the training this one
-    continues (an earlier round), written first, this run's steps after its last."""
+    continues (an earlier round), written first, this run's steps after its last.
+    ``optimizer_state``: also write the optimiser state (under
+    OPTIMIZER_STATE_DIR), for a training that continues this one."""
     out = Path(out)
     staging = out.with_name(f".{out.name}.partial")
     if trainer.is_world_process_zero():
         shutil.rmtree(staging, ignore_errors=True)
+        if optimizer_state:
+            (staging / OPTIMIZER_STATE_DIR).mkdir(parents=True)
     trainer.accelerator.wait_for_everyone()
     try:
         trainer.save_model(str(staging))
+        if optimizer_state:  # the Trainer's own writer: one file, or FSDP's sharded state
+            trainer._save_optimizer_and_scheduler(str(staging / OPTIMIZER_STATE_DIR))
+            trainer.accelerator.wait_for_everyone()
         if trainer.is_world_process_zero():
             with atomic_path(out, is_dir=True) as tmp:
                 tmp.rmdir()
@@ -359,6 +369,27 @@ def save_final(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, out: Path |
         if trainer.is_world_process_zero():
             shutil.rmtree(staging, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
+
+
+def require_optimizer_state(directory: Path) -> None:
+    if not any((Path(directory) / name).exists() for name in _CHECKPOINT_PARTS["optimizer state"]):
+        raise FileNotFoundError(f"{directory}: no optimiser state to continue from (the earlier round wrote "
+                                f"none); rerun the earlier round's training")
+
+
+def load_optimizer_state(trainer: Trainer, directory: Path) -> None:
+    """Load the optimiser state `save_final` wrote into ``directory`` (not the
+    lr scheduler's: the continuing run's schedule starts anew), as the Trainer
+    loads a checkpoint's: a file, or FSDP's sharded state."""
+    require_optimizer_state(directory)
+    if trainer.is_fsdp_enabled:
+        from accelerate.utils import load_fsdp_optimizer
+
+        load_fsdp_optimizer(trainer.accelerator.state.fsdp_plugin, trainer.accelerator, trainer.optimizer,
+                            trainer.model, str(directory))
+    else:
+        trainer.optimizer.load_state_dict(torch.load(directory / OPTIMIZER_NAME, map_location="cpu",
+                                                     weights_only=True))
 
 
 def params_record(params: Any) -> dict[str, Any]:
