@@ -89,7 +89,8 @@ def main() -> None:
         kind, threads, repeats = args.worker
         print(json.dumps({"seconds": work(kind, int(threads), int(repeats))}))
         return
-    print("| work (unit) | 1 job x 2 threads (units/s) | 1 job x 1 thread | 2 jobs x 1 thread at once | 2 jobs x 1 / 1 job x 2 |")
+    print("| work (unit) | 1 job x 2 threads (units/s) | 1 job x 1 thread | 2 jobs x 1 thread at once "
+          "| 2 jobs x 1 / 1 job x 2 |")
     print("|---|--:|--:|--:|--:|")
     units = {"train": "teacher step, 32 x 48 tokens", "sample": "student, 256 x 48 new tokens",
              "score": "teacher, 512 x 64 tokens"}
@@ -97,8 +98,8 @@ def main() -> None:
         two_threads = run(kind, 2, 1, args.repeats)
         one_thread = run(kind, 1, 1, args.repeats)
         two_jobs = run(kind, 1, 2, args.repeats)
-        print(f"| {kind} ({unit}) | {two_threads:.2f} | {one_thread:.2f} | {two_jobs:.2f} | {two_jobs / two_threads:.2f} |",
-              flush=True)
+        print(f"| {kind} ({unit}) | {two_threads:.2f} | {one_thread:.2f} | {two_jobs:.2f} "
+              f"| {two_jobs / two_threads:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
