@@ -9,7 +9,7 @@ import re
 import pytest
 import yaml
 
-from test_pipeline import REPO, copy_repo, planned_jobs, snakemake
+from test_pipeline import REPO, copy_repo, default_config, merge, planned_jobs, snakemake
 
 SCHEMA = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())
 README = (REPO / "config/README.md").read_text()
@@ -321,3 +321,15 @@ def test_readme_defaults_are_the_embedded_config_and_the_dataclass_defaults():
                     wrong.append(f"{key} ({heading}): README says {text}, {'.'.join(map(str, path))} is {value!r}")
     assert not wrong, "config/README.md's default column:\n" + "\n".join(wrong)
     assert checked > 80  # every table was read
+
+
+def test_paper_configs_run_the_standard_opd_baseline_with_the_vllm_sampler():
+    """The baseline of a paper-scale cost comparison samples as the systems the paper compares
+    against do (a colocated vLLM engine), not with transformers' generate."""
+    enabled = []
+    for path in sorted((REPO / "config/paper").glob("*.yaml")):
+        config = merge(default_config(), yaml.safe_load(path.read_text()))  # as Snakemake merges --configfile
+        if config["standard_opd"]["enabled"]:
+            enabled.append(path.name)
+            assert config["standard_opd"]["sampler"] == "vllm", f"{path.name}: standard_opd.sampler"
+    assert enabled, "no paper config runs standard OPD"

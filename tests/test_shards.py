@@ -117,6 +117,46 @@ def test_kill_and_rerun_redoes_only_the_missing_shards(stage, world, reference, 
     assert not any(work.iterdir()), "the shards are removed once the artifact is written"
 
 
+class Killed(Exception):
+    """The end of a run that dies after its first shard."""
+
+
+def test_a_rerun_with_another_seed_reuses_no_shard(world, prompts, tmp_path, monkeypatch, capsys):
+    """The work dir is keyed by the stage's inputs and params: a shard sampled with one seed is
+    never taken for another seed's, and waits for a rerun with its own."""
+    out, work = tmp_path / "out.parquet", tmp_path / "work"
+
+    def args(seed: int) -> list[str]:
+        sampling = json.dumps({**json.loads(SAMPLING), "seed": seed})
+        return ["--model", str(world["sft_A"]), "--prompts", str(prompts), "--sampling", sampling,
+                "--out", str(out), "--work-dir", str(work), "--shard-size", "12"]
+
+    write_shard = shards._write_shard
+
+    def die_after_the_first(work_dir, index, *rest):
+        if index > 0:
+            raise Killed
+        write_shard(work_dir, index, *rest)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(shards, "_write_shard", die_after_the_first)
+        with pytest.raises(Killed):
+            generate.main(args(3))
+    [seed_3] = list(work.iterdir())
+    assert shard_indices(work) == [0] and not out.exists()
+
+    capsys.readouterr()
+    generate.main(args(4))
+    log = capsys.readouterr().out
+    assert "2 shards of up to 12 rows" in log and "0 done before, 2 to do" in log
+    other = read_table(out, SAMPLES_SCHEMA)[0].column("response_ids").to_pylist()
+    assert list(work.iterdir()) == [seed_3]  # seed 4's own work dir is gone, seed 3's shard is kept
+    generate.main(args(3))
+    rerun = capsys.readouterr().out
+    assert read_table(out, SAMPLES_SCHEMA)[0].column("response_ids").to_pylist() != other
+    assert "1 done before, 1 to do" in rerun and not any(work.iterdir())
+
+
 def test_two_engines_write_the_artifact_of_one(world, reference, tmp_path, capsys):
     out = tmp_path / "out.parquet"
     generate.main(stage_args("sft_data", world, reference, out, tmp_path / "work", "--data-parallel", "2"))
@@ -171,3 +211,17 @@ def test_parts_of_a_top_k_cache_join_with_their_top_k_columns(world, tmp_path):
     got, meta = read_table(tmp_path / "out.parquet", cache_schema(4))
     want, want_meta = read_table(whole, cache_schema(4))
     assert got.to_pylist() == want.to_pylist() and meta == want_meta and meta["top_k"] == 4
+
+
+def test_engine_devices_split_the_visible_gpus_into_consecutive_groups(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    assert shards.engine_devices(2, 2) == ["0,1", "2,3"]  # two engines of tensor parallel 2
+    assert shards.engine_devices(4, 1) == ["0", "1", "2", "3"]
+    assert shards.engine_devices(1, 2) == ["0,1"]  # GPUs left over stay idle
+    with pytest.raises(ValueError, match=r"data_parallel 3 x 2 GPU\(s\) per engine needs 6 GPUs, "
+                                         r"but this job sees 4 \(0,1,2,3\)"):
+        shards.engine_devices(3, 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", " 4, 6 ")  # a SLURM allocation's GPU ids
+    assert shards.engine_devices(2, 1) == ["4", "6"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU: every engine on the CPU
+    assert shards.engine_devices(3, 2) == [None, None, None]

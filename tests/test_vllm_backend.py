@@ -131,12 +131,15 @@ def test_colocated_sampler_samples_with_the_weights_of_the_last_sync(world, monk
 
 
 def test_standard_opd_with_the_vllm_sampler_trains_on_what_the_engine_sampled(world, tmp_path):
-    """Two optimiser steps at a learning rate that moves the weights: at each, the engine's
-    log-probs of its samples equal the trainer's (logged as sampler_logprob_gap)."""
+    """Two optimiser steps of four micro-batches (one prompt x n = 2 samples each) at a learning
+    rate that moves the weights: the engine gets the weights once and one generate call per step
+    (the sampler's own counts), and its log-probs of its samples equal the trainer's
+    (sampler_logprob_gap) in every micro-batch."""
     from lightning_opd.provenance import TRAIN_LOG_FILE
 
     out = tmp_path / "standard"
-    opd = {"max_steps": 2, "batch_size": 4, "learning_rate": 0.05, "logging_steps": 1, "save_steps": 100}
+    opd = {"max_steps": 2, "batch_size": 4, "micro_batch_size": 2, "learning_rate": 0.05, "logging_steps": 1,
+           "save_steps": 100}
     sampling = {"n": 2, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 16, "seed": 0, "batch_size": 8}
     run_module("standard_opd", "--init", str(world["sft_A"]), "--teacher", str(world["teacher_A"]),
                "--teacher-label", "A", "--prompts", str(world["data"] / "opd.parquet"), "--opd", json.dumps(opd),
@@ -144,8 +147,10 @@ def test_standard_opd_with_the_vllm_sampler_trains_on_what_the_engine_sampled(wo
                "--sampler-options", json.dumps({"gpu_memory_utilization": 0.2, "max_model_len": 256}),
                "--out", str(out), "--checkpoint-root", str(tmp_path / "ckpt"), "--drift-n", "0")
     logs = [json.loads(line) for line in (out / TRAIN_LOG_FILE).read_text().splitlines()]
-    gaps = [entry["sampler_logprob_gap"] for entry in logs if "sampler_logprob_gap" in entry]
-    assert len(gaps) == 2 and max(gaps) < 1e-3, logs
+    logs = [entry for entry in logs if "sampler_logprob_gap" in entry]
+    assert len(logs) == 2 and max(entry["sampler_logprob_gap"] for entry in logs) < 1e-3, logs
+    for key in ("sampling_calls", "sampler_weight_syncs", "sampler_generate_calls"):  # since the start: 1, 2
+        assert [entry[key] for entry in logs] == [1, 2], (key, logs)
     provenance = json.loads((out / "provenance.json").read_text())
     assert provenance["sampler"] == "vllm"
 

@@ -63,7 +63,15 @@ from lightning_opd.training import (
 
 class OnlineOPDTrainer(OPDTrainer):
     """Turns a batch of prompts into an OPD batch: the live student samples,
-    the live teacher scores, then `OPDTrainer.compute_loss` takes over."""
+    the live teacher scores, then `OPDTrainer.compute_loss` takes over.
+
+    The student samples once per optimiser step, all the prompts of this
+    process's micro-batches together (as TRL's GRPO trainer samples its
+    generation batch): the vLLM engine is synced once and asked once, not
+    once per micro-batch. The Trainer fetches a step's micro-batches before
+    it runs them (`get_batch_samples`); the samples ride in each micro-batch
+    to `compute_loss`, which scores and trains on them micro-batch by
+    micro-batch."""
 
     def __init__(self, *args, teacher, sampling: SamplingParams, pad_id: int, stop_ids: set[int],
                  batcher=None, vllm_sampler: dict | None = None, **kwargs):
@@ -75,37 +83,56 @@ class OnlineOPDTrainer(OPDTrainer):
         self.batcher = batcher or PadCollator(pad_id)  # padding (or packing) of the sampled sequences
         self.pad_id, self.stop_ids = pad_id, stop_ids
         self.vllm_sampler_args, self.vllm_sampler = vllm_sampler, None
-        self._micro_batch = (-1, 0)  # (optimiser step, micro-batches sampled in it)
+        self.sampling_calls = 0  # this process's, since it started: one per optimiser step
 
-    def sample(self, model, prompts: list[list[int]]) -> tuple[list, list | None]:
-        """The live student's samples of ``prompts`` and, from vLLM, its log-prob of each sampled token."""
+    def sample(self, prompts: list[list[int]]) -> tuple[list, list | None]:
+        """The live student's samples of ``prompts`` (all of this process's
+        prompts of the current optimiser step) and, from vLLM, its log-prob
+        of each sampled token."""
         step = self.state.global_step
-        micro = self._micro_batch[1] + 1 if self._micro_batch[0] == step else 0
-        self._micro_batch = (step, micro)
         # a fresh seed per optimiser step and process: reproducible and resumable, different every step
         seed = self.sampling.seed * 100_003 + step + 7919 * self.args.process_index
         params = dataclasses.replace(self.sampling, seed=seed)
+        self.sampling_calls += 1
+        model = self.accelerator.unwrap_model(self.model)
         if self.vllm_sampler_args is not None:
             if self.vllm_sampler is None:
                 from lightning_opd.vllm_sampler import ColocatedVLLMSampler
 
-                self.vllm_sampler = ColocatedVLLMSampler(self.accelerator.unwrap_model(model), self.accelerator,
-                                                         self.processing_class,
+                self.vllm_sampler = ColocatedVLLMSampler(model, self.accelerator, self.processing_class,
                                                          stop_ids=self.stop_ids, **self.vllm_sampler_args)
             self.vllm_sampler.sync(step)
-            return self.vllm_sampler.sample(prompts, params, first_index=micro * len(prompts))
-        student = self.accelerator.unwrap_model(model)
-        was_training = student.training
-        student.eval()
-        samples = sample_with(student, prompts, params, self.stop_ids, self.pad_id, progress=False,
+            return self.vllm_sampler.sample(prompts, params)
+        was_training = model.training
+        model.eval()
+        samples = sample_with(model, prompts, params, self.stop_ids, self.pad_id, progress=False,
                               synced=self.is_fsdp_enabled)
-        student.train(was_training)
+        model.train(was_training)
         return samples, None
 
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """The Trainer's micro-batches of one optimiser step, each with the
+        live student's samples of its prompts (``samples``, and from vLLM
+        ``sampler_logprobs``), all sampled in one call."""
+        batches, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        prompts = [p for batch in batches for p in batch["prompt_ids"]]
+        if not prompts:
+            return batches, num_items_in_batch
+        samples, logprobs = self.sample(prompts)
+        start = 0
+        for batch in batches:
+            end = start + len(batch["prompt_ids"])
+            batch["samples"] = samples[start:end]
+            batch["sampler_logprobs"] = logprobs[start:end] if logprobs is not None else None
+            start = end
+        return batches, num_items_in_batch
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        prompts = inputs["prompt_ids"]
+        if "samples" not in inputs:
+            raise ValueError("OnlineOPDTrainer.compute_loss: the micro-batch has no samples; "
+                             "they are drawn per optimiser step in get_batch_samples")
+        prompts, samples, logprobs = inputs["prompt_ids"], inputs["samples"], inputs["sampler_logprobs"]
         student = self.accelerator.unwrap_model(model)
-        samples, logprobs = self.sample(model, prompts)
         # the batcher aligns per-token values with the tokens: the sampler's log-probs ride in teacher_logprobs
         examples = [opd_example(p, s.response_ids, lp if logprobs else [0.0] * len(s.response_ids))
                     for i, (p, outs) in enumerate(zip(prompts, samples))
@@ -120,6 +147,14 @@ class OnlineOPDTrainer(OPDTrainer):
         # (num_items_in_batch is None): the loss is this micro-batch's token mean, averaged over the
         # micro-batches and processes of the step.
         return super().compute_loss(model, batch, return_outputs, num_items_in_batch)
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if "loss" in logs:  # how often this process sampled, and from vLLM pushed weights, since it started
+            logs["sampling_calls"] = self.sampling_calls
+            if self.vllm_sampler is not None:
+                logs["sampler_weight_syncs"] = self.vllm_sampler.weight_syncs
+                logs["sampler_generate_calls"] = self.vllm_sampler.generate_calls
+        super().log(logs, *args, **kwargs)
 
 
 def live_prompts(tokenizer, prompts_path: Path, template: str, chat_template_kwargs: dict) -> list[list[int]]:

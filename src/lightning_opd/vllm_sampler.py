@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from trl.generation.vllm_generation import VLLMGeneration
+from trl.generation.vllm_generation import VLLMGeneration, empty_cache
 from trl.trainer.utils import ensure_master_addr_port
 
 from lightning_opd.backends.base import request_seed
@@ -64,6 +64,7 @@ class ColocatedVLLMSampler(VLLMGeneration):
         self.stop_ids = sorted(stop_ids)
         self.engine_options = {**SAMPLER_ENGINE_DEFAULTS, **engine_options}
         self.synced_step: int | None = None
+        self.weight_syncs = self.generate_calls = 0  # since the engine started: the trainer logs them
         super().__init__(
             model,
             accelerator,
@@ -97,8 +98,10 @@ class ColocatedVLLMSampler(VLLMGeneration):
 
     def sync_weights(self) -> None:
         if self.enable_sleep_mode:
+            empty_cache()  # as TRL's sync_weights: the trainer's cached blocks would crowd the woken weights out
             self.llm.wake_up(tags=["weights"])
             self._llm_weights_sleeping = False
+        self.weight_syncs += 1
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": self._iter_named_params(),
                                                           "is_checkpoint_format": True})
         self.llm.collective_rpc(retie_output_embeddings)
@@ -114,11 +117,11 @@ class ColocatedVLLMSampler(VLLMGeneration):
         self.synced_step = step
         return True
 
-    def sample(self, prompts: list[list[int]], params: SamplingParams,
-               first_index: int = 0) -> tuple[list[list[GenerationResult]], list[list[list[float]]]]:
+    def sample(self, prompts: list[list[int]], params: SamplingParams
+               ) -> tuple[list[list[GenerationResult]], list[list[list[float]]]]:
         """``params.n`` samples per prompt and the engine's log-prob of each
-        sampled token; prompt ``i`` draws with ``request_seed(params.seed,
-        first_index + i)``."""
+        sampled token, in one generate call; prompt ``i`` draws with
+        ``request_seed(params.seed, i)``."""
         from vllm import SamplingParams as VLLMSampling
         from vllm.inputs import TokensPrompt
 
@@ -126,10 +129,11 @@ class ColocatedVLLMSampler(VLLMGeneration):
             self.llm.wake_up(tags=["kv_cache"])
         requests = [
             VLLMSampling(n=params.n, temperature=params.temperature, top_p=params.top_p,
-                         max_tokens=params.max_new_tokens, seed=request_seed(params.seed, first_index + i),
+                         max_tokens=params.max_new_tokens, seed=request_seed(params.seed, i),
                          stop_token_ids=self.stop_ids, logprobs=0)
             for i in range(len(prompts))
         ]
+        self.generate_calls += 1
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], requests, use_tqdm=False)
         if self.enable_sleep_mode:
             self.llm.sleep(level=2)
