@@ -17,6 +17,7 @@ from collections import Counter
 from datetime import datetime
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -35,10 +36,11 @@ CLUSTER_SH = REPO / "tests/slurm/cluster.sh"
 VENV_BIN = Path(sys.executable).parent
 ENV = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"}
 CONFIGS = ["tests/configs/tiny.yaml", "tests/configs/slurm.yaml"]
-TARGET = "results/tiny/models/sft-A"  # 6 jobs: data, tokenizer, two pretrainings, SFT data, SFT (the GPU rule)
+# 8 jobs: data, tokenizer, two pretrainings, SFT data in two parts and their gather, SFT (the GPU rule)
+TARGET = "results/tiny/models/sft-A"
 # which `resources:` entry of the config each rule uses (workflow/rules/common.smk: stage_kind)
 KIND = {"pretrain_teacher": "pretrain", "pretrain_student_base": "pretrain", "sft_data": "generate", "sft": "train",
-        "task_data": "light", "tokenizer": "light"}
+        "task_data": "light", "tokenizer": "light", "sft_data_gather": "light"}
 
 
 def run(*cmd: str, **kwargs) -> subprocess.CompletedProcess:
@@ -152,6 +154,17 @@ def test_jobs_ask_for_the_config_resources(slurm_run):
         # no partition or account in the profile: the cluster's defaults
         assert (job["Partition"], job["Account"]) == (defaults["partition"], defaults["account"]), job
     assert config["train"]["gpus"] == 1 and any(rule_of(j) == "sft" for j in slurm_run["jobs"])
+
+
+def test_a_stage_split_over_jobs_runs_as_slurm_jobs_and_a_gather(slurm_run):
+    """sft_data with jobs: 2 (tests/configs/slurm.yaml): two SLURM jobs each write a part, a third joins them."""
+    rules = Counter(rule_of(job) for job in slurm_run["jobs"])
+    assert (rules["sft_data"], rules["sft_data_gather"]) == (2, 1)
+    parts = [pq.read_table(p) for p in sorted((slurm_run["work"] / "results/tiny/sft_data").glob("*.parts/*.parquet"))]
+    assert len(parts) == 2 and all(part.num_rows for part in parts)
+    data = pq.read_table(slurm_run["work"] / "results/tiny/sft_data/teacher-A.parquet")
+    sft = pq.read_table(slurm_run["work"] / "results/tiny/data/sft.parquet")
+    assert sorted(data.column("id").to_pylist()) == sorted(sft.column("id").to_pylist())
 
 
 def test_outputs_exist_and_are_up_to_date(slurm_run):
