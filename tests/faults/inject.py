@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -23,15 +24,20 @@ from lightning_opd.artifacts import METADATA_KEY
 SRC = Path(__file__).resolve().parents[2] / "src"
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")])),
        "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-# words of an error that tell the user what to do next
-ADVICE = ("rerun", "delete", "lower", "set ", "add ", "remove", "rebuild", "free space", "make it writable",
-          "check", "write {problem}", "point results_dir", "define them", "use ")
+# what an error says to do next: imperative words and phrases, matched as whole words in the error message
+# itself (not in a traceback); generic words ("check", "use") are left out, as they appear in any text
+ADVICE = re.compile(r"(?<!\w)(" + "|".join(map(re.escape, [
+    "rerun", "run the", "run it", "delete", "remove", "rebuild", "build it", "lower", "raise", "set", "add",
+    "free space", "make it", "make sure", "point", "define", "copy", "give", "write {problem}", "choose",
+    "use a", "use an", "use only", "use loss",
+])) + r")(?!\w)", re.IGNORECASE)
 
 
 @dataclass
 class Outcome:
     returncode: int
-    output: str
+    output: str  # what `python -m` would print: the traceback of an uncaught exception
+    message: str = ""  # the error itself: the exception's type and message, without the traceback
 
 
 def call(main, argv: list[str]) -> Outcome:
@@ -39,9 +45,9 @@ def call(main, argv: list[str]) -> Outcome:
     try:
         main([str(a) for a in argv])
     except SystemExit as exit_:
-        return Outcome(exit_.code if isinstance(exit_.code, int) else 1, str(exit_))
-    except Exception:
-        return Outcome(1, traceback.format_exc())
+        return Outcome(exit_.code if isinstance(exit_.code, int) else 1, str(exit_), str(exit_))
+    except Exception as error:
+        return Outcome(1, traceback.format_exc(), "".join(traceback.format_exception_only(error)).strip())
     return Outcome(0, "")
 
 
@@ -50,14 +56,30 @@ def run_module(module: str, argv: list, timeout: int = 300, **popen) -> subproce
                           text=True, timeout=timeout, **popen)
 
 
+# the first line of an error as `python -m` (an uncaught exception) and Snakemake print it
+ERROR_START = re.compile(r"^(?:[\w.]+(?:Error|Exception)\b|Error\b)")
+
+
+def error_message(outcome) -> str:
+    """The error a user reads, without the traceback before it: the exception's message of an in-process
+    call; of a subprocess, its output from the last line that starts an error (`SomeError: ...`, or a
+    Snakemake error block) to the end, else its last non-empty line."""
+    if isinstance(outcome, Outcome):
+        return outcome.message
+    lines = [line for line in (outcome.stdout + outcome.stderr).splitlines() if line.strip()]
+    starts = [i for i, line in enumerate(lines) if ERROR_START.match(line)]
+    return "\n".join(lines[starts[-1]:]) if starts else (lines[-1] if lines else "")
+
+
 def assert_refused(outcome, *names: str) -> None:
-    """Non-zero exit, an error naming each of ``names`` (file or config key), and advice on what to do."""
+    """Non-zero exit, and an error message naming each of ``names`` (file, config key, problem) and
+    saying what to do."""
     text = outcome.output if isinstance(outcome, Outcome) else outcome.stdout + outcome.stderr
     assert outcome.returncode != 0, f"expected a refusal, got exit 0:\n{text[-2000:]}"
-    last = text.strip().splitlines()[-1] if text.strip() else ""
+    message = error_message(outcome)
     for name in names:
-        assert name in text, f"the error does not name {name!r}:\n{text[-2000:]}"
-    assert any(word in text.lower() for word in ADVICE), f"the error says nothing on what to do:\n{last}"
+        assert name in message, f"the error does not name {name!r}:\n{message}\n(output: {text[-2000:]})"
+    assert ADVICE.search(message), f"the error says nothing on what to do:\n{message}"
 
 
 def assert_nothing_at(target: Path, shards_kept: bool = False) -> None:
