@@ -135,8 +135,9 @@ def atomic_path(path: Path | str, is_dir: bool = False) -> Iterator[Path]:
 def write_table(path: Path | str, rows: list[dict] | pa.Table, schema: pa.Schema, metadata: dict[str, Any]) -> None:
     table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows, schema=schema)
     if table.num_rows == 0:
-        raise ArtifactError(f"{path}: refusing to write an artifact with no rows; its input gave nothing "
-                            f"to write (check the input file and the config that selects its rows)")
+        raise ArtifactError(f"{path}: refusing to write an artifact with no rows; its input gave nothing to "
+                            "write: give the stage an input with rows (raise the config's counts that select "
+                            "them, e.g. task.n_*), then rerun it")
     table = table.cast(schema).replace_schema_metadata({METADATA_KEY: json.dumps(metadata, default=str)})
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
@@ -158,11 +159,12 @@ def read_table(path: Path | str, schema: pa.Schema, keep_other_columns: bool = F
     (its other columns dropped unless ``keep_other_columns``) and its provenance."""
     path = Path(path)
     if not path.is_file():
-        raise ArtifactError(f"{path}: file not found")
+        raise ArtifactError(f"{path}: file not found; run the stage that writes it first")
     try:
         table = pq.read_table(path)
     except (pa.ArrowException, OSError) as error:
-        raise ArtifactError(f"{path}: not a readable parquet file ({error})") from None
+        raise ArtifactError(f"{path}: not a readable parquet file ({error}); it may be truncated or not an "
+                            "artifact of the pipeline: delete it and rerun the stage that wrote it") from None
     _check_columns(path, table, schema)
     if table.num_rows == 0:
         raise ArtifactError(f"{path}: the artifact has no rows; delete it and rerun the stage that wrote it")

@@ -41,7 +41,8 @@ def load_rows(source: str, split: str, revision: str | None = None):
     path = Path(source)
     if is_local(source):
         if not path.is_file():
-            raise ArtifactError(f"{path}: file not found")
+            raise ArtifactError(f"{path}: file not found; put the data set there or point its "
+                                "data.<set>.source in the config at the file")
         return load_dataset(LOCAL_FORMATS[path.suffix], data_files={split: str(path)}, split=split)
     return load_dataset(source, split=split, revision=revision)
 

@@ -19,6 +19,7 @@ from lightning_opd.modeling import DEFAULT_PROMPT_TEMPLATE, check_context, load_
 from lightning_opd.provenance import check_same_tokenizer, describe_model, file_sha256
 from lightning_opd.training import (
     add_tracking_argument,
+    check_outputs_writable,
     checkpoint_dir,
     collator,
     load_for_fsdp,
@@ -83,13 +84,17 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     train = parse_hparams(TrainParams, args.train, "--train")
     tracking = tracking_params(args.tracking)
+    check_outputs_writable(args.out, args.checkpoint_root)
 
     table, meta = read_table(args.sft_data, SAMPLES_SCHEMA)
     tokenizer = load_tokenizer(args.base)
     check_same_tokenizer(args.sft_data, meta, tokenizer, f"the student {args.base}")
     rows = [r for r in table.to_pylist() if r["finished"] or args.keep_unfinished]
     if not rows:
-        raise ArtifactError(f"{args.sft_data}: no finished responses to train on")
+        raise ArtifactError(
+            f"{args.sft_data}: none of its {table.num_rows} responses finished (all were cut at the length limit), "
+            "so there is nothing to train on: set sft.keep_unfinished: true (--keep-unfinished) to train on them, "
+            "or raise sft_data.sampling.max_new_tokens and rerun the sft_data stage")
     check_same_prompts(args.sft_data, meta, rows, tokenizer, args.base)
     examples = [supervised_example(r["prompt_ids"], r["response_ids"]) for r in rows]
     check_context(args.base, {r["id"]: len(e["input_ids"]) for r, e in zip(rows, examples)}, args.sft_data,

@@ -11,6 +11,7 @@ import pytest
 from inject import assert_nothing_at, assert_refused, call, rewrite
 
 from lightning_opd import generate, lightning_opd, sft, teacher_cache
+from lightning_opd.artifacts import SAMPLES_SCHEMA, read_table, write_table
 
 TWO_STEPS = {"max_steps": 2, "batch_size": 4, "save_steps": 100, "learning_rate": 1e-4}
 
@@ -126,27 +127,55 @@ def test_unreadable_cache_is_named(world, tmp_path, damage):
     assert call(lightning_opd.main, argv).returncode == 0
 
 
+def all_unfinished(rows):
+    for row in rows:
+        row["finished"] = False
+
+
+KEEP_UNFINISHED = ["--keep-unfinished"]
+# (damage, what the error says (one or more parts), the SFT flags of the refused run); the run put right
+# keeps unfinished answers (the world's random teacher rarely finishes one)
 SFT_FAULTS = {
-    "empty": (dict(mutate_rows=lambda rows: []), "has no rows"),
-    "metadata-lacks-model": (dict(mutate_meta=drop_meta("model")), "lacks ['model.path', 'model.fingerprint']"),
+    "empty": (dict(mutate_rows=lambda rows: []), "has no rows", KEEP_UNFINISHED),
+    "metadata-lacks-model": (dict(mutate_meta=drop_meta("model")), "lacks ['model.path', 'model.fingerprint']",
+                             KEEP_UNFINISHED),
     "foreign-tokenizer": (dict(mutate_meta=lambda m: m.update(tokenizer_fingerprint="0123456789abcdef")),
-                          "token ids come from tokenizer 0123456789abcdef"),
+                          "token ids come from tokenizer 0123456789abcdef", KEEP_UNFINISHED),
     "over-long": (dict(mutate_rows=lambda rows: rows[3].update(response_ids=rows[3]["response_ids"] * 40)),
-                  "longer than the context"),
+                  "longer than the context", KEEP_UNFINISHED),
+    "no-finished-answer": (dict(mutate_rows=all_unfinished),
+                           ("none of its 16 responses finished", "set sft.keep_unfinished: true",
+                            "raise sft_data.sampling.max_new_tokens"), []),
 }
 
 
 @pytest.mark.parametrize("fault", SFT_FAULTS)
 def test_sft_refuses_bad_sft_data(world, tmp_path, fault):
-    damage, message = SFT_FAULTS[fault]
+    damage, message, flags = SFT_FAULTS[fault]
+    messages = (message,) if isinstance(message, str) else message
     data, out = tmp_path / "sft_data.parquet", tmp_path / "sft"
     rewrite(world["root"] / "sft_data-A.parquet", data, **damage)
-    argv = ["--base", world["student_base"], "--sft-data", data, "--keep-unfinished", "--out", out,
+    argv = ["--base", world["student_base"], "--sft-data", data, "--out", out,
             "--checkpoint-root", tmp_path / "ckpt", "--train", json.dumps(TWO_STEPS)]
-    assert_refused(call(sft.main, argv), str(data), message)
+    assert_refused(call(sft.main, [*argv, *flags]), str(data), *messages)
     assert_nothing_at(out)
     shutil.copy(world["root"] / "sft_data-A.parquet", data)
-    assert call(sft.main, argv).returncode == 0
+    assert call(sft.main, [*argv, *KEEP_UNFINISHED]).returncode == 0
+
+
+@pytest.mark.parametrize("given", ["rows", "table"])
+def test_writing_an_empty_artifact_is_refused_and_leaves_nothing(tmp_path, given):
+    out = tmp_path / "samples.parquet"
+    rows = [] if given == "rows" else SAMPLES_SCHEMA.empty_table()
+    metadata = {"model": {"path": "m", "fingerprint": "f"}, "tokenizer_fingerprint": "t", "sampling": {}}
+    outcome = call(lambda argv: write_table(out, rows, SAMPLES_SCHEMA, metadata), [])
+    assert_refused(outcome, "ArtifactError", str(out), "no rows")
+    assert_nothing_at(out)
+    row = {"id": "p-0", "problem": "1 + 1", "answer": "2", "prompt_ids": [1, 2], "response_ids": [3],
+           "response_text": "2", "finished": True}
+    write_table(out, [row], SAMPLES_SCHEMA, metadata)
+    table, meta = read_table(out, SAMPLES_SCHEMA)
+    assert table.to_pylist() == [row] and meta == metadata
 
 
 ROLLOUT_FAULTS = {
