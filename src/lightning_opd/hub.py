@@ -4,7 +4,6 @@ config's ``revision:`` becomes this suffix). A hub id cannot contain ``@``,
 so the suffix is unambiguous; an existing local path is never split."""
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
@@ -28,6 +27,16 @@ class ModelLoadError(OSError):
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
+def looks_local(text: str) -> bool:
+    """Whether ``text`` names a local path rather than a hub id: it starts
+    with ``/``, ``./``, ``../`` or ``~``, cannot be a hub id, or its first
+    part is an existing directory (``models/teacher-Z`` beside a ``models/``)."""
+    path = Path(text).expanduser()
+    if text.startswith(("./", "../", "~")) or path.is_absolute() or not _HUB_ID.match(text):
+        return True
+    return len(path.parts) > 1 and Path(path.parts[0]).is_dir()
+
+
 def local_source(name_or_path: str | Path) -> dict:
     """``from_pretrained`` options for a model: a local directory is read
     offline (no hub call); a string that looks like a path but does not exist
@@ -36,7 +45,8 @@ def local_source(name_or_path: str | Path) -> dict:
     if path.is_dir():
         return {"local_files_only": True}
     text = str(name_or_path)
-    if path.exists() or not _HUB_ID.match(text) or text.startswith((".", "~")) or os.path.isabs(text):
+    if path.exists() or looks_local(text):
         raise ModelLoadError(f"{text}: no such model directory (a local path must be a Hugging Face model "
-                             "directory; check the model's `path:` in the config or build it first)")
+                             "directory): point the model's `path:` in the config at one, or build the model "
+                             "there first")
     return {}
