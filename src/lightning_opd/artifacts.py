@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -105,6 +106,22 @@ def write_failure(path: Path | str, error: BaseException) -> OSError | None:
     else:
         return None
     return OSError(code, f"{path}: cannot write ({os.strerror(code)}); {hint}")
+
+
+def check_writable(path: Path | str, holds_files: bool = False) -> None:
+    """Refuse at once, before any compute, when ``path`` cannot be written: the
+    directory that will receive it (its parent; ``path`` itself when it
+    ``holds_files``, as a checkpoint root) is created and a probe file written there."""
+    path = Path(path)
+    where, probe = (path, ".write-probe.tmp-") if holds_files else (path.parent, f".{path.name}.tmp-")
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=where, prefix=probe):
+            pass
+    except OSError as error:
+        if failure := write_failure(path, error):
+            raise failure from error
+        raise
 
 
 @contextlib.contextmanager

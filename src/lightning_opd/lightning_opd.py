@@ -44,6 +44,7 @@ from lightning_opd.shards import Part
 from lightning_opd.training import (
     OPTIMIZER_STATE_DIR,
     accumulation,
+    check_outputs_writable,
     checkpoint_dir,
     collator,
     frozen_dtype,
@@ -152,6 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     params = parse_hparams(OPDParams, args.opd, "--opd")
     tracking = tracking_params(args.tracking)
+    check_outputs_writable(args.out, args.checkpoint_root)
 
     init = describe_model(args.init)
     tokenizer = load_tokenizer(args.init)

@@ -18,6 +18,7 @@ from lightning_opd.provenance import file_sha256, tokenizer_fingerprint
 from lightning_opd.task import SOLUTION_STYLES, arithmetic_facts
 from lightning_opd.training import (
     add_tracking_argument,
+    check_outputs_writable,
     checkpoint_dir,
     collator,
     params_record,
@@ -67,6 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     arch = parse_hparams(ArchParams, args.arch, "--arch")
     train = parse_hparams(TrainParams, args.train, "--train")
     tracking = tracking_params(args.tracking)
+    check_outputs_writable(args.out, args.checkpoint_root)
 
     tokenizer = load_tokenizer(args.tokenizer)
     examples = corpus_examples(args.corpus, args.style, args.task_file, tokenizer)

@@ -48,6 +48,7 @@ from lightning_opd.sampling import sample_with
 from lightning_opd.training import (
     PadCollator,
     accumulation,
+    check_outputs_writable,
     checkpoint_dir,
     collator,
     frozen_dtype,
@@ -197,6 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     sampling = from_dict(SamplingParams, json.loads(args.sampling), "--sampling")
     train_params = in_prompts(params, sampling.n)
     tracking = tracking_params(args.tracking)
+    check_outputs_writable(args.out, args.checkpoint_root)
 
     init = describe_model(args.init)
     teacher = {**describe_model(args.teacher), "label": args.teacher_label}

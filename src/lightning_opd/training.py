@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback, Trai
 from transformers.trainer import OPTIMIZER_NAME
 from transformers.trainer_utils import get_last_checkpoint
 
-from lightning_opd.artifacts import atomic_path, write_failure
+from lightning_opd.artifacts import atomic_path, check_writable, write_failure
 from lightning_opd.hparams import TrackingParams, TrainParams, parse_hparams
 from lightning_opd.provenance import PROVENANCE_FILE, TRAIN_LOG_FILE, key_digest
 
@@ -279,6 +279,11 @@ class NonFiniteTrainingError(FloatingPointError):
     """The loss or the gradient norm of a training step is NaN or infinite."""
 
 
+# what a non-finite step calls for
+NON_FINITE_ADVICE = ("Check the training data for NaN/inf (e.g. teacher log-probs of the cache) or lower the "
+                     "learning rate")
+
+
 class FiniteGuard(TrainerCallback):
     """Stops training at the first optimiser step whose gradient (checked
     before the optimiser applies it) or logged loss is not finite, naming the
@@ -289,20 +294,27 @@ class FiniteGuard(TrainerCallback):
         local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]  # FSDP shards: each checks its own
         if local and not torch.stack([torch.isfinite(g).all() for g in local]).all():
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in local]))
-            self.stop(state.global_step + 1, f"gradient norm {norm.item()}")
+            raise NonFiniteTrainingError(
+                f"training step {state.global_step + 1}: non-finite gradient norm {norm.item()}; stopped before "
+                f"applying it, no model was written. {NON_FINITE_ADVICE}; a rerun resumes from the last "
+                "checkpoint before this step")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         for name in ("loss", "grad_norm"):
             value = (logs or {}).get(name)
             if isinstance(value, (int, float)) and not math.isfinite(value):
-                self.stop(state.global_step, f"{name} {value}")
+                raise NonFiniteTrainingError(
+                    f"training step {state.global_step}: non-finite {name} {value} logged for the steps since the "
+                    f"previous log; those steps were applied and the run stopped at this log, no model was written. "
+                    f"{NON_FINITE_ADVICE}; a rerun resumes from the last checkpoint, which may hold those steps: "
+                    f"delete {args.output_dir} to start the training over")
 
-    @staticmethod
-    def stop(step: int, what: str) -> None:
-        raise NonFiniteTrainingError(
-            f"training step {step}: non-finite {what}; stopped before applying it, no model was written. "
-            "Check the training data for NaN/inf (e.g. teacher log-probs of the cache) or lower the learning rate; "
-            "a rerun resumes from the last checkpoint before this step")
+
+def check_outputs_writable(out: Path, checkpoint_root: Path) -> None:
+    """A trainer's model directory and checkpoint root must be writable: refused before any training,
+    not found at the first checkpoint or the final save."""
+    check_writable(out)
+    check_writable(checkpoint_root, holds_files=True)
 
 
 def train_with_resume(trainer: Trainer) -> None:

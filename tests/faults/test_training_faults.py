@@ -109,27 +109,66 @@ def test_disk_full_while_writing_an_artifact_leaves_nothing(world, tmp_path):
     assert call(generate.main, [*argv, "--out", out]).returncode == 0 and out.is_file()
 
 
-def test_read_only_output_is_reported(world, tmp_path):
-    argv = ["--init", world["sft_A"], "--cache", world["cache_A"], "--checkpoint-root", tmp_path / "ckpt",
-            "--opd", json.dumps({"max_steps": 2, "batch_size": 4, "save_steps": 100}), "--drift-n", 0]
-    with small_filesystem(tmp_path / "ro", "1m", read_only=True) as ro:
-        out = ro / "lopd"
-        assert_refused(call(lightning_opd.main, [*argv, "--out", out]), str(out), "make it writable")
-        assert not out.exists()
-    out = tmp_path / "lopd"
-    assert call(lightning_opd.main, [*argv, "--out", out]).returncode == 0 and (out / "model.safetensors").is_file()
+@pytest.mark.parametrize("where", ["model directory", "checkpoint root"])
+def test_read_only_output_is_refused_before_training(world, tmp_path, monkeypatch, where):
+    argv = ["--init", world["sft_A"], "--cache", world["cache_A"], "--drift-n", 0,
+            "--opd", json.dumps({"max_steps": 2, "batch_size": 4, "save_steps": 100})]
+    out, ckpt = tmp_path / "lopd", tmp_path / "ckpt"
+    with small_filesystem(tmp_path / "ro", "1m", read_only=True) as ro, monkeypatch.context() as patch:
+        def train(self, *args, **kwargs):
+            raise AssertionError("training started although its output cannot be written")
+
+        patch.setattr(Trainer, "train", train)
+        unwritable = ro / "lopd" if where == "model directory" else ro / "ckpt"
+        out_argv = ["--out", unwritable, "--checkpoint-root", ckpt] if where == "model directory" else \
+            ["--out", out, "--checkpoint-root", unwritable]
+        outcome = call(lightning_opd.main, [*argv, *out_argv])
+        assert_refused(outcome, f"{unwritable}: cannot write (Read-only file system)", "make it writable")
+        assert not unwritable.exists()
+    assert_nothing_at(out)
+    assert call(lightning_opd.main, [*argv, "--out", out, "--checkpoint-root", ckpt]).returncode == 0
+    assert (out / "model.safetensors").is_file()
 
 
-def test_missing_local_model_directory_is_reported_at_once(world, tmp_path):
+def test_non_finite_logged_loss_says_the_steps_were_applied(tmp_path):
+    from types import SimpleNamespace
+
+    from lightning_opd.training import FiniteGuard, NonFiniteTrainingError
+
+    guard = FiniteGuard()
+    guard.on_log(SimpleNamespace(output_dir=str(tmp_path)), SimpleNamespace(global_step=7), None, logs={"loss": 2.5})
+    with pytest.raises(NonFiniteTrainingError) as refused:
+        guard.on_log(SimpleNamespace(output_dir=str(tmp_path)), SimpleNamespace(global_step=8), None,
+                     logs={"loss": float("nan")})
+    message = str(refused.value)
+    assert "training step 8: non-finite loss nan" in message and "those steps were applied" in message, message
+    assert "before applying" not in message, message
+    assert f"delete {tmp_path} to start the training over" in message, message
+
+
+# how a config may name a local model directory that is not there (run from tmp_path/work, where models/ exists)
+MISSING_MODEL = {
+    "absolute": lambda work: str(work / "models" / "teacher-Z"),
+    "relative-under-an-existing-directory": lambda work: "models/teacher-Z",
+    "dot-slash": lambda work: "./teacher-Z",
+    "dot-dot-slash": lambda work: "../work/models/teacher-Z",
+}
+
+
+@pytest.mark.parametrize("form", MISSING_MODEL)
+def test_missing_local_model_directory_is_reported_at_once(world, tmp_path, monkeypatch, form):
+    work = tmp_path / "work"
+    (work / "models").mkdir(parents=True)
+    monkeypatch.chdir(work)
+    missing = MISSING_MODEL[form](work)
     out = tmp_path / "samples.parquet"
-    missing = tmp_path / "models" / "teacher-Z"
     argv = ["--prompts", world["data"] / "opd.parquet", "--out", out, "--sampling", json.dumps({"max_new_tokens": 4})]
     started = time.monotonic()
     outcome = call(generate.main, ["--model", missing, *argv])
     assert time.monotonic() - started < 10, "a local path must not be tried as a hub id"
-    assert_refused(outcome, str(missing), "no such model directory")
+    assert_refused(outcome, f"{missing}: no such model directory", "`path:`")
     assert_nothing_at(out)
-    copy_model(world["teacher_A"], missing)
+    copy_model(world["teacher_A"], work / missing)
     assert call(generate.main, ["--model", missing, *argv]).returncode == 0
 
 
