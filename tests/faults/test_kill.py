@@ -1,6 +1,7 @@
-"""kill -9 at each stage: generation, the teacher cache, training, and in the
-middle of an atomic write. Nothing is left at the target path, no temporary
-file survives the next run, and rerunning completes (training resumes)."""
+"""kill -9 at each stage: generation, the teacher cache, Lightning OPD and
+standard OPD training, evaluation, and in the middle of an atomic write.
+Nothing is left at the target path, no temporary file survives the next run,
+and rerunning completes (training resumes, evaluation starts over)."""
 from __future__ import annotations
 
 import contextlib
@@ -11,7 +12,7 @@ import sys
 
 from inject import ENV, assert_nothing_at, call, kill9, rewrite, start, wait_for
 
-from lightning_opd import generate, lightning_opd, teacher_cache
+from lightning_opd import evaluate, generate, lightning_opd, standard_opd, teacher_cache
 
 
 def replicated(src, dst, times: int):
@@ -169,3 +170,46 @@ def test_staging_directory_of_a_killed_model_save_is_removed(world, tmp_path):
     assert call(lightning_opd.main, argv).returncode == 0
     assert (out / "model.safetensors").stat().st_size > 1000
     assert not staging.exists()
+
+
+def test_kill_during_evaluation_leaves_no_result(world, tmp_path):
+    eval_file, out, log = (
+        replicated(world["data"] / "eval.parquet", tmp_path / "eval.parquet", 2),
+        tmp_path / "eval" / "sft-A.json",
+        tmp_path / "log",
+    )
+    argv = ["--model", world["sft_A"], "--eval-file", eval_file, "--out", out, "--k", 2, "--max-gen-toks", 16,
+            "--batch-size", 4, "--label", "sft-A"]
+    process = start("lightning_opd.evaluate", argv, log)
+    wait_for(lambda: "Running generate_until requests" in log.read_text(), process)  # lm-eval is generating
+    kill9(process)
+    samples = out.with_suffix(".samples.jsonl")
+    assert_nothing_at(out)
+    assert_nothing_at(samples)
+    assert call(evaluate.main, argv).returncode == 0  # redone from the start
+    summary = json.loads(out.read_text())
+    assert summary["n_problems"] == 16 and len(samples.read_text().splitlines()) == 16
+    assert sorted(p.name for p in out.parent.iterdir()) == [out.name, samples.name]
+
+
+def test_kill_during_standard_opd_resumes(world, tmp_path):
+    out, ckpt, log = tmp_path / "standard", tmp_path / "ckpt", tmp_path / "log"
+    argv = ["--init", world["sft_A"], "--teacher", world["teacher_A"], "--teacher-label", "A",
+            "--prompts", world["data"] / "opd.parquet", "--out", out, "--checkpoint-root", ckpt, "--drift-n", 0,
+            "--opd", json.dumps({"max_steps": 6, "batch_size": 2, "save_steps": 1, "logging_steps": 1}),
+            "--sampling", json.dumps({"n": 2, "max_new_tokens": 8})]
+    process = start("lightning_opd.standard_opd", argv, log)
+    wait_for(lambda: any(ckpt.glob("*/checkpoint-2/trainer_state.json")), process)
+    kill9(process)
+    assert_nothing_at(out)
+    saved = sorted(int(p.name.split("-")[1]) for p in ckpt.glob("*/checkpoint-*"))
+    assert saved and max(saved) < 6, saved
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert call(standard_opd.main, argv).returncode == 0
+    assert "resuming from" in printed.getvalue()
+    assert (out / "model.safetensors").is_file()
+    log_steps = [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert max(log_steps) == 6, log_steps
+    assert not list(tmp_path.glob(".standard*")), "staging or temporary directories left beside the model"
+    assert not any(ckpt.glob("*/checkpoint-*")), "checkpoints are dropped once the model is saved"
