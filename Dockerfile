@@ -1,11 +1,12 @@
 FROM condaforge/miniforge3:latest
 LABEL io.github.snakemake.containerized="true"
-LABEL io.github.snakemake.conda_env_hash="add313904c1fef6789d260cecee103481c9aec802d12ffe704d7542c52d436b5"
+LABEL io.github.snakemake.conda_env_hash="ac4fc964c548cacf5151d1d01da6162423830823e03d80adebe3c0366aee0623"
 # Conda environment:
 #   source: workflow/envs/eval.yaml
-#   prefix: /conda-envs/4dd6f0f7a1810f58ace7cca69bbbe48d
+#   prefix: /conda-envs/5657ad27eb91fd231ed56e3c13353537
 #   # Evaluation through lm-eval with math-verify answer checking; lm-eval's hf model needs
-#   # torch, its vllm model (the paper configs') vllm, as in gen.yaml. lm-eval is pinned
+#   # torch, its vllm model (the paper configs') vllm, as in gen.yaml, and ray for its data-parallel
+#   # engines (backend_options.data_parallel_size > 1). lm-eval is pinned
 #   # because its defaults for reasoning models change between releases.
 #   # Exact versions: the ones the test suite runs with (tests/test_envs.py checks them); vllm 0.32.0
 #   # requires transformers <5.20 and (through mistral_common) numpy <2.4: every pin is the version
@@ -23,8 +24,9 @@ LABEL io.github.snakemake.conda_env_hash="add313904c1fef6789d260cecee103481c9aec
 #         - lm-eval==0.4.13
 #         - math-verify==0.9.0
 #         - vllm==0.32.0
-RUN mkdir -p /conda-envs/4dd6f0f7a1810f58ace7cca69bbbe48d
-COPY workflow/envs/eval.yaml /conda-envs/4dd6f0f7a1810f58ace7cca69bbbe48d/environment.yaml
+#         - ray==2.60.0  # lm-eval's vllm model runs data_parallel_size > 1 as ray actors
+RUN mkdir -p /conda-envs/5657ad27eb91fd231ed56e3c13353537
+COPY workflow/envs/eval.yaml /conda-envs/5657ad27eb91fd231ed56e3c13353537/environment.yaml
 # Conda environment:
 #   source: workflow/envs/gen.yaml
 #   prefix: /conda-envs/6e0c34c251160d65a2479357945f00df
@@ -121,7 +123,7 @@ COPY workflow/envs/report.yaml /conda-envs/0d08a6c458f9509746cf660895483097/envi
 RUN mkdir -p /conda-envs/2d963dbe256afe02da0880d56d94c9c9
 COPY workflow/envs/train.yaml /conda-envs/2d963dbe256afe02da0880d56d94c9c9/environment.yaml
 
-RUN conda env create --prefix /conda-envs/4dd6f0f7a1810f58ace7cca69bbbe48d --file /conda-envs/4dd6f0f7a1810f58ace7cca69bbbe48d/environment.yaml && \
+RUN conda env create --prefix /conda-envs/5657ad27eb91fd231ed56e3c13353537 --file /conda-envs/5657ad27eb91fd231ed56e3c13353537/environment.yaml && \
     conda env create --prefix /conda-envs/6e0c34c251160d65a2479357945f00df --file /conda-envs/6e0c34c251160d65a2479357945f00df/environment.yaml && \
     conda env create --prefix /conda-envs/cc2486154e2090e94284f1b7a7cbd2f3 --file /conda-envs/cc2486154e2090e94284f1b7a7cbd2f3/environment.yaml && \
     conda env create --prefix /conda-envs/0d08a6c458f9509746cf660895483097 --file /conda-envs/0d08a6c458f9509746cf660895483097/environment.yaml && \

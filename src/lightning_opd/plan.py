@@ -186,7 +186,7 @@ class StagePlan:
         parts = ", ".join(f"{name} {value:.1f}" for name, value in self.parts.items() if value >= 0.05)
         tokens = ", ".join(f"{_count(n)} {what}" for what, n in self.tokens.items())
         verdict = "fits" if self.fits else f"DOES NOT FIT: turn {self.knob}"
-        return (f"{self.stage:<{width}} {self.devices:<18} peak {self.peak_gb:6.1f} / {self.limit_gb:.0f} GB per rank "
+        return (f"{self.stage:<{width}} {self.devices:<24} peak {self.peak_gb:6.1f} / {self.limit_gb:.0f} GB per rank "
                 f"({parts}){' ' + self.note if self.note else ''}; tokens: {tokens}; {verdict}")
 
 
@@ -347,7 +347,15 @@ class Planner:
         seq_tokens: int,
         batch_seqs: int,
         scoring: bool,
+        engines: int = 1,
+        engines_key: str = "",
+        options_key: str = "",
     ) -> StagePlan:
+        """Peak memory per GPU of one engine; ``engines`` such engines (data
+        parallel, set by the config key ``engines_key``) take GPUs of their own
+        in the job. ``options_key``: where ``options`` come from (default
+        ``<section>.backend_options``)."""
+        options_key = options_key or f"{section}.backend_options"
         limit = self.limit_gb(kind)
         seq_tokens = shape.seq(seq_tokens)
         if backend == "vllm":
@@ -368,12 +376,12 @@ class Planner:
             # vLLM takes its share of the GPU whatever it needs; it fails to start below the floor
             peak = reserved if floor <= reserved else floor / share
             if 2 * shape.params / tp / GB > 0.8 * reserved:
-                knob = f"{section}.backend_options.tensor_parallel_size"
+                knob = f"{options_key}.tensor_parallel_size"
             else:
-                knob = f"{section}.backend_options.max_model_len (or gpu_memory_utilization, tensor_parallel_size)"
+                knob = f"{options_key}.max_model_len (or gpu_memory_utilization, tensor_parallel_size)"
             plan = StagePlan(
                 stage,
-                f"{tp} x GPU (vLLM TP)",
+                f"{engines} x {tp} GPU (vLLM DP x TP)" if engines > 1 else f"{tp} x GPU (vLLM TP)",
                 peak,
                 limit,
                 parts,
@@ -383,7 +391,11 @@ class Planner:
             )
             if asked > gpus:  # vLLM needs tensor_parallel_size GPUs in the job
                 plan.blocked = True
-                plan.knob = f"{section}.backend_options.tensor_parallel_size ({asked} > resources.{kind}.gpus {gpus})"
+                plan.knob = f"{options_key}.tensor_parallel_size ({asked} > resources.{kind}.gpus {gpus})"
+            elif engines * asked > gpus:  # each engine on GPUs of its own
+                plan.blocked = True
+                plan.knob = (f"{engines_key} ({engines} engines x tensor_parallel_size {asked} GPUs > "
+                             f"resources.{kind}.gpus {gpus})")
             return plan
         act_bytes = 2 if options.get("dtype") in ("bfloat16", "float16") else 4
         parts = {
@@ -411,6 +423,21 @@ class Planner:
             return stage, self.config[stage]["backend_options"]
         return "generation", self.config["generation"]["backend_options"]
 
+    def engines(self, stage: str) -> dict[str, Any]:
+        """The engines of a generation stage (its `data_parallel`, else `generation`'s)
+        and the key that sets them, as arguments of `inference`."""
+        section = stage if stage == "teacher_cache" or "data_parallel" in self.config[stage] else "generation"
+        return {"engines": self.config[section].get("data_parallel", 1), "engines_key": f"{section}.data_parallel"}
+
+    def evaluation_layouts(self) -> list[tuple[str, Shape, str]]:
+        """(stage, model, key of its backend options) of each engine layout of the
+        evaluation: one for the students (base, pi_ref, OPD models: the student's
+        shape), one per teacher (`eval.teacher_backend_options`, when not null)."""
+        own = self.config["eval"].get("teacher_backend_options") is not None
+        teacher_key = "eval.teacher_backend_options" if own else "eval.backend_options"
+        return [("evaluate", self.student, "eval.backend_options"),
+                *((f"evaluate[teacher-{name}]", shape, teacher_key) for name, shape in self.teachers.items())]
+
     # ---- the stages of the config
     def stages(self) -> list[StagePlan]:
         c = self.config
@@ -431,6 +458,7 @@ class Planner:
                 PROMPT_TOKENS + sft_sampling["max_new_tokens"],
                 sft_sampling.get("batch_size", 128) * sft_sampling.get("n", 1),
                 scoring=False,
+                **self.engines("sft_data"),
             )
             p.tokens = {"generated": n_sft * sft_sampling.get("n", 1) * sft_sampling["max_new_tokens"]}
             plans.append(p)
@@ -451,6 +479,7 @@ class Planner:
             PROMPT_TOKENS + roll["max_new_tokens"],
             roll.get("batch_size", 128) * roll.get("n", 1),
             scoring=False,
+            **self.engines("rollouts"),
         )
         p.tokens = {"generated": n_opd * roll.get("n", 1) * roll["max_new_tokens"]}
         plans.append(p)
@@ -467,6 +496,7 @@ class Planner:
                 cache_seq,
                 roll.get("batch_size", 128),
                 scoring=True,
+                **self.engines("teacher_cache"),
             )
             p.tokens = {"scored": n_opd * roll.get("n", 1) * cache_seq}
             k = cache.get("top_k", 0)
@@ -515,28 +545,33 @@ class Planner:
             }
             plans.append(p)
         e = c["eval"]
-        biggest = max([self.student, *self.teachers.values()], key=lambda s: s.params)
-        p = self.inference(
-            "evaluate",
-            "evaluate",
-            "eval",
-            biggest,
-            e["backend"],
-            e["backend_options"],
-            PROMPT_TOKENS + e["max_gen_toks"],
-            e["batch_size"],
-            scoring=False,
-        )
-        models = (
-            len(c["teachers"])
-            + 1
+        students = (
+            1
             + len(runs["sft_teachers"])
             + len(list(self.opd_runs())) * (2 if c["standard_opd"]["enabled"] else 1)
             + sum(s == t for s, t, _ in self.opd_runs()) * len(runs.get("variants", []))
         )
-        p.tokens = {"generated": models * n_eval * e["k"] * e["max_gen_toks"]}
-        p.note = (p.note + f" [largest of {models} models]").strip()
-        plans.append(p)
+        for stage, shape, key in self.evaluation_layouts():
+            options = e[key.removeprefix("eval.")]
+            p = self.inference(
+                stage,
+                "evaluate",
+                "eval",
+                shape,
+                e["backend"],
+                options,
+                PROMPT_TOKENS + e["max_gen_toks"],
+                e["batch_size"],
+                scoring=False,
+                engines=options.get("data_parallel_size", 1) if e["backend"] == "vllm" else 1,
+                engines_key=f"{key}.data_parallel_size",
+                options_key=key,
+            )
+            models = students if stage == "evaluate" else 1
+            p.tokens = {"generated": models * n_eval * e["k"] * e["max_gen_toks"]}
+            if stage == "evaluate":
+                p.note = (p.note + f" [{models} student models]").strip()
+            plans.append(p)
         return plans
 
     def opd_runs(self):

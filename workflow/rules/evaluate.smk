@@ -1,6 +1,15 @@
 # Stage 8: avg@k through lm-eval for every benchmark of `eval.tasks` and every model of the experiment.
 
 
+def eval_backend_options(label):
+    """The engine layout of a model's evaluation: the teachers' own where given
+    (a 32B teacher may need tensor parallel where a student runs data parallel)."""
+    teacher = config["eval"].get("teacher_backend_options")
+    if label.startswith("teacher-") and teacher is not None:
+        return teacher
+    return config["eval"]["backend_options"]
+
+
 rule evaluate:
     input:
         model=lambda w: built(eval_model_path(w.model)),
@@ -30,7 +39,7 @@ rule evaluate:
         backend=config["eval"]["backend"],
         batch_size=config["eval"]["batch_size"],
         seed=config["eval"]["seed"],
-        backend_options=js(config["eval"]["backend_options"]),
+        backend_options=lambda w: js(eval_backend_options(w.model)),
         chat_template=js(config["chat_template_kwargs"]),
         think_end=(
             ["--think-end-token", str(config["eval"]["think_end_token"])]
