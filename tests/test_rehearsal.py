@@ -119,7 +119,9 @@ def rehearsal_config(root: Path) -> dict:
         "teacher_cache": {"backend": "hf", "max_response_tokens": TOKENS},
         "lightning_opd": train,
         # one prompt's n = 2 samples per step
-        "standard_opd": {"sampling": {"n": 2, "max_new_tokens": TOKENS, "batch_size": 2, "top_p": 1.0}},
+        # the paper samples with a colocated vLLM engine; the rehearsal's stages run on hf
+        "standard_opd": {"sampling": {"n": 2, "max_new_tokens": TOKENS, "batch_size": 2, "top_p": 1.0},
+                         "sampler": "hf", "sampler_options": {}},
         "opd_drift": {"n_prompts": 1, "max_new_tokens": TOKENS, "every_steps": 1},
         "eval": {"tasks": ["aime24"], "k": 1, "max_gen_toks": EVAL_TOKENS, "top_p": 1.0, "backend": "hf",
                  "batch_size": 1},
