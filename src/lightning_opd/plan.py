@@ -230,6 +230,11 @@ def training_memory(shape: Shape, train: dict[str, Any], seq_tokens: int, world:
     parts["logprobs"] = copies * logprob_chunk_bytes(tokens, shape.vocab) / GB
     if top_k:  # the batch's teacher ids (int64) and log-probs (fp32), the student's log-probs there and their grad
         parts["topk_batch"] = tokens * top_k * (8 + 4 + 4 + 4) / GB
+    if not on_gpu:
+        # CPU attention (SDPA's math path) holds one layer's scores, fp32 [heads, row, row], at a time:
+        # quadratic in a packed row's length (the 4,096-token rehearsal measured it). GPU kernels do not.
+        rows, row_tokens = (1, tokens) if train.get("packing") else (micro, seq_tokens)
+        parts["attention"] = rows * shape.heads * row_tokens**2 * 4 / GB
     frozen_bytes = sum(act_bytes * f.params / sharded for f in (frozen or {}).values())
     if frozen_bytes:
         parts["frozen"] = frozen_bytes / GB
