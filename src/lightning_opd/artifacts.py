@@ -109,13 +109,15 @@ def write_failure(path: Path | str, error: BaseException) -> OSError | None:
 
 
 def check_writable(path: Path | str, holds_files: bool = False) -> None:
-    """Refuse at once, before any compute, when ``path`` cannot be written: the
-    directory that will receive it (its parent; ``path`` itself when it
-    ``holds_files``, as a checkpoint root) is created and a probe file written there."""
+    """Refuse at once, before any compute, when ``path`` cannot be written: a
+    probe file is written in the directory that will receive it (its parent;
+    ``path`` itself when it ``holds_files``, as a checkpoint root) or, where
+    that does not exist yet, in its nearest existing ancestor (which will
+    have to create it). Nothing is left behind."""
     path = Path(path)
     where, probe = (path, ".write-probe.tmp-") if holds_files else (path.parent, f".{path.name}.tmp-")
+    where = next(d for d in (where.absolute(), *where.absolute().parents) if d.exists())
     try:
-        where.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=where, prefix=probe):
             pass
     except OSError as error:

@@ -666,5 +666,14 @@ def plan_or_refuse():
         raise WorkflowError(str(error))
 
 
+def eval_backend_options(label):
+    """The engine layout of a model's evaluation: the teachers' own where given
+    (a 32B teacher may need tensor parallel where a student runs data parallel)."""
+    teacher = config["eval"].get("teacher_backend_options")
+    if label.startswith("teacher-") and teacher is not None:
+        return teacher
+    return config["eval"]["backend_options"]
+
+
 if workflow.is_main_process:
     plan_or_refuse()

@@ -1,15 +1,6 @@
 # Stage 8: avg@k through lm-eval for every benchmark of `eval.tasks` and every model of the experiment.
 
 
-def eval_backend_options(label):
-    """The engine layout of a model's evaluation: the teachers' own where given
-    (a 32B teacher may need tensor parallel where a student runs data parallel)."""
-    teacher = config["eval"].get("teacher_backend_options")
-    if label.startswith("teacher-") and teacher is not None:
-        return teacher
-    return config["eval"]["backend_options"]
-
-
 rule evaluate:
     input:
         model=lambda w: built(eval_model_path(w.model)),
