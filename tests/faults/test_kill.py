@@ -79,6 +79,24 @@ def test_kill_during_teacher_cache(world, tmp_path):
     assert not list(tmp_path.glob(".cache.parquet*"))
 
 
+def kill_after_checkpoint_and_resume(module, main, argv, log, out, ckpt, kill_at: int, last: int) -> None:
+    """``kill -9`` a trainer once checkpoint ``kill_at`` is complete: nothing at ``out``; the rerun says it
+    resumes, writes the model beside no staging directory, and drops the checkpoints."""
+    process = start(f"lightning_opd.{module}", argv, log)
+    wait_for(lambda: any(ckpt.glob(f"*/checkpoint-{kill_at}/trainer_state.json")), process)
+    kill9(process)
+    assert_nothing_at(out)
+    saved = sorted(int(p.name.split("-")[1]) for p in ckpt.glob("*/checkpoint-*"))
+    assert saved and max(saved) < last, saved
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert call(main, argv).returncode == 0
+    assert "resuming from" in printed.getvalue()
+    assert (out / "model.safetensors").is_file()
+    assert not list(out.parent.glob(f".{out.name}*")), "staging or temporary directories left beside the model"
+    assert not any(ckpt.glob("*/checkpoint-*")), "checkpoints are dropped once the model is saved"
+
+
 def test_kill_during_training_resumes(world, tmp_path):
     out, ckpt, log = tmp_path / "lopd", tmp_path / "ckpt", tmp_path / "log"
     argv = [
@@ -95,19 +113,7 @@ def test_kill_during_training_resumes(world, tmp_path):
         "--drift-n",
         0,
     ]
-    process = start("lightning_opd.lightning_opd", argv, log)
-    wait_for(lambda: any(ckpt.glob("*/checkpoint-6/trainer_state.json")), process)
-    kill9(process)
-    assert_nothing_at(out)
-    saved = sorted(int(p.name.split("-")[1]) for p in ckpt.glob("*/checkpoint-*"))
-    assert saved and max(saved) < 30, saved
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        assert call(lightning_opd.main, argv).returncode == 0
-    assert "resuming from" in printed.getvalue()
-    assert (out / "model.safetensors").is_file()
-    assert not list(tmp_path.glob(".lopd*")), "staging or temporary directories left beside the model"
-    assert not any(ckpt.glob("*/checkpoint-*")), "checkpoints are dropped once the model is saved"
+    kill_after_checkpoint_and_resume("lightning_opd", lightning_opd.main, argv, log, out, ckpt, kill_at=6, last=30)
 
 
 def test_kill_in_the_middle_of_an_atomic_write_leaves_nothing_the_next_write_keeps(world, tmp_path):
@@ -198,18 +204,6 @@ def test_kill_during_standard_opd_resumes(world, tmp_path):
             "--prompts", world["data"] / "opd.parquet", "--out", out, "--checkpoint-root", ckpt, "--drift-n", 0,
             "--opd", json.dumps({"max_steps": 6, "batch_size": 2, "save_steps": 1, "logging_steps": 1}),
             "--sampling", json.dumps({"n": 2, "max_new_tokens": 8})]
-    process = start("lightning_opd.standard_opd", argv, log)
-    wait_for(lambda: any(ckpt.glob("*/checkpoint-2/trainer_state.json")), process)
-    kill9(process)
-    assert_nothing_at(out)
-    saved = sorted(int(p.name.split("-")[1]) for p in ckpt.glob("*/checkpoint-*"))
-    assert saved and max(saved) < 6, saved
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        assert call(standard_opd.main, argv).returncode == 0
-    assert "resuming from" in printed.getvalue()
-    assert (out / "model.safetensors").is_file()
+    kill_after_checkpoint_and_resume("standard_opd", standard_opd.main, argv, log, out, ckpt, kill_at=2, last=6)
     log_steps = [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert max(log_steps) == 6, log_steps
-    assert not list(tmp_path.glob(".standard*")), "staging or temporary directories left beside the model"
-    assert not any(ckpt.glob("*/checkpoint-*")), "checkpoints are dropped once the model is saved"
