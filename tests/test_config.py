@@ -75,10 +75,13 @@ def test_scientific_notation_and_other_typed_values_in_nested_config(tmp_path):
         "-p",
         "--config",
         f"results_dir={tmp_path / 'results'}",
-        "lightning_opd={learning_rate: 2.0e-5, tau: null, packing: true, epochs: 3}",
+        # packed micro-batches of 16 sequences: the whole batch of 64 in one packed row would not fit the
+        # default's 4 GB on the CPU (the planner counts its attention scores)
+        "lightning_opd={learning_rate: 2.0e-5, tau: null, packing: true, micro_batch_size: 16, epochs: 3}",
     )
     opd = opd_hyperparameters(result.stdout)
     assert opd["learning_rate"] == 2e-5 and opd["tau"] is None and opd["packing"] is True and opd["epochs"] == 3
+    assert opd["micro_batch_size"] == 16
     assert opd["adam_beta2"] == 0.98  # the other keys of config/config.yaml stay
     assert not (tmp_path / "results").exists()
 

@@ -312,6 +312,8 @@ class Planner:
         section = "sft.train" if stage == "sft" else "lightning_opd"
         if states > 0.6 * limit:
             knob = f"resources.train.gpus (shard over more GPUs{'' if sharded else ' with fsdp'})"
+        elif parts.get("attention", 0.0) > parts["activations"]:  # checkpointing keeps one layer's scores anyway
+            knob = f"{section}.micro_batch_size (shorter rows for the CPU's attention)"
         elif "no checkpointing" in note:
             knob = f"{section}.fsdp.activation_checkpointing (or gradient_checkpointing)"
         else:
