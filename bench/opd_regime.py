@@ -12,6 +12,12 @@ on the held-out set next to pi_ref and the teacher:
 * ``exact``: the lightning trial's rollouts, trained with the exact per-token
   reverse KL over the vocabulary (needs the live teacher; a reference).
 
+Diagnostics that are not the paper's method: ``rounds`` (lightning: fresh
+rollouts of the current student every 1/R of the steps, on 1/R of the
+prompts, one Adam throughout), ``adv`` (drop some negative advantages, or
+weight tokens by min(1, pi_theta / pi_ref)) and ``embed`` (freeze or untie
+the tied embeddings).
+
 Every trial uses the project's OPD loss (`opd_loss`), AdamW (0.9, 0.98),
 weight decay 0.1, gradient clipping 1.0, constant lr, like the trainers.
 A trial is ``key=value`` pairs separated by commas, changed from the defaults
@@ -23,8 +29,10 @@ A trial is ``key=value`` pairs separated by commas, changed from the defaults
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import random
+import re
 import time
 from pathlib import Path
 
@@ -32,12 +40,13 @@ import torch
 from math_verify import parse, verify
 
 from lightning_opd.artifacts import TASK_SCHEMA, read_table
-from lightning_opd.hparams import SamplingParams
+from lightning_opd.hparams import SamplingParams, TaskParams
 from lightning_opd.logprobs import response_logprobs
 from lightning_opd.modeling import load_model, load_tokenizer, prompt_ids, stop_token_ids
 from lightning_opd.opd_loss import opd_loss
 from lightning_opd.opd_trainer import opd_example
 from lightning_opd.sampling import sample_with
+from lightning_opd.task import make_problem, problem_text
 from lightning_opd.training import PadCollator
 
 
@@ -52,7 +61,12 @@ class Trial:
     batch: int = 64  # sequences per step (standard: prompts per step)
     lr: float = 1e-5
     tau: float | None = 1.0
-    adv: str = "both"  # both | pos: drop the negative advantages (an ablation, not the paper's loss)
+    # both: the paper's loss | pos: drop the negative advantages | fresh: drop them where the student is already
+    # a nat below pi_ref | is: weight each token by min(1, pi_theta / pi_ref) (ablations, not the paper's loss)
+    adv: str = "both"
+    embed: str = "train"  # train | freeze: the (tied) embeddings | untie: separate input and output embeddings
+    rounds: int = 1  # lightning: R rounds, each on fresh rollouts of the current student for 1/R of the prompts
+    teacher_t: float = 1.0  # the teacher's softmax temperature wherever it scores (both methods)
     seed: int = 0
 
     @classmethod
@@ -60,22 +74,54 @@ class Trial:
         trial = cls()
         for item in filter(None, text.split(",")):
             key, value = item.split("=")
-            kind = type(getattr(trial, key))
-            setattr(trial, key, None if value == "none" else (value if kind is str else float(value)
-                                                              if key in ("roll_t", "roll_p", "epochs", "lr", "tau")
-                                                              else int(value)))
+            kind = type(getattr(cls, key))  # the default's type: str, float or int
+            setattr(trial, key, None if value == "none" else kind(value))
         return trial
 
 
-def avg_at_k(model, tokenizer, problems, answers, k: int) -> float:
-    """avg@k with the evaluation's sampling (temperature 0.6, top-p 0.95)."""
+STEP = re.compile(r"(-?\d+) ([+-]) (\d+) = (-?\d+)")
+
+
+def error_kind(text: str) -> str:
+    """Of a wrong answer: ``arithmetic`` (a step whose result is wrong), ``unboxed`` or ``structure`` (every
+    step right, but a wrong operand copied, a step added or missing)."""
+    if "boxed" not in text:
+        return "unboxed"
+    steps = STEP.findall(text)
+    return "arithmetic" if any(int(a) + (int(b) if op == "+" else -int(b)) != int(c)
+                               for a, op, b, c in steps) else "structure"
+
+
+def avg_at_k(model, tokenizer, problems, answers, k: int) -> tuple[float, collections.Counter]:
+    """avg@k with the evaluation's sampling (temperature 0.6, top-p 0.95), and the kinds of wrong answers."""
     prompts = [prompt_ids(tokenizer, p) for p in problems]
     params = SamplingParams(temperature=0.6, top_p=0.95, max_new_tokens=128, n=k, seed=0, batch_size=512)
     outs = sample_with(model.eval(), prompts, params, stop_token_ids(model, tokenizer), tokenizer.pad_token_id,
                        progress=False)
-    right = [bool(verify(parse(f"${a}$"), parse(tokenizer.decode(s.response_ids, skip_special_tokens=True))))
-             for a, samples in zip(answers, outs) for s in samples]
-    return sum(right) / len(right)
+    texts = [(a, tokenizer.decode(s.response_ids, skip_special_tokens=True)) for a, samples in zip(answers, outs)
+             for s in samples]
+    right = [bool(verify(parse(f"${a}$"), parse(text))) for a, text in texts]
+    errors = collections.Counter(error_kind(text) for (_, text), ok in zip(texts, right) if not ok)
+    return sum(right) / len(right), errors
+
+
+def more_prompts(tokenizer, prompts: list, n: int) -> list:
+    """``prompts`` if there are ``n``; else ``n`` fresh problems from the task's generator (seed 123; they may
+    repeat and may be in the held-out set, as the generator's space is small)."""
+    rng = random.Random(123)
+    fresh = [prompt_ids(tokenizer, problem_text(make_problem(rng, TaskParams())[0])) for _ in range(n)]
+    return prompts if n <= len(prompts) else fresh
+
+
+def scaled(teacher, temperature: float, path: Path):
+    """The teacher (loaded from ``path``) with its logits divided by ``temperature``; its input embeddings
+    stay as they are."""
+    if temperature == 1.0:
+        return teacher
+    copy = load_model(path).eval()
+    copy.config.tie_word_embeddings = False
+    copy.lm_head.weight = torch.nn.Parameter(copy.get_input_embeddings().weight.detach().clone() / temperature)
+    return copy
 
 
 def scored_rollouts(policy, teacher, prompts, trial: Trial, seed: int, stop, pad):
@@ -88,7 +134,9 @@ def scored_rollouts(policy, teacher, prompts, trial: Trial, seed: int, stop, pad
     batch = pad(examples)
     with torch.no_grad():
         t, _ = response_logprobs(teacher, batch)
+        r, _ = response_logprobs(policy, batch)
     batch["teacher_logprobs"] = torch.nn.functional.pad(t, (1, 0))
+    batch["ref_logprobs"] = torch.nn.functional.pad(r, (1, 0))
     return batch
 
 
@@ -110,7 +158,14 @@ def step(student, teacher, optimizer, batch, trial: Trial, exact: bool) -> dict:
         teacher_lp = batch["teacher_logprobs"][:, 1:]
         if trial.adv == "pos":  # where the student is above the teacher, set the teacher equal: zero advantage
             teacher_lp = torch.maximum(teacher_lp, lp.detach())
-        loss, metrics = opd_loss(lp, teacher_lp, mask, trial.tau)
+        if trial.adv == "fresh":
+            stale = lp.detach() < batch["ref_logprobs"][:, 1:] - 1
+            teacher_lp = torch.where(stale, torch.maximum(teacher_lp, lp.detach()), teacher_lp)
+        if trial.adv == "is":
+            weight = torch.clamp(torch.exp(lp.detach() - batch["ref_logprobs"][:, 1:]), max=1.0)
+            loss, metrics = opd_loss(lp, teacher_lp, mask * weight, trial.tau, n_loss_tokens=mask.sum())
+        else:
+            loss, metrics = opd_loss(lp, teacher_lp, mask, trial.tau)
         rejected = (batch["teacher_logprobs"][:, 1:] - lp.detach() < -1) & mask.bool()
         # the student's mean log-prob of the tokens the teacher rejects (teacher < student - 1 nat)
         metrics["rejected_lp"] = float(lp.detach()[rejected].mean()) if rejected.any() else float("nan")
@@ -121,11 +176,18 @@ def step(student, teacher, optimizer, batch, trial: Trial, exact: bool) -> dict:
     return metrics
 
 
-def run(trial: Trial, experiment: Path, teacher, prompts, pad, stop) -> tuple[torch.nn.Module, dict]:
+def run(trial: Trial, experiment: Path, teacher, tokenizer, prompts, pad, stop) -> tuple[torch.nn.Module, dict]:
+    teacher = scaled(teacher, trial.teacher_t, experiment / "models/teacher-A")
     torch.manual_seed(trial.seed)
     student = load_model(experiment / "models/sft-A").train()
-    optimizer = torch.optim.AdamW(student.parameters(), lr=trial.lr, betas=(0.9, 0.98), weight_decay=0.1)
-    prompts = prompts[:trial.prompts]
+    if trial.embed == "freeze":
+        student.get_input_embeddings().weight.requires_grad_(False)
+    elif trial.embed == "untie":
+        student.config.tie_word_embeddings = False
+        student.lm_head.weight = torch.nn.Parameter(student.get_input_embeddings().weight.detach().clone())
+    trained = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=trial.lr, betas=(0.9, 0.98), weight_decay=0.1)
+    prompts = more_prompts(tokenizer, prompts, trial.prompts)[:trial.prompts]
     rng = random.Random(trial.seed)
     sequences = len(prompts) * (1 if trial.method == "standard" else trial.n)
     steps = max(1, round(trial.epochs * sequences / trial.batch))
@@ -141,9 +203,14 @@ def run(trial: Trial, experiment: Path, teacher, prompts, pad, stop) -> tuple[to
                                     trial.seed * 100_003 + s, stop, pad)
             kls.append(step(student, teacher, optimizer, batch, trial, False))
     else:
-        data = scored_rollouts(student, teacher, prompts, trial, trial.seed + 1, stop, pad)
+        share = -(-len(prompts) // trial.rounds)
         order = []
-        for _ in range(steps):
+        per_round = steps // trial.rounds
+        for s in range(steps):
+            if s % per_round == 0 and s // per_round < trial.rounds:
+                part = prompts[s // per_round * share:][:share]
+                data = scored_rollouts(student, teacher, part, trial, trial.seed + 1 + s, stop, pad)
+                sequences, order = len(part) * trial.n, []
             if len(order) < trial.batch:
                 order += rng.sample(range(sequences), sequences)
             chosen, order = order[:trial.batch], order[trial.batch:]
@@ -178,17 +245,18 @@ def main() -> None:
     if args.reference:
         for name in ("sft-A", "teacher-A"):
             model = load_model(args.experiment / "models" / name)
-            print(f"{name:<60} avg@{args.k} = {avg_at_k(model, tokenizer, problems, answers, args.k):.4f}")
+            accuracy, errors = avg_at_k(model, tokenizer, problems, answers, args.k)
+            print(f"{name:<60} avg@{args.k} = {accuracy:.4f}, wrong answers: {dict(errors)}")
     print(f"{'trial':<60} {'steps':>5} {'kl_first':>8} {'kl_last':>8} {'rej_first':>9} {'rej_last':>8} "
-          f"{'avg@' + str(args.k):>7} {'s':>5}")
+          f"{'avg@' + str(args.k):>7} {'arith':>5} {'struct':>6} {'unbox':>5} {'s':>5}")
     for text in args.trials or [""]:
         start = time.time()
         trial = Trial.parse(text)
-        model, info = run(trial, args.experiment, teacher, prompts, pad, stop)
-        accuracy = avg_at_k(model, tokenizer, problems, answers, args.k)
+        model, info = run(trial, args.experiment, teacher, tokenizer, prompts, pad, stop)
+        accuracy, errors = avg_at_k(model, tokenizer, problems, answers, args.k)
         print(f"{text or 'defaults':<60} {info['steps']:>5} {info['kl_first']:>8.3f} {info['kl_last']:>8.3f} "
-              f"{info['rej_first']:>9.2f} {info['rej_last']:>8.2f} {accuracy:>7.4f} {time.time() - start:>5.0f}",
-              flush=True)
+              f"{info['rej_first']:>9.2f} {info['rej_last']:>8.2f} {accuracy:>7.4f} {errors['arithmetic']:>5} "
+              f"{errors['structure']:>6} {errors['unboxed']:>5} {time.time() - start:>5.0f}", flush=True)
 
 
 if __name__ == "__main__":

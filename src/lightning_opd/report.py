@@ -227,16 +227,23 @@ def plot_accuracy_vs_cost(models: pd.DataFrame, benchmark: str, k: int, kind: st
     import matplotlib.pyplot as plt
 
     acc = accuracy_column(benchmark, k)
-    fig, axis = plt.subplots(figsize=(5.5, 4))
+    # the legend beside the axes (it hid points inside them), 20 distinct colours, a marker per method
+    # and hollow markers for the inconsistent teacher pairs
+    fig, axis = plt.subplots(figsize=(9, 4))
+    colours = plt.get_cmap("tab20").colors
     opd = models[models.role.str.endswith("_opd")]
-    for (role, variant, sft_t, opd_t), group in opd.groupby(["role", "variant", "sft_teacher", "opd_teacher"]):
+    groups = opd.groupby(["role", "variant", "sft_teacher", "opd_teacher"])
+    for index, ((role, variant, sft_t, opd_t), group) in enumerate(groups):
+        colour = colours[index % len(colours)]
         # one seed has no spread: std() is NaN there, drawn as no error bar
         axis.errorbar(
             group.device_hours.mean(),
             group[acc].mean(),
             yerr=group[acc].std(ddof=1) if len(group) > 1 else 0.0,
             xerr=group.device_hours.std(ddof=1) if len(group) > 1 else 0.0,
-            marker="o",
+            marker="s" if role == "standard_opd" else "o",
+            color=colour,
+            markerfacecolor=colour if sft_t == opd_t else "none",
             capsize=3,
             label=f"{ROLE_NAMES[role]}{f' [{variant}]' if variant else ''} SFT {sft_t} / OPD {opd_t}",
         )
@@ -246,7 +253,7 @@ def plot_accuracy_vs_cost(models: pd.DataFrame, benchmark: str, k: int, kind: st
     axis.set_ylabel(acc)
     axis.set_title(f"{benchmark}: accuracy against cost (dashed: pi_ref)", fontsize=9)
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=6)
+    axis.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.tight_layout()
     save_figure(fig, out)
 
