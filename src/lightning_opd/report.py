@@ -245,7 +245,7 @@ def plot_accuracy_vs_cost(models: pd.DataFrame, benchmark: str, k: int, kind: st
             color=colour,
             markerfacecolor=colour if sft_t == opd_t else "none",
             capsize=3,
-            label=f"{ROLE_NAMES[role]}{f' [{variant}]' if variant else ''} SFT {sft_t} / OPD {opd_t}",
+            label=run_label(role, variant, sft_t, opd_t),
         )
     for value in models.loc[models.role == "sft", acc]:
         axis.axhline(value, ls="--", color="gray", lw=0.8)
@@ -258,7 +258,13 @@ def plot_accuracy_vs_cost(models: pd.DataFrame, benchmark: str, k: int, kind: st
     save_figure(fig, out)
 
 
+def run_label(role: str, variant: str, sft_t: str, opd_t: str) -> str:
+    return f"{ROLE_NAMES[role]}{f' [{variant}]' if variant else ''} SFT {sft_t} / OPD {opd_t}"
+
+
 def plot_training_curves(manifest: dict[str, Any], out: Path) -> None:
+    """One line per method, variant and teacher pair: the mean over its seeds at every logged step, with the
+    band from the lowest to the highest seed (one line per run made 48 lines of 10 colours in the comparison)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -270,23 +276,43 @@ def plot_training_curves(manifest: dict[str, Any], out: Path) -> None:
         ("drift_kl_ref", "drift: KL(pi_theta || pi_ref), held-out"),
         ("student_logprob", "student log-prob of its training tokens"),
     ]
-    n_runs = sum(1 for m in manifest["models"] if m.get("model_dir"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4 + 0.18 * (n_runs + 3) // 4))
-    for model in manifest["models"]:
-        if not model.get("model_dir"):
-            continue
-        log = [e for e in read_train_log(model["model_dir"]) if "loss" in e and "reverse_kl" in e]
+    points = pd.DataFrame(
+        [
+            {"run": (m["role"], m.get("variant") or "", m["sft_teacher"], m["opd_teacher"]), "step": e["step"],
+             "key": key, "value": e[key]}
+            for m in manifest["models"] if m.get("model_dir")
+            for e in read_train_log(m["model_dir"]) if "loss" in e and "reverse_kl" in e
+            for key, _ in panels if key in e
+        ],
+        columns=["run", "step", "key", "value"],
+    )
+    runs = list(dict.fromkeys(points.run))
+    rows = (len(runs) + 2) // 3
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4 + 0.2 * rows))
+    colours = plt.get_cmap("tab20").colors
+    for index, run in enumerate(runs):
+        role, variant, sft_t, opd_t = run
+        style = {"color": colours[index % len(colours)], "ls": "-" if sft_t == opd_t else "--"}
+        seeds = sum(1 for m in manifest["models"] if m.get("model_dir") and m["role"] == role
+                    and (m.get("variant") or "") == variant and (m["sft_teacher"], m["opd_teacher"]) == (sft_t, opd_t))
         for axis, (key, _) in zip(axes, panels):
-            points = [(e["step"], e[key]) for e in log if key in e]
-            axis.plot([p[0] for p in points], [p[1] for p in points], marker=".", label=model["label"])
-    for axis, (_, title) in zip(axes, panels):
+            curve = points[(points.run == run) & (points.key == key)].groupby("step").value.agg(["mean", "min", "max"])
+            axis.plot(curve.index, curve["mean"], marker=".", label=f"{run_label(*run)} ({seeds} seeds)"
+                      if seeds > 1 else run_label(*run), **style)
+            if seeds > 1:
+                axis.fill_between(curve.index, curve["min"], curve["max"], color=style["color"], alpha=0.15, lw=0)
+    for axis, (key, title) in zip(axes, panels):
         axis.set_title(title, fontsize=9)
         axis.set_xlabel("optimizer step")
         axis.grid(alpha=0.3)
+        drift = points.value[points.key == key]
+        if key == "drift_kl_ref" and len(drift) and (drift > 0).all():  # inconsistent pairs drift ~100x further
+            axis.set_yscale("log")
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=7, frameon=False)
-    fig.suptitle(f"{manifest['experiment']}: OPD training", fontsize=10)
-    fig.tight_layout(rect=(0, 0.05 + 0.045 * ((n_runs + 3) // 4), 1, 1))
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7, frameon=False)
+    fig.suptitle(f"{manifest['experiment']}: OPD training (mean over seeds, band: lowest to highest; "
+                 "dashed: inconsistent teacher pair)", fontsize=10)
+    fig.tight_layout(rect=(0, 0.05 + 0.055 * rows, 1, 1))
     save_figure(fig, out)
 
 
