@@ -97,5 +97,5 @@ def test_chromium_renders_the_table_and_a_plot_without_errors(html_report, tmp_p
         width = browser.wait_until(f"(() => {{ const img = [...document.querySelectorAll('img')].find("
                                    f"i => i.src === results[{json.dumps(plot_path)}].data_uri); "
                                    "return img && img.complete && img.naturalWidth; })()")
-        assert width == 605  # 5.5 in at 110 dpi
+        assert width == 990  # 9 in (the legend beside the axes) at 110 dpi
         assert browser.errors == []
