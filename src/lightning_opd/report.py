@@ -220,6 +220,11 @@ def save_figure(fig, out: Path) -> None:
     plt.close(fig)
 
 
+def distinct_colours(plt, n: int) -> tuple:
+    """tab10 up to 10 lines (tab20 pairs a dark and a light shade of each hue), tab20 up to 20."""
+    return plt.get_cmap("tab10" if n <= 10 else "tab20").colors
+
+
 def plot_accuracy_vs_cost(models: pd.DataFrame, benchmark: str, k: int, kind: str, out: Path) -> None:
     import matplotlib
 
@@ -227,12 +232,12 @@ def plot_accuracy_vs_cost(models: pd.DataFrame, benchmark: str, k: int, kind: st
     import matplotlib.pyplot as plt
 
     acc = accuracy_column(benchmark, k)
-    # the legend beside the axes (it hid points inside them), 20 distinct colours, a marker per method
-    # and hollow markers for the inconsistent teacher pairs
+    # the legend beside the axes (it hid points inside them), up to 20 distinct colours, a marker per
+    # method and hollow markers for the inconsistent teacher pairs
     fig, axis = plt.subplots(figsize=(9, 4))
-    colours = plt.get_cmap("tab20").colors
     opd = models[models.role.str.endswith("_opd")]
     groups = opd.groupby(["role", "variant", "sft_teacher", "opd_teacher"])
+    colours = distinct_colours(plt, groups.ngroups)
     for index, ((role, variant, sft_t, opd_t), group) in enumerate(groups):
         colour = colours[index % len(colours)]
         # one seed has no spread: std() is NaN there, drawn as no error bar
@@ -289,7 +294,7 @@ def plot_training_curves(manifest: dict[str, Any], out: Path) -> None:
     runs = list(dict.fromkeys(points.run))
     rows = (len(runs) + 2) // 3
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4 + 0.2 * rows))
-    colours = plt.get_cmap("tab20").colors
+    colours = distinct_colours(plt, len(runs))
     for index, run in enumerate(runs):
         role, variant, sft_t, opd_t = run
         style = {"color": colours[index % len(colours)], "ls": "-" if sft_t == opd_t else "--"}
