@@ -283,27 +283,27 @@ def plot_training_curves(manifest: dict[str, Any], out: Path) -> None:
     ]
     points = pd.DataFrame(
         [
-            {"run": (m["role"], m.get("variant") or "", m["sft_teacher"], m["opd_teacher"]), "step": e["step"],
+            {"run": run_label(m["role"], m.get("variant") or "", m["sft_teacher"], m["opd_teacher"]),
+             "consistent": m["sft_teacher"] == m["opd_teacher"], "seed": m.get("seed"), "step": e["step"],
              "key": key, "value": e[key]}
             for m in manifest["models"] if m.get("model_dir")
             for e in read_train_log(m["model_dir"]) if "loss" in e and "reverse_kl" in e
             for key, _ in panels if key in e
         ],
-        columns=["run", "step", "key", "value"],
+        columns=["run", "consistent", "seed", "step", "key", "value"],
     )
     runs = list(dict.fromkeys(points.run))
     rows = (len(runs) + 2) // 3
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4 + 0.2 * rows))
     colours = distinct_colours(plt, len(runs))
     for index, run in enumerate(runs):
-        role, variant, sft_t, opd_t = run
-        style = {"color": colours[index % len(colours)], "ls": "-" if sft_t == opd_t else "--"}
-        seeds = sum(1 for m in manifest["models"] if m.get("model_dir") and m["role"] == role
-                    and (m.get("variant") or "") == variant and (m["sft_teacher"], m["opd_teacher"]) == (sft_t, opd_t))
+        of_run = points[points.run == run]
+        style = {"color": colours[index % len(colours)], "ls": "-" if of_run.consistent.iloc[0] else "--"}
+        seeds = of_run.seed.nunique()
         for axis, (key, _) in zip(axes, panels):
-            curve = points[(points.run == run) & (points.key == key)].groupby("step").value.agg(["mean", "min", "max"])
-            axis.plot(curve.index, curve["mean"], marker=".", label=f"{run_label(*run)} ({seeds} seeds)"
-                      if seeds > 1 else run_label(*run), **style)
+            curve = of_run[of_run.key == key].groupby("step").value.agg(["mean", "min", "max"])
+            axis.plot(curve.index, curve["mean"], marker=".", label=f"{run} ({seeds} seeds)" if seeds > 1 else run,
+                      **style)
             if seeds > 1:
                 axis.fill_between(curve.index, curve["min"], curve["max"], color=style["color"], alpha=0.15, lw=0)
     for axis, (key, title) in zip(axes, panels):
