@@ -15,6 +15,7 @@ from lightning_opd.report import (
     summary_table,
     token_budget,
     tokens_per_step,
+    training_points,
 )
 
 HEADER = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
@@ -156,3 +157,25 @@ def test_token_budget_pairs_the_methods_of_each_run(tmp_path):
                    "Lightning OPD response tokens/step", "standard OPD response tokens/step", "Lightning OPD steps",
                    "standard OPD device_hours", "standard / Lightning tokens per step"]].values.tolist() == [
         [0, 100.0, 400.0, 60.0, 240.0, 3, 4.0, 4.0], [1, 110.0, 380.0, 70.0, 200.0, 3, 3.0, 3.455]]
+
+
+def test_training_curves_group_the_seeds_of_a_run(tmp_path):
+    """The curves plot one line per method, variant and teacher pair: its seeds share a label, and only
+    OPD log entries (with a loss and a reverse KL) count."""
+    models = []
+    for label, variant, opd_teacher, seed in [("a0", "", "A", 0), ("a1", "", "A", 1), ("k0", "topk4", "A", 0),
+                                              ("b0", "", "B", 0)]:
+        (tmp_path / label).mkdir()
+        log = [{"step": 2, "loss": 1.0, "reverse_kl": 0.1 * (seed + 1), "drift_kl_ref": 0.01},
+               {"step": 2, "train_runtime": 5.0}]
+        (tmp_path / label / "train_log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in log))
+        models.append({"label": label, "role": "lightning_opd", "variant": variant, "sft_teacher": "A",
+                       "opd_teacher": opd_teacher, "seed": seed, "model_dir": str(tmp_path / label)})
+    models.append({"label": "sft-A", "role": "sft", "sft_teacher": "A", "opd_teacher": ""})
+    points = training_points({"models": models}, ["reverse_kl", "drift_kl_ref"])
+    kl = points[points.key == "reverse_kl"]
+    assert kl.groupby("run").seed.nunique().to_dict() == {
+        "Lightning OPD SFT A / OPD A": 2, "Lightning OPD [topk4] SFT A / OPD A": 1, "Lightning OPD SFT A / OPD B": 1}
+    assert kl[kl.run == "Lightning OPD SFT A / OPD A"].value.mean() == pytest.approx(0.15)
+    assert not points.groupby("run").consistent.first()["Lightning OPD SFT A / OPD B"]
+    assert len(points) == 8  # 4 runs x 2 keys; the entry without a loss is not a training step

@@ -267,6 +267,22 @@ def run_label(role: str, variant: str, sft_t: str, opd_t: str) -> str:
     return f"{ROLE_NAMES[role]}{f' [{variant}]' if variant else ''} SFT {sft_t} / OPD {opd_t}"
 
 
+def training_points(manifest: dict[str, Any], keys: list[str]) -> pd.DataFrame:
+    """Every logged value of ``keys`` of every OPD run: its run's label (method, variant and teacher pair,
+    shared by its seeds), whether the pair is consistent, the seed, the step, the key and the value."""
+    return pd.DataFrame(
+        [
+            {"run": run_label(m["role"], m.get("variant") or "", m["sft_teacher"], m["opd_teacher"]),
+             "consistent": m["sft_teacher"] == m["opd_teacher"], "seed": m.get("seed"), "step": e["step"],
+             "key": key, "value": e[key]}
+            for m in manifest["models"] if m.get("model_dir")
+            for e in read_train_log(m["model_dir"]) if "loss" in e and "reverse_kl" in e
+            for key in keys if key in e
+        ],
+        columns=["run", "consistent", "seed", "step", "key", "value"],
+    )
+
+
 def plot_training_curves(manifest: dict[str, Any], out: Path) -> None:
     """One line per method, variant and teacher pair: the mean over its seeds at every logged step, with the
     band from the lowest to the highest seed (one line per run made 48 lines of 10 colours in the comparison)."""
@@ -281,17 +297,7 @@ def plot_training_curves(manifest: dict[str, Any], out: Path) -> None:
         ("drift_kl_ref", "drift: KL(pi_theta || pi_ref), held-out"),
         ("student_logprob", "student log-prob of its training tokens"),
     ]
-    points = pd.DataFrame(
-        [
-            {"run": run_label(m["role"], m.get("variant") or "", m["sft_teacher"], m["opd_teacher"]),
-             "consistent": m["sft_teacher"] == m["opd_teacher"], "seed": m.get("seed"), "step": e["step"],
-             "key": key, "value": e[key]}
-            for m in manifest["models"] if m.get("model_dir")
-            for e in read_train_log(m["model_dir"]) if "loss" in e and "reverse_kl" in e
-            for key, _ in panels if key in e
-        ],
-        columns=["run", "consistent", "seed", "step", "key", "value"],
-    )
+    points = training_points(manifest, [key for key, _ in panels])
     runs = list(dict.fromkeys(points.run))
     rows = (len(runs) + 2) // 3
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4 + 0.2 * rows))
