@@ -71,12 +71,23 @@ class Trial:
 
     @classmethod
     def parse(cls, text: str) -> Trial:
-        trial = cls()
+        trial, fields = cls(), {f.name for f in dataclasses.fields(cls)}
         for item in filter(None, text.split(",")):
-            key, value = item.split("=")
+            key, _, value = item.partition("=")
+            if key not in fields:
+                raise SystemExit(f"trial {text!r}: unknown key {key!r}; the keys are {sorted(fields)}")
             kind = type(getattr(cls, key))  # the default's type: str, float or int
-            setattr(trial, key, None if value == "none" else kind(value))
+            try:
+                setattr(trial, key, None if value == "none" else kind(value))
+            except ValueError:
+                raise SystemExit(f"trial {text!r}: {key}={value!r} is not a {kind.__name__}") from None
+            if key in CHOICES and value not in CHOICES[key]:
+                raise SystemExit(f"trial {text!r}: {key} is one of {CHOICES[key]}, not {value!r}")
         return trial
+
+
+CHOICES = {"method": ("lightning", "standard", "exact"), "adv": ("both", "pos", "fresh", "is"),
+           "embed": ("train", "freeze", "untie")}
 
 
 STEP = re.compile(r"(-?\d+) ([+-]) (\d+) = (-?\d+)")
@@ -108,9 +119,10 @@ def avg_at_k(model, tokenizer, problems, answers, k: int) -> tuple[float, collec
 def more_prompts(tokenizer, prompts: list, n: int) -> list:
     """``prompts`` if there are ``n``; else ``n`` fresh problems from the task's generator (seed 123; they may
     repeat and may be in the held-out set, as the generator's space is small)."""
+    if n <= len(prompts):
+        return prompts
     rng = random.Random(123)
-    fresh = [prompt_ids(tokenizer, problem_text(make_problem(rng, TaskParams())[0])) for _ in range(n)]
-    return prompts if n <= len(prompts) else fresh
+    return [prompt_ids(tokenizer, problem_text(make_problem(rng, TaskParams())[0])) for _ in range(n)]
 
 
 def scaled(teacher, temperature: float, path: Path):
@@ -133,10 +145,9 @@ def scored_rollouts(policy, teacher, prompts, trial: Trial, seed: int, stop, pad
     examples = [opd_example(p, s.response_ids, [0.0] * len(s.response_ids)) for p, o in zip(prompts, outs) for s in o]
     batch = pad(examples)
     with torch.no_grad():
-        t, _ = response_logprobs(teacher, batch)
-        r, _ = response_logprobs(policy, batch)
-    batch["teacher_logprobs"] = torch.nn.functional.pad(t, (1, 0))
-    batch["ref_logprobs"] = torch.nn.functional.pad(r, (1, 0))
+        batch["teacher_logprobs"] = torch.nn.functional.pad(response_logprobs(teacher, batch)[0], (1, 0))
+        if trial.adv in ("fresh", "is"):  # the sampling policy's own log-probs: only these ablations read them
+            batch["ref_logprobs"] = torch.nn.functional.pad(response_logprobs(policy, batch)[0], (1, 0))
     return batch
 
 
@@ -206,6 +217,8 @@ def run(trial: Trial, experiment: Path, teacher, tokenizer, prompts, pad, stop) 
         share = -(-len(prompts) // trial.rounds)
         order = []
         per_round = steps // trial.rounds
+        if per_round == 0:
+            raise SystemExit(f"rounds={trial.rounds} is more than the trial's {steps} steps: lower rounds")
         for s in range(steps):
             if s % per_round == 0 and s // per_round < trial.rounds:
                 part = prompts[s // per_round * share:][:share]
@@ -233,6 +246,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--reference", action="store_true", help="also print pi_ref's and the teacher's avg@k")
     args = parser.parse_args()
+    trials = [(text, Trial.parse(text)) for text in args.trials or [""]]  # every trial checked before any runs
     tokenizer = load_tokenizer(args.experiment / "models/sft-A")
     pad = PadCollator(tokenizer.pad_token_id)
     teacher = load_model(args.experiment / "models/teacher-A").eval()
@@ -249,9 +263,8 @@ def main() -> None:
             print(f"{name:<60} avg@{args.k} = {accuracy:.4f}, wrong answers: {dict(errors)}")
     print(f"{'trial':<60} {'steps':>5} {'kl_first':>8} {'kl_last':>8} {'rej_first':>9} {'rej_last':>8} "
           f"{'avg@' + str(args.k):>7} {'arith':>5} {'struct':>6} {'unbox':>5} {'s':>5}")
-    for text in args.trials or [""]:
+    for text, trial in trials:
         start = time.time()
-        trial = Trial.parse(text)
         model, info = run(trial, args.experiment, teacher, tokenizer, prompts, pad, stop)
         accuracy, errors = avg_at_k(model, tokenizer, problems, answers, args.k)
         print(f"{text or 'defaults':<60} {info['steps']:>5} {info['kl_first']:>8.3f} {info['kl_last']:>8.3f} "
