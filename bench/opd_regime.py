@@ -14,7 +14,8 @@ on the held-out set next to pi_ref and the teacher:
 
 Diagnostics that are not the paper's method: ``rounds`` (lightning: fresh
 rollouts of the current student every 1/R of the steps, on 1/R of the
-prompts, one Adam throughout), ``adv`` (drop some negative advantages, or
+prompts, one Adam throughout; ``round_policy=ref``: sampled by pi_ref
+instead, a control), ``adv`` (drop some negative advantages, or
 weight tokens by min(1, pi_theta / pi_ref)) and ``embed`` (freeze or untie
 the tied embeddings).
 
@@ -66,6 +67,7 @@ class Trial:
     adv: str = "both"
     embed: str = "train"  # train | freeze: the (tied) embeddings | untie: separate input and output embeddings
     rounds: int = 1  # lightning: R rounds, each on fresh rollouts of the current student for 1/R of the prompts
+    round_policy: str = "student"  # who samples a round's rollouts: the current student | ref: pi_ref (a control)
     teacher_t: float = 1.0  # the teacher's softmax temperature wherever it scores (both methods)
     seed: int = 0
 
@@ -87,7 +89,7 @@ class Trial:
 
 
 CHOICES = {"method": ("lightning", "standard", "exact"), "adv": ("both", "pos", "fresh", "is"),
-           "embed": ("train", "freeze", "untie")}
+           "embed": ("train", "freeze", "untie"), "round_policy": ("student", "ref")}
 
 
 STEP = re.compile(r"(-?\d+) ([+-]) (\d+) = (-?\d+)")
@@ -215,6 +217,7 @@ def run(trial: Trial, experiment: Path, teacher, tokenizer, prompts, pad, stop) 
             kls.append(step(student, teacher, optimizer, batch, trial, False))
     else:
         share = -(-len(prompts) // trial.rounds)
+        sampler = student if trial.round_policy == "student" else load_model(experiment / "models/sft-A").eval()
         order = []
         per_round = steps // trial.rounds
         if per_round == 0:
@@ -222,7 +225,8 @@ def run(trial: Trial, experiment: Path, teacher, tokenizer, prompts, pad, stop) 
         for s in range(steps):
             if s % per_round == 0 and s // per_round < trial.rounds:
                 part = prompts[s // per_round * share:][:share]
-                data = scored_rollouts(student, teacher, part, trial, trial.seed + 1 + s, stop, pad)
+                data = scored_rollouts(sampler, teacher, part, trial, trial.seed + 1 + s, stop, pad)
+                student.train()
                 sequences, order = len(part) * trial.n, []
             if len(order) < trial.batch:
                 order += rng.sample(range(sequences), sequences)
