@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# How Lightning OPD's stage cost compares with standard OPD's as the OPD work
+# grows: for each prompt count N, writes N fresh OPD prompts (the task's
+# generator, seed 0) and runs the four OPD modules of a finished default
+# experiment one at a time, with the arguments the rules give them (the
+# default config's settings; the paper's cache, top_k 0) and one thread each
+# (Snakemake sets OMP_NUM_THREADS to a job's threads), timing each with
+# /usr/bin/time. Prints the seconds per stage and Lightning / standard.
+#
+#   bench/opd_stage_cost.sh results/default 512 2048
+set -euo pipefail
+[[ $# -ge 2 ]] || { echo "usage: $0 RESULTS_DIR N [N ...]" >&2; exit 2; }
+results=$(realpath "$1"); shift
+for model in sft-A teacher-A; do
+  [[ -d $results/models/$model ]] || { echo "$0: $results/models/$model is missing: run the default first" >&2; exit 1; }
+done
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+export OMP_NUM_THREADS=1
+opd='{"adam_beta1": 0.9, "adam_beta2": 0.98, "allow_teacher_mismatch": false, "batch_size": 64, "epochs": 2,
+  "learning_rate": 0.0001, "logging_steps": 2, "lr_scheduler_type": "constant", "save_steps": 4, "seed": 0,
+  "tau": 1.0, "warmup_ratio": 0.0, "weight_decay": 0.1}'
+lightning=${opd%\}}', "loss": "sampled", "top_k": null}'
+drift=(--drift-prompts "$results/data/eval.parquet" --drift-n 64 --drift-max-new-tokens 128 --drift-every 0)
+tracking() { printf '{"log_dir": "%s", "project": "bench", "report_to": [], "run_name": "%s"}' "$work/tracking/$1" "$1"; }
+
+seconds() {  # seconds NAME COMMAND...: wall seconds of COMMAND; its output goes to $work/NAME.log
+  local name=$1; shift
+  /usr/bin/time -f %e -o "$work/$name.time" "$@" > "$work/$name.log" 2>&1 \
+    || { echo "$0: $name failed, its log:" >&2; tail -20 "$work/$name.log" >&2; exit 1; }
+  cat "$work/$name.time"
+}
+
+printf '%6s %9s %14s %14s %14s %10s %9s\n' prompts rollouts teacher_cache lightning_opd "Lightning sum" standard "ratio"
+for n in "$@"; do
+  d=$work/$n
+  python -m lightning_opd.task_data --out-dir "$d/data" --hparams "{\"n_opd\": $n}" > "$work/task_data.log" 2>&1
+  roll=$(seconds rollouts-$n python -m lightning_opd.generate --model "$results/models/sft-A" \
+    --prompts "$d/data/opd.parquet" --out "$d/rollouts.parquet" --label sft-A --backend hf --backend-options '{}' \
+    --sampling '{"batch_size": 256, "max_new_tokens": 128, "n": 1, "seed": 1, "temperature": 1.0, "top_p": 1.0}' \
+    --prompt-template '{problem}' --chat-template-kwargs '{}' --shard-size 256 --data-parallel 1 --work-dir "$d/w_roll")
+  cache=$(seconds cache-$n python -m lightning_opd.teacher_cache --teacher "$results/models/teacher-A" \
+    --rollouts "$d/rollouts.parquet" --out "$d/cache.parquet" --label A --backend hf --backend-options '{}' \
+    --max-response-tokens 4096 --temperature 1.0 --top-k 0 --shard-size 1024 --data-parallel 1 --work-dir "$d/w_cache")
+  train=$(seconds lightning-$n python -m lightning_opd.lightning_opd --init "$results/models/sft-A" \
+    --cache "$d/cache.parquet" --opd "$lightning" --round 1-of-1 --drift-reference "$results/models/sft-A" \
+    --out "$d/lightning" --checkpoint-root "$d/ck_lightning" "${drift[@]}" --tracking "$(tracking lightning-$n)")
+  standard=$(seconds standard-$n python -m lightning_opd.standard_opd --init "$results/models/sft-A" \
+    --teacher "$results/models/teacher-A" --teacher-label A --prompts "$d/data/opd.parquet" --opd "$opd" \
+    --sampling '{"batch_size": 256, "max_new_tokens": 128, "n": 4, "seed": 0, "temperature": 1.0, "top_p": 1.0}' \
+    --sampler hf --sampler-options '{}' --prompt-template '{problem}' --chat-template-kwargs '{}' \
+    --out "$d/standard" --checkpoint-root "$d/ck_standard" "${drift[@]}" --tracking "$(tracking standard-$n)")
+  python - "$n" "$roll" "$cache" "$train" "$standard" <<'EOF'
+import sys
+n, roll, cache, train, standard = sys.argv[1], *map(float, sys.argv[2:])
+total = roll + cache + train
+print(f"{n:>6} {roll:>9.1f} {cache:>14.1f} {train:>14.1f} {total:>14.1f} {standard:>10.1f} {total / standard:>9.3f}")
+EOF
+  rm -rf "$d"
+done
