@@ -17,7 +17,7 @@ rollouts of the current student every 1/R of the steps, on 1/R of the
 prompts, one Adam throughout; ``round_policy=ref``: sampled by pi_ref
 instead, a control), ``adv`` (drop some negative advantages, or
 weight tokens by min(1, pi_theta / pi_ref)) and ``embed`` (freeze or untie
-the tied embeddings).
+the tied embeddings). ``trace=K`` also prints avg@k after every K steps.
 
 Every trial uses the project's OPD loss (`opd_loss`), AdamW (0.9, 0.98),
 weight decay 0.1, gradient clipping 1.0, constant lr, like the trainers.
@@ -35,6 +35,7 @@ import dataclasses
 import random
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -69,6 +70,7 @@ class Trial:
     rounds: int = 1  # lightning: R rounds, each on fresh rollouts of the current student for 1/R of the prompts
     round_policy: str = "student"  # who samples a round's rollouts: the current student | ref: pi_ref (a control)
     teacher_t: float = 1.0  # the teacher's softmax temperature wherever it scores (both methods)
+    trace: int = 0  # also print avg@k after every this many steps (0: only at the end)
     seed: int = 0
 
     @classmethod
@@ -189,7 +191,14 @@ def step(student, teacher, optimizer, batch, trial: Trial, exact: bool) -> dict:
     return metrics
 
 
-def run(trial: Trial, experiment: Path, teacher, tokenizer, prompts, pad, stop) -> tuple[torch.nn.Module, dict]:
+def traced(trial: Trial, trace, student, done: int, steps: int) -> None:
+    if trial.trace and done % trial.trace == 0 and done < steps:
+        trace(student, done)
+        student.train()
+
+
+def run(trial: Trial, experiment: Path, teacher, tokenizer, prompts, pad, stop,
+        trace: Callable[[torch.nn.Module, int], None]) -> tuple[torch.nn.Module, dict]:
     teacher = scaled(teacher, trial.teacher_t, experiment / "models/teacher-A")
     torch.manual_seed(trial.seed)
     student = load_model(experiment / "models/sft-A").train()
@@ -215,6 +224,7 @@ def run(trial: Trial, experiment: Path, teacher, tokenizer, prompts, pad, stop) 
             batch = scored_rollouts(student, teacher, [prompts[i] for i in chosen], trial,
                                     trial.seed * 100_003 + s, stop, pad)
             kls.append(step(student, teacher, optimizer, batch, trial, False))
+            traced(trial, trace, student, s + 1, steps)
     else:
         share = -(-len(prompts) // trial.rounds)
         sampler = student if trial.round_policy == "student" else load_model(experiment / "models/sft-A").eval()
@@ -236,6 +246,7 @@ def run(trial: Trial, experiment: Path, teacher, tokenizer, prompts, pad, stop) 
             width = int(batch["attention_mask"].sum(1).max())  # right padding: drop the all-pad columns
             batch = {k: v[:, :width] for k, v in batch.items()}
             kls.append(step(student, teacher, optimizer, batch, trial, trial.method == "exact"))
+            traced(trial, trace, student, s + 1, steps)
     last = kls[-3:]
     return student, {"steps": steps, "kl_first": kls[0]["reverse_kl"],
                      "kl_last": sum(m["reverse_kl"] for m in last) / len(last),
@@ -269,7 +280,12 @@ def main() -> None:
           f"{'avg@' + str(args.k):>7} {'arith':>5} {'struct':>6} {'unbox':>5} {'s':>5}")
     for text, trial in trials:
         start = time.time()
-        model, info = run(trial, args.experiment, teacher, tokenizer, prompts, pad, stop)
+        def trace(model, done: int, text=text) -> None:
+            accuracy, errors = avg_at_k(model, tokenizer, problems, answers, args.k)
+            print(f"  {text or 'defaults'} after step {done}: avg@{args.k} = {accuracy:.4f}, "
+                  f"wrong answers: {dict(errors)}", flush=True)
+
+        model, info = run(trial, args.experiment, teacher, tokenizer, prompts, pad, stop, trace)
         accuracy, errors = avg_at_k(model, tokenizer, problems, answers, args.k)
         print(f"{text or 'defaults':<60} {info['steps']:>5} {info['kl_first']:>8.3f} {info['kl_last']:>8.3f} "
               f"{info['rej_first']:>9.2f} {info['rej_last']:>8.2f} {accuracy:>7.4f} {errors['arithmetic']:>5} "
