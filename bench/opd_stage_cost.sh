@@ -6,6 +6,8 @@
 # default config's settings; the paper's cache, top_k 0) and one thread each
 # (Snakemake sets OMP_NUM_THREADS to a job's threads), timing each with
 # /usr/bin/time. Prints the seconds per stage and Lightning / standard.
+# Run it with the project's environment on PATH (`make env`, then
+# `source .venv/bin/activate`), on an otherwise idle machine.
 #
 #   bench/opd_stage_cost.sh results/default 512 2048
 set -euo pipefail
