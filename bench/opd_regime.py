@@ -87,6 +87,8 @@ class Trial:
                 raise SystemExit(f"trial {text!r}: {key}={value!r} is not a {kind.__name__}") from None
             if key in CHOICES and value not in CHOICES[key]:
                 raise SystemExit(f"trial {text!r}: {key} is one of {CHOICES[key]}, not {value!r}")
+        if trial.method == "standard" and (trial.rounds != 1 or trial.round_policy != "student"):
+            raise SystemExit(f"trial {text!r}: rounds and round_policy are for lightning and exact trials")
         return trial
 
 

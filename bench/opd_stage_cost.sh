@@ -7,12 +7,17 @@
 # (Snakemake sets OMP_NUM_THREADS to a job's threads), timing each with
 # /usr/bin/time. Prints the seconds per stage and Lightning / standard.
 # Run it with the project's environment on PATH (`make env`, then
-# `source .venv/bin/activate`), on an otherwise idle machine.
+# `source .venv/bin/activate`), on an otherwise idle machine. For timing
+# only: the task's generator draws every split from one seed, so N > 512
+# prompts include the held-out problems.
 #
 #   bench/opd_stage_cost.sh results/default 512 2048
 set -euo pipefail
 [[ $# -ge 2 ]] || { echo "usage: $0 RESULTS_DIR N [N ...]" >&2; exit 2; }
 results=$(realpath "$1"); shift
+for n in "$@"; do
+  [[ $n =~ ^[1-9][0-9]*$ ]] || { echo "$0: N is a number of prompts, not '$n'" >&2; exit 2; }
+done
 for model in sft-A teacher-A; do
   [[ -d $results/models/$model ]] || { echo "$0: $results/models/$model is missing: run the default first" >&2; exit 1; }
 done
@@ -36,7 +41,8 @@ seconds() {  # seconds NAME COMMAND...: wall seconds of COMMAND; its output goes
 printf '%6s %9s %14s %14s %14s %10s %9s\n' prompts rollouts teacher_cache lightning_opd "Lightning sum" standard "ratio"
 for n in "$@"; do
   d=$work/$n
-  python -m lightning_opd.task_data --out-dir "$d/data" --hparams "{\"n_opd\": $n}" > "$work/task_data.log" 2>&1
+  python -m lightning_opd.task_data --out-dir "$d/data" --hparams "{\"n_opd\": $n}" > "$work/task_data.log" 2>&1 \
+    || { echo "$0: writing $n OPD prompts failed, its log:" >&2; tail -20 "$work/task_data.log" >&2; exit 1; }
   roll=$(seconds rollouts-$n python -m lightning_opd.generate --model "$results/models/sft-A" \
     --prompts "$d/data/opd.parquet" --out "$d/rollouts.parquet" --label sft-A --backend hf --backend-options '{}' \
     --sampling '{"batch_size": 256, "max_new_tokens": 128, "n": 1, "seed": 1, "temperature": 1.0, "top_p": 1.0}' \

@@ -37,10 +37,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5, help="fresh interpreters per module (the median is kept)")
     args = parser.parse_args()
-    import_seconds("lightning_opd")  # warm the file cache, so that the first stage is not charged for it
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
     medians = {}
     print(f"{'stage':<15} {'module (+ Qwen3ForCausalLM)':<30} {'median s':>8} {'min s':>6} {'max s':>6}")
     for stage, module in STAGES.items():
+        import_seconds(module)  # warms the file cache, so that the first timed import is not charged for it
         times = [import_seconds(module) for _ in range(args.repeats)]
         medians[stage] = statistics.median(times)
         print(f"{stage:<15} {module:<30} {medians[stage]:>8.2f} {min(times):>6.2f} {max(times):>6.2f}", flush=True)
