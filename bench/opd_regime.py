@@ -238,7 +238,6 @@ def run(trial: Trial, experiment: Path, teacher, tokenizer, prompts, pad, stop,
             if s % per_round == 0 and s // per_round < trial.rounds:
                 part = prompts[s // per_round * share:][:share]
                 data = scored_rollouts(sampler, teacher, part, trial, trial.seed + 1 + s, stop, pad)
-                student.train()
                 sequences, order = len(part) * trial.n, []
             if len(order) < trial.batch:
                 order += rng.sample(range(sequences), sequences)
