@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import math
 import random
 import re
 import time
@@ -87,11 +88,17 @@ class Trial:
                 raise SystemExit(f"trial {text!r}: {key}={value!r} is not a {kind.__name__}") from None
             if key in CHOICES and value not in CHOICES[key]:
                 raise SystemExit(f"trial {text!r}: {key} is one of {CHOICES[key]}, not {value!r}")
+            number = getattr(trial, key)
+            if kind in (int, float) and number is not None and not (math.isfinite(number) and number >= LEAST[key]):
+                raise SystemExit(f"trial {text!r}: {key} must be a finite number >= {LEAST[key]}, not {value!r}")
         if trial.method == "standard" and (trial.rounds != 1 or trial.round_policy != "student"):
             raise SystemExit(f"trial {text!r}: rounds and round_policy are for lightning and exact trials")
         return trial
 
 
+# the least value of each numeric key (tau's none, no clipping, is allowed)
+LEAST = {"roll_t": 0.0, "roll_p": 0.0, "n": 1, "prompts": 1, "epochs": 0.0, "batch": 1, "lr": 0.0, "tau": 0.0,
+         "rounds": 1, "teacher_t": 1e-6, "trace": 0, "seed": 0}
 CHOICES = {"method": ("lightning", "standard", "exact"), "adv": ("both", "pos", "fresh", "is"),
            "embed": ("train", "freeze", "untie"), "round_policy": ("student", "ref")}
 
