@@ -23,6 +23,8 @@ for model in sft-A teacher-A; do
 done
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 export OMP_NUM_THREADS=1
 opd='{"adam_beta1": 0.9, "adam_beta2": 0.98, "allow_teacher_mismatch": false, "batch_size": 64, "epochs": 2,
   "learning_rate": 0.0001, "logging_steps": 2, "lr_scheduler_type": "constant", "save_steps": 4, "seed": 0,
@@ -31,18 +33,19 @@ lightning=${opd%\}}', "loss": "sampled", "top_k": null}'
 drift=(--drift-prompts "$results/data/eval.parquet" --drift-n 64 --drift-max-new-tokens 128 --drift-every 0)
 tracking() { printf '{"log_dir": "%s", "project": "bench", "report_to": [], "run_name": "%s"}' "$work/tracking/$1" "$1"; }
 
-seconds() {  # seconds NAME COMMAND...: wall seconds of COMMAND; its output goes to $work/NAME.log
+logged() {  # logged NAME COMMAND...: COMMAND's output goes to $work/NAME.log, shown if it fails
   local name=$1; shift
-  /usr/bin/time -f %e -o "$work/$name.time" "$@" > "$work/$name.log" 2>&1 \
-    || { echo "$0: $name failed, its log:" >&2; tail -20 "$work/$name.log" >&2; exit 1; }
-  cat "$work/$name.time"
+  "$@" > "$work/$name.log" 2>&1 || { echo "$0: $name failed, its log:" >&2; tail -20 "$work/$name.log" >&2; exit 1; }
+}
+seconds() {  # seconds NAME COMMAND...: wall seconds of COMMAND, run as `logged`
+  logged "$1" /usr/bin/time -f %e -o "$work/$1.time" "${@:2}"
+  cat "$work/$1.time"
 }
 
 printf '%6s %9s %14s %14s %14s %10s %9s\n' prompts rollouts teacher_cache lightning_opd "Lightning sum" standard "ratio"
 for n in "$@"; do
   d=$work/$n
-  python -m lightning_opd.task_data --out-dir "$d/data" --hparams "{\"n_opd\": $n}" > "$work/task_data.log" 2>&1 \
-    || { echo "$0: writing $n OPD prompts failed, its log:" >&2; tail -20 "$work/task_data.log" >&2; exit 1; }
+  logged "task_data-$n" python -m lightning_opd.task_data --out-dir "$d/data" --hparams "{\"n_opd\": $n}"
   roll=$(seconds rollouts-$n python -m lightning_opd.generate --model "$results/models/sft-A" \
     --prompts "$d/data/opd.parquet" --out "$d/rollouts.parquet" --label sft-A --backend hf --backend-options '{}' \
     --sampling '{"batch_size": 256, "max_new_tokens": 128, "n": 1, "seed": 1, "temperature": 1.0, "top_p": 1.0}' \
