@@ -41,8 +41,15 @@ CACHE_BYTES_PER_TOPK = 6
 # prompt tokens assumed per sequence where the config does not bound them
 # (DAPO-Math and AIME prompts with the template are ~100-400 tokens)
 PROMPT_TOKENS = 512
-# per GPU: CUDA context, NCCL buffers and allocator fragmentation (an estimate)
+# per GPU: CUDA context, NCCL buffers and allocator fragmentation (an estimate; on an H100 the context
+# took 0.65 GB and the allocator's cache 1.5-7.3 GB beyond what was allocated: bench/train_peak_memory.py)
 GPU_OVERHEAD_GB = 3.0
+# transformers optimizers whose torch step runs foreach kernels on GPUs: each step holds float32
+# temporaries the size of the (local) parameters (AdamW's sqrt of the second moments)
+FOREACH_OPTIMS = ("adamw_torch",)
+# the parts of a training step's peak that exist only in the forward and backward pass or the optimiser step
+TRANSIENT_PARTS = ("autocast_weights", "activations", "logprobs", "topk_batch", "attention", "gathered",
+                   "optimiser_step")
 # per CPU process: Python with torch, transformers and datasets imported (measured: 0.48 GB)
 CPU_BASELINE_GB = 0.5
 # vLLM's own activation peak outside the KV cache (an estimate), and its default token budget per step
@@ -230,6 +237,10 @@ def training_memory(shape: Shape, train: dict[str, Any], seq_tokens: int, world:
     parts["logprobs"] = copies * logprob_chunk_bytes(tokens, shape.vocab) / GB
     if top_k:  # the batch's teacher ids (int64) and log-probs (fp32), the student's log-probs there and their grad
         parts["topk_batch"] = tokens * top_k * (8 + 4 + 4 + 4) / GB
+    if train.get("bf16") and sharded == 1:
+        # autocast keeps the bf16 copy of each fp32 weight it casts until the forward ends (under FSDP the
+        # mixed-precision policy gathers bf16 weights instead: `gathered`)
+        parts["autocast_weights"] = 2 * shape.params / GB
     if not on_gpu:
         # CPU attention (SDPA's math path) holds one layer's scores, fp32 [heads, row, row], at a time:
         # quadratic in a packed row's length (the 4,096-token rehearsal measured it). GPU kernels do not.
@@ -240,8 +251,14 @@ def training_memory(shape: Shape, train: dict[str, Any], seq_tokens: int, world:
         parts["frozen"] = frozen_bytes / GB
     if sampled_kv_tokens:
         parts["kv_sampling"] = sampled_kv_tokens * shape.kv_bytes_per_token(1, act_bytes) / GB
+    note = f"[{tokens} tokens/pass, {'checkpointed' if checkpointing else 'no checkpointing'}]"
+    step = 4 * shape.params / sharded / GB if on_gpu and train.get("optim", "adamw_torch") in FOREACH_OPTIMS else 0
+    backward = sum(parts.get(k, 0.0) for k in TRANSIENT_PARTS)
+    if step > backward:  # the peak is in the optimiser step, when the pass's transients are gone
+        parts["optimiser_step"] = step - backward
+        note += " [peak in the foreach optimiser step: adamw_torch_fused has no such temporaries]"
     parts["overhead"] = GPU_OVERHEAD_GB if on_gpu else CPU_BASELINE_GB
-    return parts, f"[{tokens} tokens/pass, {'checkpointed' if checkpointing else 'no checkpointing'}]"
+    return parts, note
 
 
 class Planner:
@@ -310,7 +327,9 @@ class Planner:
         sharded = bool(train.get("fsdp")) and world > 1
         states = parts["weights"] + parts["grads"] + parts["optimiser"] + parts.get("frozen", 0)
         section = "sft.train" if stage == "sft" else "lightning_opd"
-        if states > 0.6 * limit:
+        if sum(parts.values()) - parts.get("optimiser_step", 0.0) <= limit < sum(parts.values()):
+            knob = f"{section}.optim (adamw_torch_fused: a step without foreach temporaries)"
+        elif states > 0.6 * limit:
             knob = f"resources.train.gpus (shard over more GPUs{'' if sharded else ' with fsdp'})"
         elif parts.get("attention", 0.0) > parts["activations"]:  # checkpointing keeps one layer's scores anyway
             knob = f"{section}.micro_batch_size (shorter rows for the CPU's attention)"
@@ -329,7 +348,7 @@ class Planner:
         runs, otherwise it keeps it."""
         share = {**SAMPLER_ENGINE_DEFAULTS, **options}["gpu_memory_utilization"]
         engine = share * p.limit_gb
-        between_steps = p.peak_gb - sum(p.parts.get(k, 0.0) for k in ("activations", "logprobs", "gathered"))
+        between_steps = p.peak_gb - sum(p.parts.get(k, 0.0) for k in TRANSIENT_PARTS)
         sleeping = bool(options.get("enable_sleep_mode"))
         p.peak_gb = max(p.peak_gb, between_steps + engine) if sleeping else p.peak_gb + engine
         p.parts["vllm_engine"] = engine
