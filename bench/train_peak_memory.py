@@ -12,7 +12,9 @@ is reached in the later ones). Each row is a packed micro-batch of sequences
 of --prompt-tokens + --response-tokens (the planner's 512 + the config's
 max_response_tokens). Each setting runs in a fresh subprocess. On a GPU the
 peak is torch's (allocated and reserved) plus the CUDA context; on the CPU,
-the process's peak RSS.
+the process's peak RSS. MFU counts model FLOPs (bench/step_throughput.py:
+the output layer at every position, though the log-prob path runs it at
+response positions only, ~1-3% high here) over the device's dense bf16 peak.
 
     python bench/train_peak_memory.py                                  # a GPU: 0.6B, 1.7B and 4B
     python bench/train_peak_memory.py --shapes tiny --response-tokens 448 --steps 2   # a CPU check
@@ -44,6 +46,8 @@ SHAPES = {
     "qwen3-1.7b": QWEN3_SHAPES["Qwen/Qwen3-1.7B"],
     "qwen3-4b": QWEN3_SHAPES["Qwen/Qwen3-4B"],
 }
+
+
 def qwen3_config(shape: Shape, positions: int):
     from transformers import Qwen3Config
 
@@ -56,6 +60,7 @@ def qwen3_config(shape: Shape, positions: int):
 def run_setting(shape_name: str, train: dict, prompt_tokens: int, response_tokens: int) -> dict:
     """In the subprocess: the steps, then the peak and the time of each optimiser step."""
     import torch
+    import transformers
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, TrainerCallback
 
@@ -94,7 +99,8 @@ def run_setting(shape_name: str, train: dict, prompt_tokens: int, response_token
             self.seconds.append(time.perf_counter() - self.start)
 
     times = StepTimes()
-    result = {"shape": shape_name, "device": torch.cuda.get_device_name() if cuda else "cpu"}
+    result = {"shape": shape_name, "device": torch.cuda.get_device_name() if cuda else "cpu",
+              "torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__}
     with tempfile.TemporaryDirectory() as out:
         trainer = OPDTrainer(model=model, tau=None, args=training_arguments(OPDParams(**train), out),
                              train_dataset=Dataset.from_list(rows), data_collator=collator(OPDParams(**train), 0),
@@ -105,9 +111,10 @@ def run_setting(shape_name: str, train: dict, prompt_tokens: int, response_token
             result["oom"] = str(error).splitlines()[0]
     result["step_seconds"] = times.seconds
     if cuda:
+        free, total = torch.cuda.mem_get_info()
+        context_gb = max(context_gb, (total - free - torch.cuda.memory_reserved()) / GB)  # kernels load lazily
         result.update(allocated_gb=torch.cuda.max_memory_allocated() / GB,
-                      reserved_gb=torch.cuda.max_memory_reserved() / GB, context_gb=context_gb,
-                      device_gb=torch.cuda.mem_get_info()[1] / GB)
+                      reserved_gb=torch.cuda.max_memory_reserved() / GB, context_gb=context_gb, device_gb=total / GB)
         result["measured_gb"] = result["reserved_gb"] + context_gb
     else:
         result["measured_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB
@@ -115,7 +122,10 @@ def run_setting(shape_name: str, train: dict, prompt_tokens: int, response_token
 
 
 def opd_train_params(configfile: Path, accumulation: int, steps: int) -> dict:
-    train = yaml.safe_load(configfile.read_text())["lightning_opd"]
+    config = yaml.safe_load(configfile.read_text())
+    if not isinstance(config, dict) or not isinstance(config.get("lightning_opd"), dict):
+        sys.exit(f"{configfile}: no lightning_opd section to take the training settings from")
+    train = config["lightning_opd"]
     from lightning_opd.hparams import OPDParams
 
     fields = set(OPDParams.__dataclass_fields__)
@@ -145,10 +155,20 @@ def main() -> None:
         return
     if args.steps < 2 or args.accumulation < 1:
         parser.error("--steps must be at least 2 (the first allocates the optimiser state) and --accumulation >= 1")
+    for flag in ("prompt_tokens", "response_tokens", "peak_tflops"):
+        if getattr(args, flag) is not None and not getattr(args, flag) > 0:
+            parser.error(f"--{flag.replace('_', '-')} must be positive, not {getattr(args, flag)}")
+    from transformers.training_args import OptimizerNames
 
-    response = args.response_tokens or yaml.safe_load(args.configfile.read_text())["teacher_cache"][
-        "max_response_tokens"]
+    unknown = sorted(set(args.optims or []) - {name.value for name in OptimizerNames})
+    if unknown:
+        parser.error(f"--optims: not transformers optimizer names: {unknown}")
+
+    if not args.configfile.is_file():
+        parser.error(f"--configfile {args.configfile}: no such file")
     train = opd_train_params(args.configfile, args.accumulation, args.steps)
+    response = args.response_tokens or (yaml.safe_load(args.configfile.read_text()).get("teacher_cache") or {}).get(
+        "max_response_tokens") or 4096  # the pipeline's default
     import torch
 
     if not torch.cuda.is_available():
@@ -159,6 +179,7 @@ def main() -> None:
           f"{train.get('gradient_checkpointing', False)}, {args.accumulation} passes/step, {args.steps} steps")
     print(f"{'shape':11s} {'optim':17s} {'params':>7s} {'predicted':>9s} {'measured':>8s} {'alloc':>6s} "
           f"{'reserved':>8s} {'ratio':>5s} {'tokens/s':>9s} {'MFU':>6s} {'wall':>6s}  device")
+    failed = 0
     for name, optim in ((n, o) for n in args.shapes for o in args.optims or [train.get("optim", "adamw_torch")]):
         train = {**train, "optim": optim}
         child = json.dumps({"shape_name": name, "train": train, "prompt_tokens": args.prompt_tokens,
@@ -168,6 +189,7 @@ def main() -> None:
         if done.returncode != 0:
             print(f"{name} ({optim}): the setting failed (exit {done.returncode}):\n{done.stderr[-3000:]}",
                   file=sys.stderr)
+            failed += 1
             continue
         result = json.loads(done.stdout.strip().splitlines()[-1])
         parts, _ = training_memory(SHAPES[name], train, seq, world=1, on_gpu=result["device"] != "cpu")
@@ -184,15 +206,18 @@ def main() -> None:
         if args.out:
             with args.out.open("a") as handle:
                 handle.write(json.dumps(result) + "\n")
+    if failed:
+        sys.exit(f"{failed} setting(s) failed")
 
 
 def table_row(r: dict) -> str:
     nan = float("nan")
     mfu = f"{r['mfu']:6.1%}" if r.get("mfu") is not None else f"{'n/a':>6s}"
     oom = f"  OOM: {r['oom']}" if r.get("oom") else ""
+    ratio = "    -" if oom else f"{r['predicted_gb'] / r['measured_gb']:5.2f}"  # a failed step's peak is no need
     return (f"{r['shape']:11s} {r['optim']:17s} {r['params'] / 1e9:6.2f}B {r['predicted_gb']:8.1f}G "
             f"{r['measured_gb']:7.1f}G {r.get('allocated_gb', nan):6.1f} {r.get('reserved_gb', nan):8.1f} "
-            f"{r['predicted_gb'] / r['measured_gb']:5.2f} {r.get('tokens_per_s', 0):9.0f} {mfu} {r['wall_s']:5.0f}s  "
+            f"{ratio} {r.get('tokens_per_s', 0):9.0f} {mfu} {r['wall_s']:5.0f}s  "
             f"{r['device']}{oom}")
 
 

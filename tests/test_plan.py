@@ -2,7 +2,8 @@
 counts; the paper configs and the single-GPU config pass it; a config that
 cannot fit is refused, by the planner and by a dry run, with the knob named;
 and on CPU its peak for a real training step is within 30% of the measured one
-(on an H100, bench/measured: within 2% of what torch allocated)."""
+(without its fixed overhead, within 2% of what torch allocated in steps recorded
+on an H100: bench/measured)."""
 from __future__ import annotations
 
 import json
@@ -223,12 +224,15 @@ def test_gpu_prediction_matches_the_h100_measurements():
                .splitlines()]
     assert {(r["shape"], r["optim"]) for r in records} == {
         (s, o) for s in ("qwen3-0.6b", "qwen3-1.7b", "qwen3-4b") for o in ("adamw_torch", "adamw_torch_fused")}
+    allocated = {(r["shape"], r["optim"]): r["allocated_gb"] for r in records}
     for r in records:
+        assert "oom" not in r and len(r["step_seconds"]) == r["train"]["max_steps"]  # every step of every setting ran
         parts, _ = training_memory(Shape(**r["shape_fields"]), r["train"], r["seq_tokens"], world=1, on_gpu=True)
         predicted = sum(parts.values()) - parts["overhead"]
         assert abs(predicted - r["allocated_gb"]) <= 0.02 * r["allocated_gb"], (r["shape"], r["optim"], parts)
-        assert ("optimiser_step" in parts) == (r["optim"] == "adamw_torch" and r["shape"] != "qwen3-0.6b")
-        assert r["measured_gb"] <= r["device_gb"]  # every setting ran, the 4B one within the card
+        # the peak moved to the step wherever foreach AdamW allocated more than the fused one
+        foreach_peak = allocated[r["shape"], "adamw_torch"] > 1.01 * allocated[r["shape"], "adamw_torch_fused"]
+        assert ("optimiser_step" in parts) == (r["optim"] == "adamw_torch" and foreach_peak), (r["shape"], parts)
 
 
 def test_a_foreach_step_that_does_not_fit_names_the_fused_optimiser(tmp_path):
