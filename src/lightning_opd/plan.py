@@ -222,7 +222,8 @@ def training_memory(shape: Shape, train: dict[str, Any], seq_tokens: int, world:
     act_bytes = 2 if train.get("bf16") else 4
     fsdp = train.get("fsdp") or {}
     checkpointing = bool(fsdp.get("activation_checkpointing") or train.get("gradient_checkpointing"))
-    optimiser = 0 if train.get("optim", "adamw_torch") == "sgd" else 8
+    optim = train.get("optim", "adamw_torch")
+    optimiser = 0 if optim == "sgd" else 8
     parts = {
         "weights": 4 * shape.params / sharded / GB,  # fp32 master weights (load_model's dtype)
         "grads": 4 * shape.params / sharded / GB,
@@ -252,7 +253,7 @@ def training_memory(shape: Shape, train: dict[str, Any], seq_tokens: int, world:
     if sampled_kv_tokens:
         parts["kv_sampling"] = sampled_kv_tokens * shape.kv_bytes_per_token(1, act_bytes) / GB
     note = f"[{tokens} tokens/pass, {'checkpointed' if checkpointing else 'no checkpointing'}]"
-    step = 4 * shape.params / sharded / GB if on_gpu and train.get("optim", "adamw_torch") in FOREACH_OPTIMS else 0
+    step = 4 * shape.params / sharded / GB if on_gpu and optim in FOREACH_OPTIMS else 0
     backward = sum(parts.get(k, 0.0) for k in TRANSIENT_PARTS)
     if step > backward:  # the peak is in the optimiser step, when the pass's transients are gone
         parts["optimiser_step"] = step - backward
