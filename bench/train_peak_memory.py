@@ -27,7 +27,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -57,8 +59,9 @@ def qwen3_config(shape: Shape, positions: int):
                        max_position_embeddings=positions)
 
 
-def run_setting(shape_name: str, train: dict, prompt_tokens: int, response_tokens: int) -> dict:
-    """In the subprocess: the steps, then the peak and the time of each optimiser step."""
+def run_setting(shape_name: str, train: dict, prompt_tokens: int, response_tokens: int, out: str) -> dict:
+    """In the subprocess: the steps (the trainer's output under ``out``, which the parent removes even if this
+    process is killed), then the peak and the time of each optimiser step."""
     import torch
     import transformers
     from datasets import Dataset
@@ -101,14 +104,13 @@ def run_setting(shape_name: str, train: dict, prompt_tokens: int, response_token
     times = StepTimes()
     result = {"shape": shape_name, "device": torch.cuda.get_device_name() if cuda else "cpu",
               "torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__}
-    with tempfile.TemporaryDirectory() as out:
-        trainer = OPDTrainer(model=model, tau=None, args=training_arguments(OPDParams(**train), out),
-                             train_dataset=Dataset.from_list(rows), data_collator=collator(OPDParams(**train), 0),
-                             callbacks=[times])
-        try:
-            trainer.train()
-        except torch.OutOfMemoryError as error:
-            result["oom"] = str(error).splitlines()[0]
+    trainer = OPDTrainer(model=model, tau=None, args=training_arguments(OPDParams(**train), out),
+                         train_dataset=Dataset.from_list(rows), data_collator=collator(OPDParams(**train), 0),
+                         callbacks=[times])
+    try:
+        trainer.train()
+    except torch.OutOfMemoryError as error:
+        result["oom"] = str(error).splitlines()[0]
     result["step_seconds"] = times.seconds
     if cuda:
         free, total = torch.cuda.mem_get_info()
@@ -121,10 +123,17 @@ def run_setting(shape_name: str, train: dict, prompt_tokens: int, response_token
     return result
 
 
-def opd_train_params(configfile: Path, accumulation: int, steps: int) -> dict:
-    config = yaml.safe_load(configfile.read_text())
+def read_config(configfile: Path) -> dict:
+    try:
+        config = yaml.safe_load(configfile.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        sys.exit(f"{configfile}: cannot read it as YAML: {error}")
     if not isinstance(config, dict) or not isinstance(config.get("lightning_opd"), dict):
         sys.exit(f"{configfile}: no lightning_opd section to take the training settings from")
+    return config
+
+
+def opd_train_params(config: dict, accumulation: int, steps: int) -> dict:
     train = config["lightning_opd"]
     from lightning_opd.hparams import OPDParams
 
@@ -153,11 +162,13 @@ def main() -> None:
     if args.child:
         print(json.dumps(run_setting(**json.loads(args.child))))
         return
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # an exception, so that subprocess.run kills the setting
     if args.steps < 2 or args.accumulation < 1:
         parser.error("--steps must be at least 2 (the first allocates the optimiser state) and --accumulation >= 1")
     for flag in ("prompt_tokens", "response_tokens", "peak_tflops"):
-        if getattr(args, flag) is not None and not getattr(args, flag) > 0:
-            parser.error(f"--{flag.replace('_', '-')} must be positive, not {getattr(args, flag)}")
+        value = getattr(args, flag)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            parser.error(f"--{flag.replace('_', '-')} must be a positive finite number, not {value}")
     from transformers.training_args import OptimizerNames
 
     unknown = sorted(set(args.optims or []) - {name.value for name in OptimizerNames})
@@ -166,9 +177,9 @@ def main() -> None:
 
     if not args.configfile.is_file():
         parser.error(f"--configfile {args.configfile}: no such file")
-    train = opd_train_params(args.configfile, args.accumulation, args.steps)
-    response = args.response_tokens or (yaml.safe_load(args.configfile.read_text()).get("teacher_cache") or {}).get(
-        "max_response_tokens") or 4096  # the pipeline's default
+    config = read_config(args.configfile)
+    train = opd_train_params(config, args.accumulation, args.steps)
+    response = args.response_tokens or (config.get("teacher_cache") or {}).get("max_response_tokens") or 4096
     import torch
 
     if not torch.cuda.is_available():
@@ -182,10 +193,11 @@ def main() -> None:
     failed = 0
     for name, optim in ((n, o) for n in args.shapes for o in args.optims or [train.get("optim", "adamw_torch")]):
         train = {**train, "optim": optim}
-        child = json.dumps({"shape_name": name, "train": train, "prompt_tokens": args.prompt_tokens,
-                            "response_tokens": response})
         start = time.perf_counter()
-        done = subprocess.run([sys.executable, __file__, "--child", child], capture_output=True, text=True)
+        with tempfile.TemporaryDirectory() as out:
+            child = json.dumps({"shape_name": name, "train": train, "prompt_tokens": args.prompt_tokens,
+                                "response_tokens": response, "out": out})
+            done = subprocess.run([sys.executable, __file__, "--child", child], capture_output=True, text=True)
         if done.returncode != 0:
             print(f"{name} ({optim}): the setting failed (exit {done.returncode}):\n{done.stderr[-3000:]}",
                   file=sys.stderr)
