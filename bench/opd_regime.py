@@ -129,13 +129,13 @@ def avg_at_k(model, tokenizer, problems, answers, k: int) -> tuple[float, collec
     return sum(right) / len(right), errors
 
 
-def more_prompts(tokenizer, prompts: list, n: int) -> list:
-    """``prompts`` if there are ``n``; else ``n`` fresh problems from the task's generator (seed 123; they may
-    repeat and may be in the held-out set, as the generator's space is small)."""
+def more_prompts(tokenizer, prompts: list, n: int, task: TaskParams) -> list:
+    """``prompts`` if there are ``n``; else ``n`` fresh problems from the generator of the experiment's ``task``
+    (seed 123; they may repeat and may be in the held-out set, as the generator's space is small)."""
     if n <= len(prompts):
         return prompts
     rng = random.Random(123)
-    return [prompt_ids(tokenizer, problem_text(make_problem(rng, TaskParams())[0])) for _ in range(n)]
+    return [prompt_ids(tokenizer, problem_text(make_problem(rng, task)[0])) for _ in range(n)]
 
 
 def scaled(teacher, temperature: float, path: Path):
@@ -206,7 +206,7 @@ def traced(trial: Trial, trace, student, done: int, steps: int) -> None:
         student.train()
 
 
-def run(trial: Trial, experiment: Path, teacher, tokenizer, prompts, pad, stop,
+def run(trial: Trial, experiment: Path, teacher, tokenizer, prompts, task: TaskParams, pad, stop,
         trace: Callable[[torch.nn.Module, int], None]) -> tuple[torch.nn.Module, dict]:
     teacher = scaled(teacher, trial.teacher_t, experiment / "models/teacher-A")
     torch.manual_seed(trial.seed)
@@ -218,7 +218,7 @@ def run(trial: Trial, experiment: Path, teacher, tokenizer, prompts, pad, stop,
         student.lm_head.weight = torch.nn.Parameter(student.get_input_embeddings().weight.detach().clone())
     trained = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=trial.lr, betas=(0.9, 0.98), weight_decay=0.1)
-    prompts = more_prompts(tokenizer, prompts, trial.prompts)[:trial.prompts]
+    prompts = more_prompts(tokenizer, prompts, trial.prompts, task)[:trial.prompts]
     rng = random.Random(trial.seed)
     sequences = len(prompts) * (1 if trial.method == "standard" else trial.n)
     steps = max(1, round(trial.epochs * sequences / trial.batch))
@@ -268,13 +268,14 @@ def main() -> None:
     parser.add_argument("trials", nargs="*", help="key=value,... changes from the defaults, one trial each")
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--reference", action="store_true", help="also print pi_ref's and the teacher's avg@k")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # --reference before, between or after the trials
     trials = [(text, Trial.parse(text)) for text in args.trials or [""]]  # every trial checked before any runs
     tokenizer = load_tokenizer(args.experiment / "models/sft-A")
     pad = PadCollator(tokenizer.pad_token_id)
     teacher = load_model(args.experiment / "models/teacher-A").eval()
     stop = stop_token_ids(teacher, tokenizer)
-    opd = read_table(args.experiment / "data/opd.parquet", TASK_SCHEMA)[0]
+    opd, provenance = read_table(args.experiment / "data/opd.parquet", TASK_SCHEMA)
+    task = TaskParams(**provenance["params"])  # the experiment's task: more prompts come from its generator
     prompts = [prompt_ids(tokenizer, p) for p in opd.column("problem").to_pylist()]
     tasks = read_table(args.experiment / "data/eval.parquet", TASK_SCHEMA)[0]
     problems, answers = tasks.column("problem").to_pylist(), tasks.column("answer").to_pylist()
@@ -293,7 +294,7 @@ def main() -> None:
             print(f"  {text or 'defaults'} after step {done}: avg@{args.k} = {accuracy:.4f}, "
                   f"wrong answers: {dict(errors)}", flush=True)
 
-        model, info = run(trial, args.experiment, teacher, tokenizer, prompts, pad, stop, trace)
+        model, info = run(trial, args.experiment, teacher, tokenizer, prompts, task, pad, stop, trace)
         accuracy, errors = avg_at_k(model, tokenizer, problems, answers, args.k)
         print(f"{text or 'defaults':<60} {info['steps']:>5} {info['kl_first']:>8.3f} {info['kl_last']:>8.3f} "
               f"{info['rej_first']:>9.2f} {info['rej_last']:>8.2f} {accuracy:>7.4f} {errors['arithmetic']:>5} "

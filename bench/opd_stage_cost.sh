@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # How Lightning OPD's stage cost compares with standard OPD's as the OPD work
-# grows: for each prompt count N, writes N fresh OPD prompts (the task's
-# generator, seed 0) and runs the four OPD modules of a finished default
-# experiment one at a time, with the arguments the rules give them (the
-# default config's settings; the paper's cache, top_k 0) and one thread each
-# (Snakemake sets OMP_NUM_THREADS to a job's threads), timing each with
+# grows: for each prompt count N, writes N fresh OPD prompts (the generator of
+# the experiment's task, as its data/opd.parquet records it, seed 0) and runs
+# the four OPD modules of a finished experiment one at a time, with the
+# arguments the rules give them (the default config's OPD settings; the
+# paper's cache, top_k 0) and one thread each (Snakemake sets OMP_NUM_THREADS
+# to a job's threads), timing each with
 # /usr/bin/time. Prints the seconds per stage and Lightning / standard.
 # Run it with the project's environment on PATH (`make env`, then
 # `source .venv/bin/activate`), on an otherwise idle machine. For timing
@@ -19,8 +20,9 @@ for n in "$@"; do
   [[ $n =~ ^[1-9][0-9]*$ ]] || { echo "$0: N is a number of prompts, not '$n'" >&2; exit 2; }
 done
 for model in sft-A teacher-A; do
-  [[ -d $results/models/$model ]] || { echo "$0: $results/models/$model is missing: run the default first" >&2; exit 1; }
+  [[ -d $results/models/$model ]] || { echo "$0: $results/models/$model is missing: run the experiment first" >&2; exit 1; }
 done
+[[ -f $results/data/opd.parquet ]] || { echo "$0: $results/data/opd.parquet is missing: run the experiment first" >&2; exit 1; }
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 trap 'exit 130' INT
@@ -45,7 +47,13 @@ seconds() {  # seconds NAME COMMAND...: wall seconds of COMMAND, run as `logged`
 printf '%6s %9s %14s %14s %14s %10s %9s\n' prompts rollouts teacher_cache lightning_opd "Lightning sum" standard "ratio"
 for n in "$@"; do
   d=$work/$n
-  logged "task_data-$n" python -m lightning_opd.task_data --out-dir "$d/data" --hparams "{\"n_opd\": $n}"
+  task=$(python - "$results/data/opd.parquet" "$n" <<'PY'
+import json, sys
+from lightning_opd.artifacts import TASK_SCHEMA, read_table
+print(json.dumps({**read_table(sys.argv[1], TASK_SCHEMA)[1]["params"], "n_opd": int(sys.argv[2])}))
+PY
+)
+  logged "task_data-$n" python -m lightning_opd.task_data --out-dir "$d/data" --hparams "$task"
   roll=$(seconds rollouts-$n python -m lightning_opd.generate --model "$results/models/sft-A" \
     --prompts "$d/data/opd.parquet" --out "$d/rollouts.parquet" --label sft-A --backend hf --backend-options '{}' \
     --sampling '{"batch_size": 256, "max_new_tokens": 128, "n": 1, "seed": 1, "temperature": 1.0, "top_p": 1.0}' \

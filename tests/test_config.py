@@ -9,7 +9,7 @@ import re
 import pytest
 import yaml
 
-from test_pipeline import REPO, copy_repo, default_config, merge, planned_jobs, snakemake
+from test_pipeline import REPO, copy_repo, default_config, merge, planned_jobs, snakemake, write_yaml
 
 SCHEMA = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())
 README = (REPO / "config/README.md").read_text()
@@ -336,3 +336,18 @@ def test_paper_configs_run_the_standard_opd_baseline_with_the_vllm_sampler():
             enabled.append(path.name)
             assert config["standard_opd"]["sampler"] == "vllm", f"{path.name}: standard_opd.sampler"
     assert enabled, "no paper config runs standard OPD"
+
+
+def test_long_chains_config_plans_longer_chains_with_a_student_as_large_as_the_teacher(tmp_path):
+    """config/long_chains.yaml (README, "Longer chains"): chains longer than any of the default's, a student
+    base with the teacher's architecture, and the sampled and top-k Lightning OPD runs beside standard OPD."""
+    overlay = yaml.safe_load((REPO / "config/long_chains.yaml").read_text())
+    config = merge(default_config(), overlay)
+    assert config["task"]["min_operands"] > default_config()["task"]["max_operands"]
+    assert config["student_base"]["build"]["arch"] == config["teachers"]["A"]["build"]["arch"]
+    assert config["student_base"]["build"]["corpus"] == default_config()["student_base"]["build"]["corpus"]
+    override = write_yaml(tmp_path / "o.yaml", {"results_dir": str(tmp_path / "results")})
+    result = snakemake("-n", "-p", "--configfile", "config/long_chains.yaml", str(override))
+    jobs = planned_jobs(result.stdout)
+    assert jobs["lightning_opd"] == 3 and jobs["standard_opd"] == 1 and jobs["pretrain_student_base"] == 1, jobs
+    assert '"min_operands": 5' in result.stdout and '"max_operands": 8' in result.stdout
