@@ -43,7 +43,7 @@ import torch
 from math_verify import parse, verify
 
 from lightning_opd.artifacts import TASK_SCHEMA, read_table
-from lightning_opd.hparams import SamplingParams, TaskParams
+from lightning_opd.hparams import SamplingParams, TaskParams, from_dict
 from lightning_opd.logprobs import response_logprobs
 from lightning_opd.modeling import load_model, load_tokenizer, prompt_ids, stop_token_ids
 from lightning_opd.opd_loss import opd_loss
@@ -275,7 +275,8 @@ def main() -> None:
     teacher = load_model(args.experiment / "models/teacher-A").eval()
     stop = stop_token_ids(teacher, tokenizer)
     opd, provenance = read_table(args.experiment / "data/opd.parquet", TASK_SCHEMA)
-    task = TaskParams(**provenance["params"])  # the experiment's task: more prompts come from its generator
+    # the experiment's task: more prompts come from its generator
+    task = from_dict(TaskParams, provenance["params"], f"{args.experiment / 'data/opd.parquet'}: the task's params")
     prompts = [prompt_ids(tokenizer, p) for p in opd.column("problem").to_pylist()]
     tasks = read_table(args.experiment / "data/eval.parquet", TASK_SCHEMA)[0]
     problems, answers = tasks.column("problem").to_pylist(), tasks.column("answer").to_pylist()

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # How Lightning OPD's stage cost compares with standard OPD's as the OPD work
 # grows: for each prompt count N, writes N fresh OPD prompts (the generator of
-# the experiment's task, as its data/opd.parquet records it, seed 0) and runs
+# the experiment's task, with its seed, as its data/opd.parquet records it) and runs
 # the four OPD modules of a finished experiment one at a time, with the
 # arguments the rules give them (the default config's OPD settings; the
 # paper's cache, top_k 0) and one thread each (Snakemake sets OMP_NUM_THREADS
@@ -52,7 +52,7 @@ import json, sys
 from lightning_opd.artifacts import TASK_SCHEMA, read_table
 print(json.dumps({**read_table(sys.argv[1], TASK_SCHEMA)[1]["params"], "n_opd": int(sys.argv[2])}))
 PY
-)
+) || { echo "$0: cannot read the task of $results/data/opd.parquet" >&2; exit 1; }
   logged "task_data-$n" python -m lightning_opd.task_data --out-dir "$d/data" --hparams "$task"
   roll=$(seconds rollouts-$n python -m lightning_opd.generate --model "$results/models/sft-A" \
     --prompts "$d/data/opd.parquet" --out "$d/rollouts.parquet" --label sft-A --backend hf --backend-options '{}' \

@@ -345,9 +345,12 @@ def test_long_chains_config_plans_longer_chains_with_a_student_as_large_as_the_t
     config = merge(default_config(), overlay)
     assert config["task"]["min_operands"] > default_config()["task"]["max_operands"]
     assert config["student_base"]["build"]["arch"] == config["teachers"]["A"]["build"]["arch"]
-    assert config["student_base"]["build"]["corpus"] == default_config()["student_base"]["build"]["corpus"]
     override = write_yaml(tmp_path / "o.yaml", {"results_dir": str(tmp_path / "results")})
     result = snakemake("-n", "-p", "--configfile", "config/long_chains.yaml", str(override))
     jobs = planned_jobs(result.stdout)
     assert jobs["lightning_opd"] == 3 and jobs["standard_opd"] == 1 and jobs["pretrain_student_base"] == 1, jobs
     assert '"min_operands": 5' in result.stdout and '"max_operands": 8' in result.stdout
+    pretrain = next(line for line in result.stdout.splitlines()
+                    if "lightning_opd.pretrain" in line and "/models/student_base" in line)
+    arch = json.loads(re.search(r"--arch '([^']*)'", pretrain).group(1))
+    assert arch == config["teachers"]["A"]["build"]["arch"] != default_config()["student_base"]["build"]["arch"]
