@@ -23,6 +23,14 @@ for model in sft-A teacher-A; do
   [[ -d $results/models/$model ]] || { echo "$0: $results/models/$model is missing: run the experiment first" >&2; exit 1; }
 done
 [[ -f $results/data/opd.parquet ]] || { echo "$0: $results/data/opd.parquet is missing: run the experiment first" >&2; exit 1; }
+# the experiment's task as its OPD prompts record it, less n_opd (each N sets its own)
+task=$(python - "$results/data/opd.parquet" <<'PY'
+import json, sys
+from lightning_opd.artifacts import TASK_SCHEMA, read_table
+params = read_table(sys.argv[1], TASK_SCHEMA)[1]["params"]
+print(json.dumps({key: value for key, value in params.items() if key != "n_opd"}))
+PY
+) || { echo "$0: cannot read the task of $results/data/opd.parquet" >&2; exit 1; }
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 trap 'exit 130' INT
@@ -47,13 +55,7 @@ seconds() {  # seconds NAME COMMAND...: wall seconds of COMMAND, run as `logged`
 printf '%6s %9s %14s %14s %14s %10s %9s\n' prompts rollouts teacher_cache lightning_opd "Lightning sum" standard "ratio"
 for n in "$@"; do
   d=$work/$n
-  task=$(python - "$results/data/opd.parquet" "$n" <<'PY'
-import json, sys
-from lightning_opd.artifacts import TASK_SCHEMA, read_table
-print(json.dumps({**read_table(sys.argv[1], TASK_SCHEMA)[1]["params"], "n_opd": int(sys.argv[2])}))
-PY
-) || { echo "$0: cannot read the task of $results/data/opd.parquet" >&2; exit 1; }
-  logged "task_data-$n" python -m lightning_opd.task_data --out-dir "$d/data" --hparams "$task"
+  logged "task_data-$n" python -m lightning_opd.task_data --out-dir "$d/data" --hparams "${task%\}}, \"n_opd\": $n}"
   roll=$(seconds rollouts-$n python -m lightning_opd.generate --model "$results/models/sft-A" \
     --prompts "$d/data/opd.parquet" --out "$d/rollouts.parquet" --label sft-A --backend hf --backend-options '{}' \
     --sampling '{"batch_size": 256, "max_new_tokens": 128, "n": 1, "seed": 1, "temperature": 1.0, "top_p": 1.0}' \

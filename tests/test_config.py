@@ -341,9 +341,9 @@ def test_paper_configs_run_the_standard_opd_baseline_with_the_vllm_sampler():
 def test_long_chains_config_plans_longer_chains_with_a_student_as_large_as_the_teacher(tmp_path):
     """config/long_chains.yaml (README, "Longer chains"): chains longer than any of the default's, a student
     base with the teacher's architecture, and the sampled and top-k Lightning OPD runs beside standard OPD."""
-    overlay = yaml.safe_load((REPO / "config/long_chains.yaml").read_text())
-    config = merge(default_config(), overlay)
-    assert config["task"]["min_operands"] > default_config()["task"]["max_operands"]
+    default = default_config()
+    config = merge(default, yaml.safe_load((REPO / "config/long_chains.yaml").read_text()))
+    assert config["task"]["min_operands"] > default["task"]["max_operands"]
     assert config["student_base"]["build"]["arch"] == config["teachers"]["A"]["build"]["arch"]
     override = write_yaml(tmp_path / "o.yaml", {"results_dir": str(tmp_path / "results")})
     result = snakemake("-n", "-p", "--configfile", "config/long_chains.yaml", str(override))
@@ -353,4 +353,4 @@ def test_long_chains_config_plans_longer_chains_with_a_student_as_large_as_the_t
     pretrain = next(line for line in result.stdout.splitlines()
                     if "lightning_opd.pretrain" in line and "/models/student_base" in line)
     arch = json.loads(re.search(r"--arch '([^']*)'", pretrain).group(1))
-    assert arch == config["teachers"]["A"]["build"]["arch"] != default_config()["student_base"]["build"]["arch"]
+    assert arch == config["teachers"]["A"]["build"]["arch"] != default["student_base"]["build"]["arch"]
