@@ -6,6 +6,7 @@ import re
 
 import pandas as pd
 import pytest
+import torch
 
 from lightning_opd.provenance import read_train_log
 from lightning_opd.report import (
@@ -15,6 +16,7 @@ from lightning_opd.report import (
     summary_table,
     token_budget,
     tokens_per_step,
+    trained_on,
     training_points,
 )
 
@@ -179,3 +181,24 @@ def test_training_curves_group_the_seeds_of_a_run(tmp_path):
     assert kl[kl.run == "Lightning OPD SFT A / OPD A"].value.mean() == pytest.approx(0.15)
     assert not points.groupby("run").consistent.first()["Lightning OPD SFT A / OPD B"]
     assert len(points) == 8  # 4 runs x 2 keys; the entry without a loss is not a training step
+
+
+def test_every_trained_model_records_where_it_was_trained(tiny_run):
+    """The same code, data and seeds give other weights on another CPU or GPU: each model the pipeline trains
+    says where (device, CPU kernels' instruction set, processes, versions), and models.csv shows it."""
+    work, _ = tiny_run
+    models = pd.read_csv(work / "results/tiny/report/models.csv", keep_default_na=False).set_index("model")
+    capability = torch.backends.cpu.get_cpu_capability()
+    # tiny.yaml trains SFT and both OPD methods on two processes; pretraining runs on one
+    for model, processes in (("teacher-A", 1), ("student_base", 1), ("sft-A", 2),
+                             ("lightning-sft-A_teacher-A_seed-0", 2), ("standard-sft-A_teacher-A_seed-0", 2)):
+        record = json.loads((work / f"results/tiny/models/{model}/provenance.json").read_text())["trained_on"]
+        assert (record["device"], record["cpu_capability"], record["processes"]) == ("cpu", capability, processes)
+        assert record["torch"] == torch.__version__ and record["device_name"]
+        assert models.loc[model, "trained_on"] == f"cpu {capability}: {record['device_name']} x {processes}"
+
+
+def test_trained_on_names_the_gpu_and_is_empty_without_a_record():
+    record = {"device": "cuda", "device_name": "NVIDIA H100 80GB HBM3", "processes": 8, "cpu_capability": "AVX512"}
+    assert trained_on({"trained_on": record}) == "cuda: NVIDIA H100 80GB HBM3 x 8"
+    assert trained_on({"stage": "sft"}) == ""  # a hub model, or one trained before the record existed

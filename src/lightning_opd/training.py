@@ -8,11 +8,13 @@ import dataclasses
 import json
 import math
 import os
+import platform
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer import OPTIMIZER_NAME
 from transformers.trainer_utils import get_last_checkpoint
@@ -338,6 +340,31 @@ def train_with_resume(trainer: Trainer) -> None:
         raise
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def trained_on(args: TrainingArguments) -> dict[str, Any]:
+    """The hardware and kernels of a training's final part (a run resumed after a kill may have begun
+    elsewhere). The same code, data and seeds give other weights on another CPU or GPU, or with the CPU's
+    kernels held to another instruction set: their floating-point paths round differently."""
+    device = args.device
+    return {
+        "device": device.type,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "processes": args.world_size,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # the vector ISA of torch's CPU kernels
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
 def save_final(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, out: Path | str,
                provenance: dict[str, Any], earlier_log: list[dict[str, Any]] = (),
                optimizer_state: bool = False) -> None:
@@ -365,7 +392,8 @@ def save_final(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, out: Path |
                 tmp.rmdir()
                 os.replace(staging, tmp)
                 tokenizer.save_pretrained(tmp)
-                (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, default=str) + "\n")
+                record = {**provenance, "trained_on": trained_on(trainer.args)}
+                (tmp / PROVENANCE_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
                 offset = max((e.get("step", 0) for e in earlier_log), default=0)
                 with open(tmp / TRAIN_LOG_FILE, "w") as log:
                     for entry in earlier_log:

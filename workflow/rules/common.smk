@@ -554,6 +554,7 @@ def report_manifest():
                 "role": "teacher",
                 "teacher": t,
                 "cost": [stage_entry("pretrain_teacher", t)] if "build" in spec else [],
+                **({"model_dir": f"{R}/models/teacher-{t}"} if "build" in spec else {}),
             }
         )
     models.append(
@@ -561,6 +562,7 @@ def report_manifest():
             "label": "student_base",
             "role": "student_base",
             "cost": [stage_entry("pretrain_student_base", "")] if "build" in config["student_base"] else [],
+            **({"model_dir": f"{R}/models/student_base"} if "build" in config["student_base"] else {}),
         }
     )
     for t in RUNS["sft_teachers"]:
@@ -569,6 +571,7 @@ def report_manifest():
                 "label": f"sft-{t}",
                 "role": "sft",
                 "sft_teacher": t,
+                "model_dir": f"{R}/models/sft-{t}",
                 "cost": [*gen_entries("sft_data", t), stage_entry("sft", t)],
             }
         )
