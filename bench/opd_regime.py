@@ -43,13 +43,14 @@ import torch
 from math_verify import parse, verify
 
 from lightning_opd.artifacts import TASK_SCHEMA, read_table
-from lightning_opd.hparams import SamplingParams, TaskParams, from_dict
+from lightning_opd.hparams import SamplingParams, TaskParams
 from lightning_opd.logprobs import response_logprobs
 from lightning_opd.modeling import load_model, load_tokenizer, prompt_ids, stop_token_ids
 from lightning_opd.opd_loss import opd_loss
 from lightning_opd.opd_trainer import opd_example
 from lightning_opd.sampling import sample_with
 from lightning_opd.task import make_problem, problem_text
+from lightning_opd.task_data import recorded_task
 from lightning_opd.training import PadCollator
 
 
@@ -276,7 +277,7 @@ def main() -> None:
     stop = stop_token_ids(teacher, tokenizer)
     opd, provenance = read_table(args.experiment / "data/opd.parquet", TASK_SCHEMA)
     # the experiment's task: more prompts come from its generator
-    task = from_dict(TaskParams, provenance["params"], f"{args.experiment / 'data/opd.parquet'}: the task's params")
+    task = recorded_task(args.experiment / "data/opd.parquet", provenance)
     prompts = [prompt_ids(tokenizer, p) for p in opd.column("problem").to_pylist()]
     tasks = read_table(args.experiment / "data/eval.parquet", TASK_SCHEMA)[0]
     problems, answers = tasks.column("problem").to_pylist(), tasks.column("answer").to_pylist()

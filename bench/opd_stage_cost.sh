@@ -25,9 +25,10 @@ done
 [[ -f $results/data/opd.parquet ]] || { echo "$0: $results/data/opd.parquet is missing: run the experiment first" >&2; exit 1; }
 # the experiment's task as its OPD prompts record it, less n_opd (each N sets its own)
 task=$(python - "$results/data/opd.parquet" <<'PY'
-import json, sys
+import dataclasses, json, sys
 from lightning_opd.artifacts import TASK_SCHEMA, read_table
-params = read_table(sys.argv[1], TASK_SCHEMA)[1]["params"]
+from lightning_opd.task_data import recorded_task
+params = dataclasses.asdict(recorded_task(sys.argv[1], read_table(sys.argv[1], TASK_SCHEMA)[1]))
 print(json.dumps({key: value for key, value in params.items() if key != "n_opd"}))
 PY
 ) || { echo "$0: cannot read the task of $results/data/opd.parquet" >&2; exit 1; }

@@ -12,10 +12,11 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, Trainer
 
 from lightning_opd.artifacts import TASK_SCHEMA, read_table
-from lightning_opd.hparams import ArchParams, TaskParams, TrainParams, parse_hparams
+from lightning_opd.hparams import ArchParams, TrainParams, parse_hparams
 from lightning_opd.modeling import load_tokenizer, prompt_ids, tiny_qwen3_config
 from lightning_opd.provenance import file_sha256, tokenizer_fingerprint
 from lightning_opd.task import SOLUTION_STYLES, arithmetic_facts
+from lightning_opd.task_data import recorded_task
 from lightning_opd.training import (
     add_tracking_argument,
     check_outputs_writable,
@@ -46,7 +47,7 @@ def corpus_examples(corpus: str, style: str, task_file: Path, tokenizer) -> list
         return [supervised_example([], tokenizer(f"{problem} {solution}")["input_ids"] + eos)
                 for name in SOLUTION_STYLES
                 for problem, solution in zip(problems, table.column(column[name]).to_pylist())]
-    facts = arithmetic_facts(TaskParams(**meta["params"]))
+    facts = arithmetic_facts(recorded_task(task_file, meta))
     return [supervised_example([], tokenizer(fact)["input_ids"] + eos) for fact in facts]
 
 

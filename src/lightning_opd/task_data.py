@@ -8,9 +8,10 @@ from __future__ import annotations
 import argparse
 import random
 from pathlib import Path
+from typing import Any
 
-from lightning_opd.artifacts import TASK_SCHEMA, write_table
-from lightning_opd.hparams import TaskParams, parse_hparams
+from lightning_opd.artifacts import TASK_SCHEMA, ArtifactError, write_table
+from lightning_opd.hparams import TaskParams, from_dict, parse_hparams
 from lightning_opd.task import evaluate_chain, gold_solution, make_problem, problem_text
 
 SPLITS = ("teacher", "sft", "opd", "eval")
@@ -46,6 +47,14 @@ def build_splits(params: TaskParams) -> dict[str, list[dict]]:
             })
         splits[split] = rows
     return splits
+
+
+def recorded_task(path: Path | str, meta: dict[str, Any]) -> TaskParams:
+    """The task params a split of this stage records (``meta``: its provenance, as `read_table` returns it)."""
+    if not isinstance(meta.get("params"), dict):
+        raise ArtifactError(f"{path}: the provenance records no task params; not a split of the synthetic task "
+                            "(lightning_opd.task_data): rerun that stage")
+    return from_dict(TaskParams, meta["params"], f"{path}: the task's params")
 
 
 def main(argv: list[str] | None = None) -> None:
