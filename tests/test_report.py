@@ -16,7 +16,7 @@ from lightning_opd.report import (
     summary_table,
     token_budget,
     tokens_per_step,
-    trained_on,
+    trained_on_label,
     training_points,
 )
 
@@ -185,20 +185,41 @@ def test_training_curves_group_the_seeds_of_a_run(tmp_path):
 
 def test_every_trained_model_records_where_it_was_trained(tiny_run):
     """The same code, data and seeds give other weights on another CPU or GPU: each model the pipeline trains
-    says where (device, CPU kernels' instruction set, processes, versions), and models.csv shows it."""
+    says where (device, CPU and the instruction set of its kernels, processes, versions), and models.csv
+    shows it."""
     work, _ = tiny_run
     models = pd.read_csv(work / "results/tiny/report/models.csv", keep_default_na=False).set_index("model")
-    capability = torch.backends.cpu.get_cpu_capability()
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # where the tiny run's trainings ran
     # tiny.yaml trains SFT and both OPD methods on two processes; pretraining runs on one
     for model, processes in (("teacher-A", 1), ("student_base", 1), ("sft-A", 2),
                              ("lightning-sft-A_teacher-A_seed-0", 2), ("standard-sft-A_teacher-A_seed-0", 2)):
-        record = json.loads((work / f"results/tiny/models/{model}/provenance.json").read_text())["trained_on"]
-        assert (record["device"], record["cpu_capability"], record["processes"]) == ("cpu", capability, processes)
-        assert record["torch"] == torch.__version__ and record["device_name"]
-        assert models.loc[model, "trained_on"] == f"cpu {capability}: {record['device_name']} x {processes}"
+        provenance = json.loads((work / f"results/tiny/models/{model}/provenance.json").read_text())
+        record = provenance["trained_on"]
+        assert (record["device"], record["processes"]) == (device, processes)
+        assert record["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+        assert record["torch"] == torch.__version__ and record["device_name"] and record["cpu"]["name"]
+        assert models.loc[model, "trained_on"] == trained_on_label(provenance)
+        assert models.loc[model, "trained_on"].endswith(f"x {processes}")
 
 
-def test_trained_on_names_the_gpu_and_is_empty_without_a_record():
-    record = {"device": "cuda", "device_name": "NVIDIA H100 80GB HBM3", "processes": 8, "cpu_capability": "AVX512"}
-    assert trained_on({"trained_on": record}) == "cuda: NVIDIA H100 80GB HBM3 x 8"
-    assert trained_on({"stage": "sft"}) == ""  # a hub model, or one trained before the record existed
+def test_the_record_names_the_kernels_held_to_an_instruction_set(monkeypatch):
+    from transformers import TrainingArguments
+
+    from lightning_opd.training import KERNEL_ENV, trained_on
+
+    for name in KERNEL_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MKL_CBWR", "AVX2")
+    record = trained_on(TrainingArguments(output_dir="unused", use_cpu=True))
+    assert record["device"] == "cpu" and record["cpu_threads"] == torch.get_num_threads()
+    assert record["kernel_env"] == {"MKL_CBWR": "AVX2"}
+    label = trained_on_label({"trained_on": record})
+    assert label.startswith(f"cpu {torch.backends.cpu.get_cpu_capability()}: {record['device_name']}")
+    assert label.endswith(" x 1 [MKL_CBWR=AVX2]")
+
+
+def test_trained_on_label_names_the_gpu_and_is_empty_without_a_record():
+    record = {"device": "cuda", "device_name": "NVIDIA H100 80GB HBM3", "processes": 8, "cpu_capability": "AVX512",
+              "kernel_env": {}}
+    assert trained_on_label({"trained_on": record}) == "cuda: NVIDIA H100 80GB HBM3 x 8"
+    assert trained_on_label({"stage": "sft"}) == ""  # a hub model, or one trained before the record existed

@@ -61,14 +61,21 @@ def variant_name(model: dict[str, Any]) -> str:
     return f"{model['variant']}: {changes}" if changes else model["variant"]
 
 
-def trained_on(provenance: dict[str, Any]) -> str:
-    """Where a model's training ended, e.g. ``cpu AVX512: <CPU model> x 1`` or ``cuda: NVIDIA H100 80GB HBM3 x 8``
-    (processes); empty for a model not trained by the pipeline or trained before it recorded this."""
+def trained_on_label(provenance: dict[str, Any]) -> str:
+    """Where a model's training ended, e.g. ``cpu AVX512: <CPU name> (family 6 model 207) x 1`` or
+    ``cuda: NVIDIA H100 80GB HBM3 x 8`` (processes over all nodes), with the variables that held the CPU
+    kernels to an instruction set; empty for a model not trained by the pipeline or trained before it
+    recorded this."""
     where = provenance.get("trained_on")
     if not where:
         return ""
-    device = f"cpu {where['cpu_capability']}" if where["device"] == "cpu" else where["device"]
-    return f"{device}: {where['device_name']} x {where['processes']}"
+    if where["device"] == "cpu":
+        model = f" ({where['cpu']['model']})" if where.get("cpu", {}).get("model") else ""
+        label = f"cpu {where['cpu_capability']}: {where['device_name']}{model} x {where['processes']}"
+    else:
+        label = f"{where['device']}: {where['device_name']} x {where['processes']}"
+    held = " ".join(f"{name}={value}" for name, value in where.get("kernel_env", {}).items())
+    return f"{label} [{held}]" if held else label
 
 
 def model_table(manifest: dict[str, Any]) -> pd.DataFrame:
@@ -87,7 +94,7 @@ def model_table(manifest: dict[str, Any]) -> pd.DataFrame:
             "variant": variant_name(model),
             # who sampled the live student of standard OPD (runs before the vllm sampler existed used hf)
             "sampler": provenance.get("sampler", "hf") if model["role"] == "standard_opd" else "",
-            "trained_on": trained_on(provenance),
+            "trained_on": trained_on_label(provenance),
         }
         for benchmark, path in model["evals"].items():
             summary = json.loads(Path(path).read_text())

@@ -52,8 +52,8 @@ def build_splits(params: TaskParams) -> dict[str, list[dict]]:
 def recorded_task(path: Path | str, meta: dict[str, Any]) -> TaskParams:
     """The task params a split of this stage records (``meta``: its provenance, as `read_table` returns it)."""
     if not isinstance(meta.get("params"), dict):
-        raise ArtifactError(f"{path}: the provenance records no task params; not a split of the synthetic task "
-                            "(lightning_opd.task_data): rerun that stage")
+        raise ArtifactError(f"{path}: the provenance records no task params; this needs a split of the embedded "
+                            "synthetic task (lightning_opd.task_data), not prepared data")
     return from_dict(TaskParams, meta["params"], f"{path}: the task's params")
 
 

@@ -340,27 +340,49 @@ def train_with_resume(trainer: Trainer) -> None:
         raise
 
 
-def _cpu_name() -> str:
+# environment variables that hold the CPU kernels of torch (ATen), MKL and oneDNN to an instruction set
+KERNEL_ENV = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
+# CPU features whose presence changes which kernels run
+CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_tile")
+
+
+def _cpu() -> dict[str, Any]:
+    """The CPU's name, family/model and the features of CPU_FEATURES it has (Linux's /proc/cpuinfo; elsewhere
+    the name alone)."""
+    fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            if not key.strip() and fields:
+                break  # the first processor's block is enough
+            fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    flags = set(fields.get("flags", "").split())
+    return {"name": fields.get("model name") or platform.processor() or platform.machine(),
+            "model": f"family {fields['cpu family']} model {fields['model']}" if "cpu family" in fields else "",
+            "features": [f for f in CPU_FEATURES if f in flags]}
 
 
 def trained_on(args: TrainingArguments) -> dict[str, Any]:
     """The hardware and kernels of a training's final part (a run resumed after a kill may have begun
     elsewhere). The same code, data and seeds give other weights on another CPU or GPU, or with the CPU's
     kernels held to another instruction set: their floating-point paths round differently."""
-    device = args.device
+    device, cpu = args.device, _cpu()
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = cpu["name"] if device.type == "cpu" else device.type
     return {
         "device": device.type,
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
-        "processes": args.world_size,
+        "device_name": name,
+        "processes": args.world_size,  # over all nodes; the name is the first process's device
+        "cpu": cpu,
+        "cpu_threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # the vector ISA of torch's CPU kernels
+        "kernel_env": {name: os.environ[name] for name in KERNEL_ENV if name in os.environ},
         "torch": torch.__version__,
+        "cuda": torch.version.cuda,
         "transformers": transformers.__version__,
     }
 

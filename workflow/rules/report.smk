@@ -3,11 +3,14 @@
 # training curves and the resolved config. The outputs marked report() make
 # `snakemake --report report.html`, with the captions of workflow/report/.
 
+REPORT_MANIFEST = report_manifest()
+
 
 rule report:
     input:
         evals=expand("{R}/eval/{benchmark}/{model}.json", R=R, benchmark=BENCHMARKS, model=eval_labels()),
-        opd_models=[f"{R}/models/{label}" for label in opd_labels()],
+        # every model the pipeline trained: the report reads their provenance and training logs
+        models=[m["model_dir"] for m in REPORT_MANIFEST["models"] if "model_dir" in m],
         caches=sorted({f"{R}/cache/sft-{s}_teacher-{t}.parquet" for s, t, _ in opd_runs()}),
         code=code_inputs("report"),
     output:
@@ -72,7 +75,7 @@ rule report:
         **rule_resources("report"),
     params:
         cmd=command("report"),
-        manifest=js(report_manifest()),
+        manifest=js(REPORT_MANIFEST),
         config=lambda w: js(config),  # a function: the prompt template's {problem} is no wildcard
         out_dir=lambda w, output: os.path.dirname(output.table_md),
     shell:
