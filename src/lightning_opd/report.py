@@ -70,11 +70,11 @@ def trained_on_label(provenance: dict[str, Any]) -> str:
     if not where:
         return ""
     if where["device"] == "cpu":
-        model = f" ({where['cpu']['model']})" if where.get("cpu", {}).get("model") else ""
+        model = f" ({where['cpu']['model']})" if where["cpu"]["model"] else ""
         label = f"cpu {where['cpu_capability']}: {where['device_name']}{model} x {where['processes']}"
     else:
         label = f"{where['device']}: {where['device_name']} x {where['processes']}"
-    held = " ".join(f"{name}={value}" for name, value in where.get("kernel_env", {}).items())
+    held = " ".join(f"{name}={value}" for name, value in where["kernel_env"].items())
     return f"{label} [{held}]" if held else label
 
 
