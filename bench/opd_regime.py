@@ -15,8 +15,8 @@ on the held-out set next to pi_ref and the teacher:
 Diagnostics that are not the paper's method: ``rounds`` (lightning: fresh
 rollouts of the current student every 1/R of the steps, on 1/R of the
 prompts, one Adam throughout; ``round_policy=ref``: sampled by pi_ref
-instead, a control), ``adv`` (drop some negative advantages, or
-weight tokens by min(1, pi_theta / pi_ref)) and ``embed`` (freeze or untie
+instead, a control), ``adv`` (drop some negative advantages, weight
+tokens by min(1, pi_theta / pi_ref), or subtract the mean advantage) and ``embed`` (freeze or untie
 the tied embeddings). ``trace=K`` also prints avg@k after every K steps.
 
 Every trial uses the project's OPD loss (`opd_loss`), AdamW (0.9, 0.98),
@@ -66,7 +66,8 @@ class Trial:
     lr: float = 1e-5
     tau: float | None = 1.0
     # both: the paper's loss | pos: drop the negative advantages | fresh: drop them where the student is already
-    # a nat below pi_ref | is: weight each token by min(1, pi_theta / pi_ref) (ablations, not the paper's loss)
+    # a nat below pi_ref | is: weight each token by min(1, pi_theta / pi_ref) | center: subtract the batch's mean
+    # (clipped) advantage from every token's, a baseline (ablations, not the paper's loss)
     adv: str = "both"
     embed: str = "train"  # train | freeze: the (tied) embeddings | untie: separate input and output embeddings
     rounds: int = 1  # lightning: R rounds, each on fresh rollouts of the current student for 1/R of the prompts
@@ -100,7 +101,7 @@ class Trial:
 # the least value of each numeric key (tau's none, no clipping, is allowed)
 LEAST = {"roll_t": 0.0, "roll_p": 0.0, "n": 1, "prompts": 1, "epochs": 0.0, "batch": 1, "lr": 0.0, "tau": 0.0,
          "rounds": 1, "teacher_t": 1e-6, "trace": 0, "seed": 0}
-CHOICES = {"method": ("lightning", "standard", "exact"), "adv": ("both", "pos", "fresh", "is"),
+CHOICES = {"method": ("lightning", "standard", "exact"), "adv": ("both", "pos", "fresh", "is", "center"),
            "embed": ("train", "freeze", "untie"), "round_policy": ("student", "ref")}
 
 
@@ -169,6 +170,17 @@ def rows(batch, index):
     return {k: v[index] for k, v in batch.items()}
 
 
+def centered_opd_loss(lp, teacher_lp, mask, tau):
+    """The OPD loss with a baseline: the batch's mean clipped advantage is subtracted from every token's. On the
+    student's own samples the baseline leaves the expected gradient unchanged (E_theta[grad log pi_theta] = 0);
+    on pi_ref's samples it removes the term mean(A) * E_ref[grad log pi_theta], which pushes the student away
+    from pi_ref when the mean advantage is negative."""
+    loss, metrics = opd_loss(lp, teacher_lp, mask, tau)
+    mask = mask.to(lp.dtype)
+    baseline = metrics["advantage"]
+    return loss + baseline * (lp * mask).sum() / mask.sum().clamp(min=1.0), metrics
+
+
 def step(student, teacher, optimizer, batch, trial: Trial, exact: bool) -> dict:
     if exact:
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
@@ -186,7 +198,9 @@ def step(student, teacher, optimizer, batch, trial: Trial, exact: bool) -> dict:
         if trial.adv == "fresh":
             stale = lp.detach() < batch["ref_logprobs"][:, 1:] - 1
             teacher_lp = torch.where(stale, torch.maximum(teacher_lp, lp.detach()), teacher_lp)
-        if trial.adv == "is":
+        if trial.adv == "center":
+            loss, metrics = centered_opd_loss(lp, teacher_lp, mask, trial.tau)
+        elif trial.adv == "is":
             weight = torch.clamp(torch.exp(lp.detach() - batch["ref_logprobs"][:, 1:]), max=1.0)
             loss, metrics = opd_loss(lp, teacher_lp, mask * weight, trial.tau, n_loss_tokens=mask.sum())
         else:

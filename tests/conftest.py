@@ -36,6 +36,33 @@ def random_model(tokenizer_dir: Path, out: Path, seed: int) -> Path:
     return out
 
 
+# The test modules that use the session's tiny_run (checked at collection). `make test` runs the tests on
+# two pytest-xdist workers, a module at a time (`--dist loadscope`, so that a module-scoped fixture is built
+# once), and sends these modules to one worker together, so that the end-to-end run is made once.
+TINY_RUN_MODULES = {f"tests/test_{name}.py" for name in ("code_inputs", "config", "html_report", "logprobs", "opd_loss",
+                                                         "pipeline", "report")}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    using = {item.path.relative_to(REPO).as_posix() for item in items if "tiny_run" in item.fixturenames}
+    if not using <= TINY_RUN_MODULES:
+        raise pytest.UsageError(f"tests/conftest.py: add {sorted(using - TINY_RUN_MODULES)} to TINY_RUN_MODULES: "
+                                "they use tiny_run")
+
+
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") == "loadscope":
+        from xdist.scheduler import LoadScopeScheduling
+
+        class ModuleScheduling(LoadScopeScheduling):
+            def _split_scope(self, nodeid: str) -> str:
+                module = nodeid.split("::", 1)[0]
+                return "tiny_run" if module in TINY_RUN_MODULES else module
+
+        return ModuleScheduling(config, log)
+    return None
+
+
 @pytest.fixture(scope="session")
 def world(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("world")
@@ -86,3 +113,5 @@ def tiny_run(tmp_path_factory) -> tuple[Path, list[str]]:
     config = ["--configfile", "tests/configs/tiny.yaml"]
     snakemake(*config, cwd=work)
     return work, config
+
+
