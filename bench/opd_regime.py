@@ -172,9 +172,10 @@ def rows(batch, index):
 
 def centered_opd_loss(lp, teacher_lp, mask, tau):
     """The OPD loss with a baseline: the batch's mean clipped advantage is subtracted from every token's. On the
-    student's own samples the baseline leaves the expected gradient unchanged (E_theta[grad log pi_theta] = 0);
-    on pi_ref's samples it removes the term mean(A) * E_ref[grad log pi_theta], which pushes the student away
-    from pi_ref when the mean advantage is negative."""
+    student's own samples the baseline leaves the expected gradient unchanged (E_theta[grad log pi_theta] = 0),
+    up to each token's own share in the mean; on pi_ref's samples it removes the term
+    mean(A) * E_ref[grad log pi_theta], which pushes the student away from pi_ref when the mean advantage is
+    negative."""
     loss, metrics = opd_loss(lp, teacher_lp, mask, tau)
     mask = mask.to(lp.dtype)
     baseline = metrics["advantage"]

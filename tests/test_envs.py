@@ -20,7 +20,7 @@ import yaml
 from packaging.version import Version
 
 from test_code_inputs import command_code, rule_commands
-from test_pipeline import ENV, REPO, SNAKEMAKE, snakemake
+from test_pipeline import ENV, REPO, SNAKEMAKE, copy_repo, snakemake
 
 ENVS = sorted(path.stem for path in (REPO / "workflow/envs").glob("*.yaml"))
 # importable names whose distribution is not installed in the test environment
@@ -180,7 +180,9 @@ def test_dockerfile_is_what_snakemake_containerize_writes(tmp_path):
         conda.write_text(CONDA_STAND_IN.format(python=sys.executable))
         conda.chmod(0o755)
         env["PATH"] = f"{conda.parent}:{env['PATH']}"
-    result = subprocess.run([SNAKEMAKE, "--containerize", "--nolock", "--workflow-profile", "none"], cwd=REPO, env=env,
+    # in a copy: --containerize takes Snakemake's lock in spite of --nolock, which other tests' dry runs read
+    work = copy_repo(tmp_path / "repo")
+    result = subprocess.run([SNAKEMAKE, "--containerize", "--nolock", "--workflow-profile", "none"], cwd=work, env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout == (REPO / "Dockerfile").read_text(), \

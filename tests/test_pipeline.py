@@ -53,7 +53,10 @@ def copy_repo(work: Path, *extra: str) -> Path:
     """What a pipeline run needs of this repository, and ``extra`` paths, copied into ``work``."""
     work.mkdir(parents=True, exist_ok=True)
     for item in ("workflow", "src", "config", *extra):
-        (shutil.copytree if (REPO / item).is_dir() else shutil.copy)(REPO / item, work / item)
+        if (REPO / item).is_dir():  # not __pycache__, which another test's process may be writing
+            shutil.copytree(REPO / item, work / item, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(REPO / item, work / item)
     return work
 
 
