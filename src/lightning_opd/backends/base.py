@@ -54,3 +54,6 @@ class Backend(abc.ABC):
     def score_top_k(self, prompts: list[list[int]], responses: list[list[int]], k: int,
                     temperature: float = 1.0) -> list[TopKScores]:
         """`score`, and the ``k`` most likely tokens at every response position."""
+
+    def close(self) -> None:  # noqa: B027 (a no-op unless the engine has processes of its own)
+        """Release the engine's processes and memory; nothing to do for an in-process model."""

@@ -13,6 +13,12 @@ from lightning_opd.hparams import SamplingParams
 # the engine that scores runs without it.
 SCORING_ENGINE_OPTIONS = {"enable_prefix_caching": False}
 
+# Left to itself, vLLM stops its engine process from a finalizer at interpreter
+# exit and kills it after 5 s. On a loaded machine the engine needed longer,
+# and once (CI, two engines on two cores) the forced path ended in SIGABRT
+# after the stage's output was written, failing a finished job.
+ENGINE_SHUTDOWN_TIMEOUT_S = 120
+
 
 class VLLMBackend(Backend):
     def __init__(self, model: str, tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9,
@@ -40,6 +46,10 @@ class VLLMBackend(Backend):
             seed=seed,
             **engine_options,
         )
+
+    def close(self) -> None:
+        """Stop the engine process and its workers, waiting for them, while this process is whole."""
+        self.llm.llm_engine.engine_core.shutdown(timeout=ENGINE_SHUTDOWN_TIMEOUT_S)
 
     def generate(
         self, prompts: list[list[int]], params: SamplingParams, first_index: int = 0
