@@ -1,6 +1,6 @@
 FROM condaforge/miniforge3:latest
 LABEL io.github.snakemake.containerized="true"
-LABEL io.github.snakemake.conda_env_hash="7fd1e894db830020d0126ff7a06b4881b05667cb0f3a6f5bbd7eb47affd9ba49"
+LABEL io.github.snakemake.conda_env_hash="0c89f1aaeffa70e9602a063413f02e88d6bb6acc7543889e57c1fe088a8bfdfb"
 # Conda environment:
 #   source: workflow/envs/eval.yaml
 #   prefix: /conda-envs/5657ad27eb91fd231ed56e3c13353537
@@ -102,7 +102,7 @@ RUN mkdir -p /conda-envs/0d08a6c458f9509746cf660895483097
 COPY workflow/envs/report.yaml /conda-envs/0d08a6c458f9509746cf660895483097/environment.yaml
 # Conda environment:
 #   source: workflow/envs/train.yaml
-#   prefix: /conda-envs/2d963dbe256afe02da0880d56d94c9c9
+#   prefix: /conda-envs/ca4e834edc9187ac61cbeccf70504a38
 #   # Training: data preparation, tokenizer, pretraining of the tiny models, SFT, both OPD trainers.
 #   # Exact versions: the ones the test suite runs with (tests/test_envs.py checks them).
 #   channels: [conda-forge]
@@ -115,18 +115,19 @@ COPY workflow/envs/report.yaml /conda-envs/0d08a6c458f9509746cf660895483097/envi
 #         - huggingface-hub==2.4.0
 #         - tokenizers==0.23.3
 #         - accelerate==1.15.0
+#         - psutil==7.2.2  # lightning_opd.shards (the rollouts of multi-round runs) stops a hung engine's processes with it
 #         - datasets==5.2.0
 #         - pyarrow==26.0.1
 #         - numpy==2.4.6
 #         - tqdm==4.70.1
 #         - tensorboard==2.21.0  # tracking.report_to: [tensorboard]
 #         - wandb==0.31.0  # tracking.report_to: [wandb]
-RUN mkdir -p /conda-envs/2d963dbe256afe02da0880d56d94c9c9
-COPY workflow/envs/train.yaml /conda-envs/2d963dbe256afe02da0880d56d94c9c9/environment.yaml
+RUN mkdir -p /conda-envs/ca4e834edc9187ac61cbeccf70504a38
+COPY workflow/envs/train.yaml /conda-envs/ca4e834edc9187ac61cbeccf70504a38/environment.yaml
 
 RUN conda env create --prefix /conda-envs/5657ad27eb91fd231ed56e3c13353537 --file /conda-envs/5657ad27eb91fd231ed56e3c13353537/environment.yaml && \
     conda env create --prefix /conda-envs/1268c6a39b7ec76a09106affcf51f00d --file /conda-envs/1268c6a39b7ec76a09106affcf51f00d/environment.yaml && \
     conda env create --prefix /conda-envs/cc2486154e2090e94284f1b7a7cbd2f3 --file /conda-envs/cc2486154e2090e94284f1b7a7cbd2f3/environment.yaml && \
     conda env create --prefix /conda-envs/0d08a6c458f9509746cf660895483097 --file /conda-envs/0d08a6c458f9509746cf660895483097/environment.yaml && \
-    conda env create --prefix /conda-envs/2d963dbe256afe02da0880d56d94c9c9 --file /conda-envs/2d963dbe256afe02da0880d56d94c9c9/environment.yaml && \
+    conda env create --prefix /conda-envs/ca4e834edc9187ac61cbeccf70504a38 --file /conda-envs/ca4e834edc9187ac61cbeccf70504a38/environment.yaml && \
     conda clean --all -y
