@@ -14,9 +14,10 @@ from lightning_opd.hparams import SamplingParams
 SCORING_ENGINE_OPTIONS = {"enable_prefix_caching": False}
 
 # Left to itself, vLLM stops its engine process from a finalizer at interpreter
-# exit and kills it after 5 s. On a loaded machine the engine needed longer,
-# and once (CI, two engines on two cores) the forced path ended in SIGABRT
-# after the stage's output was written, failing a finished job.
+# exit and kills it after 5 s. Once (CI, two engines on two cores) the engine
+# needed longer, and the process then died with SIGABRT after the stage's
+# output was written (a forced kill alone did not reproduce it). The engine is
+# shut down explicitly instead, and runs in a worker (`ShardTask.engine_in_worker`).
 ENGINE_SHUTDOWN_TIMEOUT_S = 120
 
 
