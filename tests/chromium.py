@@ -6,6 +6,7 @@ Debian's `chromium` is the browser (`apt-get install chromium`); playwright
 and pyppeteer cannot download theirs without a network."""
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import shutil
@@ -16,6 +17,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import psutil
 import websocket
 
 BROWSER = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -129,15 +131,25 @@ class Chromium:
         return out
 
     def close(self) -> None:
+        """Ends the browser and every process it started, then removes its profile.
+
+        The renderer, GPU and crashpad processes outlive the browser process for a moment and
+        keep writing into the profile (CI: removing it failed with "Directory not empty"), so
+        the profile goes only once the whole tree has exited."""
         try:
             self.socket.close()
         finally:
-            self.process.terminate()
             try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+                tree = [psutil.Process(self.process.pid), *psutil.Process(self.process.pid).children(recursive=True)]
+            except psutil.NoSuchProcess:
+                tree = []
+            self.process.terminate()
+            _, alive = psutil.wait_procs(tree, timeout=10)
+            for process in alive:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    process.kill()
+            psutil.wait_procs(alive, timeout=10)
+            self.process.wait()
             self.profile.cleanup()
 
     def __enter__(self) -> Chromium:
