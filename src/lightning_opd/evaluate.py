@@ -70,6 +70,17 @@ def lm_eval_model(backend: str, model: str, batch_size: int, seed: int, options:
     raise ValueError(f"unknown evaluation backend {backend!r}; choose hf or vllm")
 
 
+def close_engine(lm) -> None:
+    """Shut down the vLLM engine of lm-eval's vllm model (one engine; data-parallel ones are ray
+    actors that lm-eval ends itself) before the results are written, instead of at interpreter exit
+    (see ``vllm_shutdown``)."""
+    engine = getattr(lm, "model", None)
+    if getattr(engine, "llm_engine", None) is not None:
+        from lightning_opd.vllm_shutdown import shutdown_engine
+
+        shutdown_engine(engine)
+
+
 def evaluate(model: str, eval_file: Path, out: Path, k: int = 4, temperature: float = 0.6, top_p: float = 0.95,
              max_gen_toks: int = 128, backend: str = "hf", batch_size: int = 64, seed: int = 0, label: str = "",
              task_yaml: Path = DEFAULT_TASK, backend_options: dict | None = None,
@@ -81,12 +92,21 @@ def evaluate(model: str, eval_file: Path, out: Path, k: int = 4, temperature: fl
     config = task_config(task_yaml, eval_file, k, temperature, top_p, max_gen_toks)
     model_type, model_args = lm_eval_model(backend, model, batch_size, seed, backend_options or {},
                                            chat_template_kwargs, think_end_token)
-    # the task comes whole as a config: indexing lm-eval's default tasks would cost ~12 s per job
-    output = lm_eval.simple_evaluate(
-        model=model_type, model_args=model_args, tasks=[config], task_manager=TaskManager(include_defaults=False),
-        apply_chat_template=True, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-        log_samples=True, bootstrap_iters=0,
-    )
+    # vllm's is built here, as simple_evaluate would, so that its engine can be shut down below;
+    # hf's is built by simple_evaluate after it seeds, as ever (the same samples as before)
+    lm = model_type
+    if backend == "vllm":
+        lm = lm_eval.api.registry.get_model(model_type).create_from_arg_obj(
+            model_args, {"batch_size": None, "max_batch_size": None, "device": None})
+    try:
+        # the task comes whole as a config: indexing lm-eval's default tasks would cost ~12 s per job
+        output = lm_eval.simple_evaluate(
+            model=lm, model_args=model_args, tasks=[config], task_manager=TaskManager(include_defaults=False),
+            apply_chat_template=True, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+            log_samples=True, bootstrap_iters=0,
+        )
+    finally:
+        close_engine(lm)
     task = config["task"]
     metrics = output["results"][task]
     samples = output["samples"][task]

@@ -8,17 +8,11 @@ from tqdm import tqdm
 
 from lightning_opd.backends.base import Backend, GenerationResult, TopKScores, canonical_top_k, request_seed
 from lightning_opd.hparams import SamplingParams
+from lightning_opd.vllm_shutdown import shutdown_engine
 
 # vLLM has reported wrong (stale) prompt log-probs with prefix caching on:
 # the engine that scores runs without it.
 SCORING_ENGINE_OPTIONS = {"enable_prefix_caching": False}
-
-# Left to itself, vLLM stops its engine process from a finalizer at interpreter
-# exit and kills it after 5 s. Once (CI, two engines on two cores) the engine
-# needed longer, and the process then died with SIGABRT after the stage's
-# output was written (a forced kill alone did not reproduce it). The engine is
-# shut down explicitly instead, and runs in a worker (`ShardTask.engine_in_worker`).
-ENGINE_SHUTDOWN_TIMEOUT_S = 120
 
 
 class VLLMBackend(Backend):
@@ -49,8 +43,7 @@ class VLLMBackend(Backend):
         )
 
     def close(self) -> None:
-        """Stop the engine process and its workers, waiting for them, while this process is whole."""
-        self.llm.llm_engine.engine_core.shutdown(timeout=ENGINE_SHUTDOWN_TIMEOUT_S)
+        shutdown_engine(self.llm)
 
     def generate(
         self, prompts: list[list[int]], params: SamplingParams, first_index: int = 0
