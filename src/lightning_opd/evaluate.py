@@ -12,6 +12,7 @@ from pathlib import Path
 from lightning_opd.artifacts import TASK_SCHEMA, atomic_path, read_table, write_json
 from lightning_opd.modeling import add_chat_template_argument
 from lightning_opd.provenance import describe_model, file_sha256
+from lightning_opd.vllm_shutdown import shutdown_engine
 
 TASKS_DIR = Path(__file__).parent / "lm_eval_tasks"
 DEFAULT_TASK = TASKS_DIR / "synth_arith" / "synth_arith.yaml"
@@ -76,8 +77,6 @@ def close_engine(lm) -> None:
     (see ``vllm_shutdown``)."""
     engine = getattr(lm, "model", None)
     if getattr(engine, "llm_engine", None) is not None:
-        from lightning_opd.vllm_shutdown import shutdown_engine
-
         shutdown_engine(engine)
 
 
