@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import abc
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -369,18 +371,14 @@ def _run_workers(task: ShardTask, todo: list[int], shards: list[range], work_dir
 
 def _kill_tree(worker: multiprocessing.Process) -> None:
     """Kill a worker and the processes it started (a vLLM engine's, which would hold the GPUs on)."""
-    import psutil  # a dependency of accelerate (and of vLLM)
-
     try:
         children = psutil.Process(worker.pid).children(recursive=True)
     except psutil.NoSuchProcess:
         children = []
     worker.kill()
     for child in children:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             child.kill()
-        except psutil.NoSuchProcess:
-            pass
     worker.join()
 
 
