@@ -60,6 +60,21 @@ def test_length_mismatch_is_refused_naming_file_and_row(world, tmp_path):
         read_cache(bad)
 
 
+@pytest.mark.parametrize("column, inside", [("prompt_ids", False), ("response_ids", True), ("teacher_logprobs", True)])
+def test_a_null_is_refused_naming_file_row_and_column(world, tmp_path, column, inside):
+    def put_null(rows):
+        if inside:
+            rows[3][column][0] = None
+        else:
+            rows[3][column] = None
+
+    bad = rewrite(world["cache_A"], tmp_path / "null.parquet", put_null)
+    where = " inside its list" if inside else ""
+    with pytest.raises(ArtifactError, match=rf"null\.parquet: row 3 \(id 'opd-000003'\) has a null in column "
+                                            rf"'{column}'{where}"):
+        read_cache(bad)
+
+
 def test_missing_and_malformed_parquet(tmp_path):
     with pytest.raises(ArtifactError, match="nowhere.parquet: file not found"):
         read_table(tmp_path / "nowhere.parquet", CACHE_SCHEMA)

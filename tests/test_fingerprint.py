@@ -37,6 +37,8 @@ def model_dir(tmp_path) -> Path:
     (path / "config.json").write_text(json.dumps({"model_type": "qwen3", "hidden_size": 8}))
     (path / "tokenizer.json").write_text(json.dumps({"model": {"vocab": {"a": 0, "b": 1}}}))
     (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "b"}))
+    (path / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": 1}))
     save_file({"w": torch.arange(64, dtype=torch.float32)}, path / "model-00001-of-00002.safetensors")
     save_file({"v": torch.ones(16)}, path / "model-00002-of-00002.safetensors")
     (path / "model.safetensors.index.json").write_text("{}")
@@ -53,6 +55,15 @@ def test_copy_has_the_same_fingerprint_and_other_weights_another(model_dir, tmp_
     assert model_fingerprint(copy) == fingerprint
     save_file({"v": torch.zeros(16)}, copy / "model-00002-of-00002.safetensors")
     assert model_fingerprint(copy) != fingerprint
+
+
+@pytest.mark.parametrize("name", ["chat_template.jinja", "generation_config.json"])
+def test_another_chat_template_or_eos_is_another_model(model_dir, name):
+    """The template renders every prompt and the generation config says where sampling stops: shards or
+    caches of the model before such an edit must not count as this model's."""
+    fingerprint = model_fingerprint(model_dir)
+    (model_dir / name).write_text((model_dir / name).read_text() + "\n")
+    assert model_fingerprint(model_dir) != fingerprint
 
 
 def test_cache_is_not_fooled_by_a_rewrite_with_the_same_size_and_mtime(model_dir):
@@ -89,7 +100,8 @@ def test_hub_checksums_give_the_local_fingerprint(model_dir):
         return model_dir / name
 
     digests = hub_file_digests(info.siblings, fetch)
-    assert sorted(fetched) == ["config.json", "tokenizer.json", "tokenizer_config.json"]
+    assert sorted(fetched) == ["chat_template.jinja", "config.json", "generation_config.json", "tokenizer.json",
+                              "tokenizer_config.json"]
     assert fingerprint_of(digests) == model_fingerprint(model_dir)
 
 

@@ -80,7 +80,20 @@ def test_bad_input_is_named(hundredfold, tmp_path):
         prepare(plain, tmp_path / "x.parquet")
     with pytest.raises(SystemExit, match="a limit needs a seed"):
         prepare(source, tmp_path / "y.parquet", seed=None, limit=3)
-    assert not (tmp_path / "x.parquet").exists() and not (tmp_path / "y.parquet").exists()
+    no_answer = dapo_file(tmp_path / "no_answer.parquet", [("Find x if x + 1 = 2.", "1"), ("Find y if y = 3.", None)])
+    with pytest.raises(SystemExit, match=r"no_answer.parquet: row 1: the field 'reward_model.ground_truth' is null"):
+        prepare(no_answer, tmp_path / "z.parquet")
+    truncated = tmp_path / "truncated.parquet"
+    truncated.write_bytes(source.read_bytes()[:500])
+    with pytest.raises(SystemExit, match=r"truncated.parquet: not a readable parquet file \(.*magic bytes"):
+        prepare(truncated, tmp_path / "t.parquet")
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"problem": "1 + 1", "answer": "2"}\n{"problem": \n')
+    with pytest.raises(SystemExit, match=r"broken.jsonl: not a readable jsonl file \(.*JSON parse error"):
+        prepare_data.main(["--source", str(broken), "--name", "x", "--problem-field", "problem",
+                           "--out", str(tmp_path / "j.parquet")])
+    assert not any((tmp_path / name).exists() for name in ("x.parquet", "y.parquet", "z.parquet", "t.parquet",
+                                                           "j.parquet"))
 
 
 def test_one_prompt_protocol_for_opd_and_evaluation(tmp_path):

@@ -181,6 +181,28 @@ def test_parts_of_a_split_stage_join_into_the_artifact(world, reference, tmp_pat
     assert not (tmp_path / "bad.parquet").exists()
 
 
+def test_parts_cut_with_different_shard_sizes_are_refused(world, reference, tmp_path):
+    """Part 1 of 2 with shard size 1 holds rows 0-11; part 2 with shard size 5 (the config changed between
+    the jobs) rows 10-23: joined, rows 10 and 11 would be there twice."""
+    parts = [tmp_path / "1-of-2.parquet", tmp_path / "2-of-2.parquet"]
+    teacher_cache.main(stage_args("teacher_cache", world, reference, parts[0], tmp_path / "work", "--part", "1-of-2"))
+    args = stage_args("teacher_cache", world, reference, parts[1], tmp_path / "work", "--part", "2-of-2")
+    args[args.index("--shard-size") + 1] = "5"
+    teacher_cache.main(args)
+    with pytest.raises(shards.ArtifactError, match="holds rows 10-23, but the parts before it end at row 11"):
+        shards.gather(parts, tmp_path / "bad.parquet", CACHE_SCHEMA)
+    assert not (tmp_path / "bad.parquet").exists()
+
+
+def test_a_part_with_no_shard_is_refused_before_any_work(world, reference, tmp_path):
+    out, work = tmp_path / "1-of-2.parquet", tmp_path / "work"
+    args = stage_args("teacher_cache", world, reference, out, work, "--part", "1-of-2")
+    args[args.index("--shard-size") + 1] = str(N_PROMPTS)  # one shard for two jobs: the second takes it
+    with pytest.raises(ValueError, match="1 shard.* none left for this part; split the stage into at most 1 job"):
+        teacher_cache.main(args)
+    assert not out.exists() and not work.exists()
+
+
 @dataclasses.dataclass
 class AbortsAfterItsShards(teacher_cache.ScoreTask):
     """Scores in a worker process, which aborts (SIGABRT) as it closes the engine

@@ -172,6 +172,25 @@ def _check_columns(path: Path, table: pa.Table, schema: pa.Schema, why: str = ""
         raise ArtifactError(f"{path}: wrong column types: {'; '.join(wrong)}")
 
 
+def _check_no_nulls(path: Path, table: pa.Table, schema: pa.Schema) -> None:
+    """No null in the schema's columns, nor inside their lists: the stages would fail on one with a
+    TypeError that names no file, or train on a token id that is not there."""
+    for name in schema.names:
+        column = table.column(name)
+        if column.null_count:
+            row, where = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0]), ""
+        elif pa.types.is_list(column.type) and (values := pc.list_flatten(column)).null_count:
+            at = int(np.flatnonzero(values.is_null().to_numpy(zero_copy_only=False))[0])
+            row = int(pc.list_parent_indices(column).to_numpy(zero_copy_only=False)[at])
+            where = " inside its list"
+        else:
+            continue
+        row_id = table.column("id")[row].as_py() if "id" in table.schema.names else None
+        raise ArtifactError(f"{path}: row {row} (id {row_id!r}) has a null in column {name!r}{where}; the file "
+                            "was not written by the pipeline or was damaged: delete it and rerun the stage that "
+                            "wrote it")
+
+
 def read_table(path: Path | str, schema: pa.Schema, keep_other_columns: bool = False
                ) -> tuple[pa.Table, dict[str, Any]]:
     """Read a parquet artifact, check its columns against ``schema``, return it
@@ -187,6 +206,7 @@ def read_table(path: Path | str, schema: pa.Schema, keep_other_columns: bool = F
     _check_columns(path, table, schema)
     if table.num_rows == 0:
         raise ArtifactError(f"{path}: the artifact has no rows; delete it and rerun the stage that wrote it")
+    _check_no_nulls(path, table, schema)
     raw = (table.schema.metadata or {}).get(METADATA_KEY)
     if raw is None:
         raise ArtifactError(f"{path}: no lightning_opd provenance in the parquet metadata; this file was not "

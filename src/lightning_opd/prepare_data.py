@@ -31,6 +31,15 @@ def field(row: dict[str, Any], path: str) -> Any:
     return value
 
 
+def text_field(row: dict[str, Any], path: str, source: str, index: int) -> str:
+    """A field as text; a null or blank one is refused (str() would make a problem or an answer "None")."""
+    value = field(row, path)
+    if value is None or not str(value).strip():
+        raise ArtifactError(f"{source}: row {index}: the field {path!r} is {'null' if value is None else 'blank'}; "
+                            "drop such rows from the data set or point the config at another field")
+    return str(value)
+
+
 def is_local(source: str) -> bool:
     return Path(source).suffix in LOCAL_FORMATS
 
@@ -43,7 +52,11 @@ def load_rows(source: str, split: str, revision: str | None = None):
         if not path.is_file():
             raise ArtifactError(f"{path}: file not found; put the data set there or point its "
                                 "data.<set>.source in the config at the file")
-        return load_dataset(LOCAL_FORMATS[path.suffix], data_files={split: str(path)}, split=split)
+        try:
+            return load_dataset(LOCAL_FORMATS[path.suffix], data_files={split: str(path)}, split=split)
+        except Exception as error:  # datasets wraps the reader's error (a truncated parquet, a broken JSON line)
+            cause = f": {error.__cause__}" if error.__cause__ else ""
+            raise ArtifactError(f"{path}: not a readable {path.suffix[1:]} file ({error}{cause})") from None
     return load_dataset(source, split=split, revision=revision)
 
 
@@ -83,8 +96,8 @@ def prepare(source: str, out: Path, split: str, problem_field: str, answer_field
     rows, seen, duplicates = [], set(), 0
     for index, row in enumerate(load_rows(source, split, revision)):
         try:
-            problem = str(field(row, problem_field))
-            answer = str(field(row, answer_field)) if answer_field else ""
+            problem = text_field(row, problem_field, source, index)
+            answer = text_field(row, answer_field, source, index) if answer_field else ""
         except (KeyError, IndexError, TypeError) as error:
             raise ArtifactError(
                 f"{source}: row {index} has no field {problem_field!r} / {answer_field!r} ({error!r})"

@@ -20,7 +20,10 @@ from lightning_opd.hub import local_source, split_revision
 PROVENANCE_FILE = "provenance.json"
 TRAIN_LOG_FILE = "train_log.jsonl"
 _FINGERPRINT_CACHE = ".fingerprint.json"
-_CONFIG_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")
+# what decides the model's outputs besides its weights: the chat template renders every prompt, the
+# generation config holds the EOS ids generation stops at
+_CONFIG_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "chat_template.jinja", "chat_template.json")
 # a file changed within this many seconds of being hashed may share its
 # timestamps with the next change (coarse file-system clocks): not cached
 _RACY_SECONDS = 2.0
@@ -41,7 +44,8 @@ def file_sha256(path: Path | str) -> str:
 
 def fingerprinted_files(names) -> list[str]:
     """The files a model fingerprint covers, of a directory's (or hub repo's)
-    top-level file names: config, tokenizer and the weights (*.safetensors, or
+    top-level file names: config, generation config, tokenizer, chat template
+    and the weights (*.safetensors, or
     the *.bin weights where there are none), so that a hub repo that carries
     both formats and a local copy of its safetensors agree."""
     names = {n for n in names if "/" not in n}
@@ -162,7 +166,7 @@ def key_digest(key: dict[str, Any]) -> str:
 
 
 def model_fingerprint(name_or_path: str | Path) -> str:
-    """Hash of config, tokenizer and weights files' content: the same for a
+    """Hash of config, tokenizer, chat template and weights files' content: the same for a
     local directory and a hub id (``org/name`` or ``org/name@revision``) that
     hold the same files, whatever else (a README) a hub commit changes."""
     path = Path(name_or_path)

@@ -203,11 +203,14 @@ def run_sharded(task: ShardTask, *, name: str, n_rows: int, shard_size: int, key
         raise ValueError(f"data_parallel must be at least 1, got {data_parallel}")
     shards = shard_ranges(n_rows, shard_size)
     selected = part.select(shards) if part else list(range(len(shards)))
+    if part and not selected:
+        raise ValueError(f"[{name}] part {part}: {n_rows} rows make {len(shards)} shard(s) of up to {shard_size} "
+                         f"rows, none left for this part; split the stage into at most {len(shards)} job(s) "
+                         "or lower its shard_size")
     if part:
-        metadata = {**metadata, "part": {"index": part.index, "count": part.count,
-                                         "shards": [selected[0], selected[-1] + 1] if selected else [],
-                                         "rows": [shards[selected[0]].start, shards[selected[-1]].stop]
-                                         if selected else [0, 0]}}
+        metadata = {**metadata, "part": {"index": part.index, "count": part.count, "n_rows": n_rows,
+                                         "shards": [selected[0], selected[-1] + 1],
+                                         "rows": [shards[selected[0]].start, shards[selected[-1]].stop]}}
     root = Path(work_root) if work_root else default_work_root(out)
     key = {**key, "shard_size": shard_size, "part": str(part) if part else None, "out": str(out)}
     work_dir = root / key_digest(key)
@@ -398,6 +401,7 @@ def gather(parts: list[Path], out: Path, schema: pa.Schema) -> None:
                             f"expected each of 1..{len(parts)} once")
     ordered = [path for _, path in sorted(zip(indices, parts))]
     metas = sorted(metas, key=lambda m: m["part"]["index"])
+    _check_rows_chain(ordered, [m["part"] for m in metas])
     common = [{k: v for k, v in m.items() if k != "part"} for m in metas]
     for path, meta in zip(ordered[1:], common[1:]):
         if meta != common[0]:
@@ -405,6 +409,26 @@ def gather(parts: list[Path], out: Path, schema: pa.Schema) -> None:
                                 "different runs")
     rows = write_shards_as(out, ordered, schema, common[0])
     print(f"gathered {len(parts)} parts, {rows} rows -> {out}", flush=True)
+
+
+def _check_rows_chain(parts: list[Path], records: list[dict[str, Any]]) -> None:
+    """The parts' row ranges, in part order, cover the input rows once each: parts cut with
+    different shard sizes (a shard_size changed between the jobs) would drop or repeat rows."""
+    n_rows = {r.get("n_rows") for r in records}
+    if None in n_rows or len(n_rows) != 1:
+        raise ArtifactError(f"{parts[0]}: the parts record {sorted(map(str, n_rows))} input rows, expected one "
+                            "number: they come from different inputs or an older version; rerun the stage's jobs")
+    total, end = n_rows.pop(), 0
+    for path, record in zip(parts, records):
+        start, stop = record["rows"]
+        if start != end:
+            raise ArtifactError(f"{path}: part {record['index']} holds rows {start}-{stop - 1}, but the parts "
+                                f"before it end at row {end - 1}: the parts were cut with different shard sizes; "
+                                "rerun the stage's jobs with one shard_size")
+        end = stop
+    if end != total:
+        raise ArtifactError(f"{parts[-1]}: the parts end at row {end - 1} of {total} input rows; "
+                            "rerun the stage's jobs with one shard_size")
 
 
 def main(argv: list[str] | None = None) -> None:
