@@ -1,22 +1,30 @@
 """A training that continues an earlier one (a round of multi-round Lightning
 OPD) goes on with the earlier one's optimiser state: one step, saved with its
-state, then one more step from it gives the weights of two steps in one run."""
+state, then one more step from it gives the weights of two steps in one run;
+its lr schedule starts anew. A run resumed from its own checkpoint logs its
+tokens per step over the steps since the checkpoint."""
 from __future__ import annotations
 
-from transformers import AutoModelForCausalLM
+import shutil
+
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, TrainerCallback
 
 from lightning_opd.hparams import OPDParams
 from lightning_opd.lightning_opd import load_checked_cache
 from lightning_opd.modeling import load_tokenizer
-from lightning_opd.opd_trainer import OPDTrainer
+from lightning_opd.opd_trainer import OPDTrainer, opd_example
 from lightning_opd.provenance import describe_model
 from lightning_opd.training import (
     OPTIMIZER_STATE_DIR,
+    PadCollator,
     collator,
     save_final,
     train_with_resume,
     training_arguments,
 )
+from test_logprobs import tiny_qwen3
 
 # every step sees all 12 cached rollouts (one batch), so any split into runs sees the same data;
 # a large lr makes a fresh Adam's sign-sized first step far from a continued one
@@ -62,3 +70,53 @@ def test_a_missing_optimiser_state_is_refused_with_what_to_do(world, tmp_path):
     else:
         raise AssertionError("a missing optimiser state was not refused")
     assert not (tmp_path / "out").exists()
+
+
+class StepLRs(TrainerCallback):
+    """The lr each optimiser step takes."""
+
+    def __init__(self):
+        self.lrs = []
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        self.lrs.append(optimizer.param_groups[0]["lr"])
+
+
+def tiny_run(out, optimizer_state=None, resume=None) -> tuple[OPDTrainer, StepLRs]:
+    """8 random OPD rows on a tiny Qwen3, batch 4, 4 steps of a linear schedule, a log and a checkpoint
+    every 2 steps."""
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for i in range(8):
+        ids = torch.randint(2, 97, (4 + i % 3,), generator=generator).tolist()
+        rows.append(opd_example(ids[:2], ids[2:], (-3 * torch.rand(len(ids) - 2, generator=generator)).tolist()))
+    params = OPDParams(batch_size=4, max_steps=4, lr_scheduler_type="linear", learning_rate=1e-3, save_steps=2,
+                       logging_steps=2)
+    lrs = StepLRs()
+    trainer = OPDTrainer(model=tiny_qwen3(0), args=training_arguments(params, out), optimizer_state=optimizer_state,
+                         train_dataset=Dataset.from_list(rows), data_collator=PadCollator(0), callbacks=[lrs])
+    trainer.args.save_total_limit = None
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer, lrs
+
+
+def test_a_continued_training_starts_its_lr_schedule_anew(tmp_path):
+    """The optimiser state carries the lr where the earlier run's schedule ended (0 for a linear decay):
+    the continuing run's first step still takes its own lr(0)."""
+    first, first_lrs = tiny_run(tmp_path / "first")
+    state = tmp_path / "state"
+    state.mkdir()
+    first._save_optimizer_and_scheduler(str(state))  # what save_final keeps for the next round
+    _, continued_lrs = tiny_run(tmp_path / "continued", optimizer_state=state)
+    assert first_lrs.lrs == continued_lrs.lrs == [1e-3, 7.5e-4, 5e-4, 2.5e-4]
+
+
+def test_a_resumed_run_counts_its_tokens_per_step_from_its_checkpoint(tmp_path):
+    straight, _ = tiny_run(tmp_path / "straight")
+    shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
+    resumed, _ = tiny_run(tmp_path / "resumed", resume=str(tmp_path / "resumed" / "checkpoint-2"))
+
+    def per_step(trainer):
+        return {e["step"]: e["tokens_per_step"] for e in trainer.state.log_history if "tokens_per_step" in e}
+
+    assert per_step(resumed)[4] == per_step(straight)[4] > 0

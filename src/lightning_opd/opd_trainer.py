@@ -85,6 +85,16 @@ class ContinueOptimizer(TrainerCallback):
             load_optimizer_state(self.trainer, self.directory)
 
 
+class CountStepsFromStart(TrainerCallback):
+    """A resumed run's first log covers the steps since its checkpoint, not since step 0."""
+
+    def __init__(self, trainer: OPDTrainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._last_log_step = state.global_step
+
+
 class OPDTrainer(Trainer):
     """``drift_batches``: this process's share of the held-out sequences, as
     batches (every process gets as many); ``drift_every``: optimiser steps
@@ -111,6 +121,7 @@ class OPDTrainer(Trainer):
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._tokens = torch.zeros(2, dtype=torch.float64)  # (tokens, response tokens) since the last log
         self._last_log_step = 0
+        self.add_callback(CountStepsFromStart(self))
 
     def frozen(self, model):
         """A model this trainer only runs forward, sharded like the trained one under FSDP."""

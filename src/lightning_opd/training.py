@@ -444,6 +444,10 @@ def load_optimizer_state(trainer: Trainer, directory: Path) -> None:
     lr scheduler's: the continuing run's schedule starts anew), as the Trainer
     loads a checkpoint's: a file, or FSDP's sharded state."""
     require_optimizer_state(directory)
+    # a state dict carries each group's lr where the earlier run's schedule ended; the scheduler sets
+    # it again only after the first step, which must take this run's lr(0)
+    schedule = [{key: group[key] for key in ("lr", "initial_lr") if key in group}
+                for group in trainer.optimizer.param_groups]
     if trainer.is_fsdp_enabled:
         from accelerate.utils import load_fsdp_optimizer
 
@@ -452,6 +456,8 @@ def load_optimizer_state(trainer: Trainer, directory: Path) -> None:
     else:
         trainer.optimizer.load_state_dict(torch.load(directory / OPTIMIZER_NAME, map_location="cpu",
                                                      weights_only=True))
+    for group, keys in zip(trainer.optimizer.param_groups, schedule):
+        group.update(keys)
 
 
 def params_record(params: Any) -> dict[str, Any]:
