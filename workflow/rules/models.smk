@@ -4,7 +4,7 @@
 
 rule pretrain_teacher:
     input:
-        tokenizer=tokenizer_path(),
+        tokenizer=built(tokenizer_path()),
         task=f"{R}/data/teacher.parquet",
         code=code_inputs("pretrain_teacher"),
     output:
@@ -19,6 +19,7 @@ rule pretrain_teacher:
     resources:
         **rule_resources("pretrain_teacher"),
     params:
+        tokenizer=tokenizer_path(),
         style=lambda w: config["teachers"][w.teacher]["build"]["style"],
         arch=lambda w: js(config["teachers"][w.teacher]["build"]["arch"]),
         train=lambda w: js(config["teachers"][w.teacher]["build"]["train"]),
@@ -26,7 +27,7 @@ rule pretrain_teacher:
         cmd=command("pretrain_teacher"),
         tracking=lambda w: tracking("pretrain_teacher", f"teacher-{w.teacher}"),
     shell:
-        "{params.cmd} --tokenizer {input.tokenizer:q} --task-file {input.task:q} "
+        "{params.cmd} --tokenizer {params.tokenizer:q} --task-file {input.task:q} "
         "--corpus solutions --style {params.style:q} --arch {params.arch} --train {params.train} "
         "--label {wildcards.teacher:q} --out {output:q} --checkpoint-root {params.ckpt:q} --tracking {params.tracking} "
         "2>&1 | tee {log:q}"
@@ -34,7 +35,7 @@ rule pretrain_teacher:
 
 rule pretrain_student_base:
     input:
-        tokenizer=tokenizer_path(),
+        tokenizer=built(tokenizer_path()),
         task=f"{R}/data/teacher.parquet",
         code=code_inputs("pretrain_student_base"),
     output:
@@ -49,6 +50,7 @@ rule pretrain_student_base:
     resources:
         **rule_resources("pretrain_student_base"),
     params:
+        tokenizer=tokenizer_path(),
         corpus=config["student_base"].get("build", {}).get("corpus"),
         arch=js(config["student_base"].get("build", {}).get("arch")),
         train=js(config["student_base"].get("build", {}).get("train")),
@@ -56,7 +58,7 @@ rule pretrain_student_base:
         cmd=command("pretrain_student_base"),
         tracking=tracking("pretrain_student_base", "student_base"),
     shell:
-        "{params.cmd} --tokenizer {input.tokenizer:q} --task-file {input.task:q} "
+        "{params.cmd} --tokenizer {params.tokenizer:q} --task-file {input.task:q} "
         "--corpus {params.corpus:q} --arch {params.arch} --train {params.train} "
         "--label student_base --out {output:q} --checkpoint-root {params.ckpt:q} --tracking {params.tracking} "
         "2>&1 | tee {log:q}"

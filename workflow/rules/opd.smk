@@ -81,7 +81,7 @@ rule lightning_opd:
         cache=lightning_cache,
         share=lightning_share,
         reference=f"{R}/models/sft-{{sft_teacher}}",
-        drift_prompts=eval_data(next(iter(BENCHMARKS))),  # the first benchmark's problems
+        drift_prompts=drift_prompts_input(),
         code=code_inputs("lightning_opd"),
     output:
         directory(f"{R}/models/lightning{{variant}}-sft-{{sft_teacher}}_teacher-{{opd_teacher}}_seed-{{seed}}{{round}}"),
@@ -104,12 +104,13 @@ rule lightning_opd:
             "lightning_opd", opd_label(f"lightning{w.variant}", w.sft_teacher, w.opd_teacher, w.seed) + w.round
         ),
         drift_n=config["opd_drift"]["n_prompts"],
+        drift_prompts=lambda w, input: ["--drift-prompts", str(input.drift_prompts)] if input.drift_prompts else [],
         drift_tokens=config["opd_drift"]["max_new_tokens"],
         drift_every=config["opd_drift"].get("every_steps") or 0,
     shell:
         "{params.cmd} --init {input.init:q} --cache {input.cache:q} --opd {params.opd} "
         "--round {params.round:q} {params.share:q} --drift-reference {input.reference:q} "
-        "--out {output:q} --checkpoint-root {params.ckpt:q} --drift-prompts {input.drift_prompts:q} "
+        "--out {output:q} --checkpoint-root {params.ckpt:q} {params.drift_prompts:q} "
         "--drift-n {params.drift_n:q} --drift-max-new-tokens {params.drift_tokens:q} "
         "--drift-every {params.drift_every:q} --tracking {params.tracking} "
         "2>&1 | tee {log:q}"
@@ -219,7 +220,7 @@ rule standard_opd:
         init=f"{R}/models/sft-{{sft_teacher}}",
         teacher=lambda w: built(teacher_path(w.opd_teacher)),
         prompts=f"{R}/data/opd.parquet",
-        drift_prompts=eval_data(next(iter(BENCHMARKS))),  # the first benchmark's problems
+        drift_prompts=drift_prompts_input(),
         code=code_inputs("standard_opd"),
     output:
         directory(f"{R}/models/standard-sft-{{sft_teacher}}_teacher-{{opd_teacher}}_seed-{{seed}}"),
@@ -244,6 +245,7 @@ rule standard_opd:
         cmd=command("standard_opd"),
         tracking=lambda w: tracking("standard_opd", opd_label("standard", w.sft_teacher, w.opd_teacher, w.seed)),
         drift_n=config["opd_drift"]["n_prompts"],
+        drift_prompts=lambda w, input: ["--drift-prompts", str(input.drift_prompts)] if input.drift_prompts else [],
         drift_tokens=config["opd_drift"]["max_new_tokens"],
         drift_every=config["opd_drift"].get("every_steps") or 0,
     shell:
@@ -252,6 +254,6 @@ rule standard_opd:
         "--sampling {params.sampling} --sampler {params.sampler:q} --sampler-options {params.sampler_options} "
         "--prompt-template {params.template:q} "
         "--chat-template-kwargs {params.chat_template} --out {output:q} "
-        "--checkpoint-root {params.ckpt:q} --drift-prompts {input.drift_prompts:q} --drift-n {params.drift_n:q} "
+        "--checkpoint-root {params.ckpt:q} {params.drift_prompts:q} --drift-n {params.drift_n:q} "
         "--drift-max-new-tokens {params.drift_tokens:q} --drift-every {params.drift_every:q} "
         "--tracking {params.tracking} 2>&1 | tee {log:q}"
