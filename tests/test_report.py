@@ -3,6 +3,9 @@ on several benchmarks into a column per benchmark, and the OPD trainers' logs
 into both methods' tokens per optimiser step side by side."""
 import json
 import re
+import shlex
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
@@ -223,3 +226,28 @@ def test_trained_on_label_names_the_gpu_and_is_empty_without_a_record():
               "kernel_env": {}}
     assert trained_on_label({"trained_on": record}) == "cuda: NVIDIA H100 80GB HBM3 x 8"
     assert trained_on_label({"stage": "sft"}) == ""  # a hub model, or one trained before the record existed
+
+
+def test_a_manifest_past_the_argument_limit_reaches_the_report_through_stdin(tiny_run, tmp_path):
+    """Linux takes at most 128 KiB in one argument of an exec: the report rule pipes its manifest in, as here
+    with 200 KB more of it (a comparison config with six seeds gives ~180 KB)."""
+    from test_pipeline import ENV, snakemake
+
+    work, config = tiny_run
+    dry = snakemake("-n", "-p", *config, "--forcerun", "report", cwd=work).stdout
+    command = next(line for line in dry.splitlines() if "printf '%s' " in line and "lightning_opd.report" in line)
+    words = shlex.split(command[command.index("printf"):])
+    assert words[:2] == ["printf", "%s"] and words[3] == "|" and "--manifest" in words
+    assert words[words.index("--manifest") + 1] == "-"
+    manifest = {**json.loads(words[2]), "padding": "x" * 200_000}
+    config_json = words[words.index("--config") + 1]
+    report = [sys.executable, "-m", "lightning_opd.report", "--config", config_json]
+    script = tmp_path / "report.sh"
+    script.write_text(f"printf '%s' {shlex.quote(json.dumps(manifest))} | {shlex.join(report)} --manifest - "
+                      f"--out-dir {tmp_path / 'piped'}\n")
+    piped = subprocess.run(["bash", str(script)], cwd=work, env=ENV, capture_output=True, text=True, timeout=300)
+    assert piped.returncode == 0, piped.stderr[-2000:]
+    assert (tmp_path / "piped/table.md").read_text() == (work / "results/tiny/report/table.md").read_text()
+    with pytest.raises(OSError, match="Argument list too long"):  # what the argument would have met
+        subprocess.run([*report, "--manifest", json.dumps(manifest), "--out-dir", str(tmp_path / "argument")],
+                       cwd=work, env=ENV)

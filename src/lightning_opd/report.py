@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import html
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -393,11 +394,13 @@ def write_config(config: dict[str, Any], out_dir: Path, experiment: str) -> None
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--manifest", required=True, help="JSON: models, their evals and cost stages")
+    parser.add_argument("--manifest", required=True,
+                        help="JSON: models, their evals and cost stages; - reads it from stdin (a manifest of many "
+                             "runs passes Linux's 128 KiB limit on one command-line argument)")
     parser.add_argument("--config", required=True, help="JSON: the resolved pipeline config, written beside the tables")
     parser.add_argument("--out-dir", type=Path, required=True)
     args = parser.parse_args(argv)
-    manifest = json.loads(args.manifest)
+    manifest = json.loads(sys.stdin.read() if args.manifest == "-" else args.manifest)
     experiment = manifest["experiment"]
     kind = "GPU" if manifest["device_kind"] == "gpu" else "CPU core"
     models = model_table(manifest)

@@ -79,5 +79,7 @@ rule report:
         config=lambda w: js(config),  # a function: the prompt template's {problem} is no wildcard
         out_dir=lambda w, output: os.path.dirname(output.table_md),
     shell:
-        "{params.cmd} --manifest {params.manifest} --config {params.config} --out-dir {params.out_dir:q} "
+        # through stdin: one argument of an exec is at most 128 KiB, and a manifest of many seeds is more
+        # (printf is the shell's own; Snakemake runs a command this long as a script)
+        "printf '%s' {params.manifest} | {params.cmd} --manifest - --config {params.config} --out-dir {params.out_dir:q} "
         "> {log:q} 2>&1 && cat {output.table_md:q}"
