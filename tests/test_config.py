@@ -150,6 +150,8 @@ def test_variants_train_with_their_fields_and_rounds_stay_in_the_dag(tmp_path):
     ("runs={variants: [topk3]}", "runs.variants: ['topk3'] are not defined under lightning_variants"),
     ("lightning_variants={topk4: {top_k: 0}}", "lightning_variants.topk4: top_k: 0 is less than the minimum of 1"),
     ("teacher_cache={top_k: 8}", "lightning_variants.topk16: loss topk_reverse_kl over the teacher's top 16 tokens"),
+    ("lightning_variants={rounds2: {rounds: 1}}", "lightning_variants.rounds2: {'rounds': 1} leaves every field of "
+                                                  "lightning_opd as it is"),
 ])
 def test_a_bad_variant_is_refused_with_its_key(override, message, tmp_path):
     result = snakemake("-n", "--config", f"results_dir={tmp_path / 'results'}", override, check=False)

@@ -175,7 +175,10 @@ def main(argv: list[str] | None = None) -> None:
     carried = Path(args.init) / OPTIMIZER_STATE_DIR if args.round.index > 1 else None
     trainer = OPDTrainer(model=model, tau=params.tau, loss=params.loss, reference=reference,
                          drift_batches=drift_batches, drift_every=args.drift_every, optimizer_state=carried,
-                         args=training_arguments(params, checkpoint_dir(args.checkpoint_root, key), tracking),
+                         # the output in the key: two runs of one config (a variant equal to the main run)
+                         # must not share checkpoints, which each removes as it ends
+                         args=training_arguments(params, checkpoint_dir(args.checkpoint_root,
+                                                                        {**key, "out": str(args.out)}), tracking),
                          train_dataset=dataset,
                          data_collator=collator(params, tokenizer.pad_token_id))
     train_with_resume(trainer)

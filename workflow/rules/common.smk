@@ -338,6 +338,11 @@ def check_lightning_runs():
             raise WorkflowError(f"{where}: {at}: {error.message} (a variant takes the fields of lightning_opd)")
         k = fields.get("top_k") or cache_k
         runs_it = where == "lightning_opd" or where.partition(".")[2] in config["runs"].get("variants", [])
+        if runs_it and where != "lightning_opd" and fields == config["lightning_opd"]:
+            raise WorkflowError(
+                f"{where}: {changes or 'no change'} leaves every field of lightning_opd as it is: the variant would "
+                "train the main run's model again; change a field or remove it from runs.variants"
+            )
         if runs_it and fields.get("loss", "sampled") != "sampled" and not 1 <= k <= cache_k:
             raise WorkflowError(
                 f"{where}: loss {fields['loss']} over the teacher's top {k or 'k'} tokens needs a cache of them, "
