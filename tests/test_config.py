@@ -158,6 +158,21 @@ def test_a_bad_variant_is_refused_with_its_key(override, message, tmp_path):
     assert result.returncode != 0 and message in result.stdout + result.stderr, (result.stdout + result.stderr)[-800:]
 
 
+@pytest.mark.parametrize("override, message", [
+    ("lightning_opd={batch_size: 10, micro_batch_size: 4}",
+     "lightning_opd: batch_size 10 is not a multiple of micro_batch_size 4 x 1 process(es) of resources.train"),
+    ("lightning_opd={micro_batch_size: 6}",
+     "standard_opd: lightning_opd.micro_batch_size 6 counts sequences and every prompt gives standard_opd.sampling.n "
+     "= 4 of them"),
+    ("sft={train: {batch_size: 32, micro_batch_size: 12}}",
+     "sft.train: batch_size 32 is not a multiple of micro_batch_size 12"),
+    ("resources={train: {processes: 3}}", "lightning_opd: batch_size 64 is not a multiple of micro_batch_size 21 x 3"),
+])
+def test_a_batch_the_training_jobs_would_refuse_is_refused_before_any_job(override, message, tmp_path):
+    result = snakemake("-n", "--config", f"results_dir={tmp_path / 'results'}", override, check=False)
+    assert result.returncode != 0 and message in result.stdout + result.stderr, (result.stdout + result.stderr)[-800:]
+
+
 def test_an_unknown_loss_is_refused_with_the_key(tmp_path):
     result = snakemake("-n", "--config", f"results_dir={tmp_path / 'results'}", "lightning_opd={loss: topk_kl}",
                        check=False)

@@ -262,6 +262,48 @@ def training_memory(shape: Shape, train: dict[str, Any], seq_tokens: int, world:
     return parts, note
 
 
+def job_processes(config: dict[str, Any], kind: str) -> int:
+    """Processes of a job of ``kind`` (resources.<kind> over resources.default): one per GPU, or
+    ``processes`` on CPU, times its nodes."""
+    r = {**config["resources"]["default"], **config["resources"].get(kind, {})}
+    return (r.get("processes") or r["gpus"] or 1) * r.get("nodes", 1)
+
+
+def _split_error(where: str, train: dict[str, Any], processes: int, kind: str, unit: str = "") -> str | None:
+    """What training.accumulation would refuse in the job: a global batch that the micro-batches of all
+    processes do not divide."""
+    batch = train["batch_size"]
+    micro = train.get("micro_batch_size") or max(1, batch // processes)
+    if batch % (micro * processes):
+        return (f"{where}: batch_size {batch}{unit} is not a multiple of micro_batch_size {micro}{unit} x "
+                f"{processes} process(es) of resources.{kind}; change one of them")
+    return None
+
+
+def batch_errors(config: dict[str, Any]) -> list[str]:
+    """Every training whose batch cannot be split over its job's processes, found before any job runs
+    (the job would refuse it only after the stages before it)."""
+    checks = [(f"teachers.{name}.build.train", spec["build"]["train"], "pretrain")
+              for name, spec in config["teachers"].items() if "build" in spec]
+    if "build" in config["student_base"]:
+        checks.append(("student_base.build.train", config["student_base"]["build"]["train"], "pretrain"))
+    opd = config["lightning_opd"]
+    checks += [("sft.train", config["sft"]["train"], "train"), ("lightning_opd", opd, "train")]
+    checks += [(f"lightning_variants.{name}", {**opd, **config["lightning_variants"].get(name, {})}, "train")
+               for name in config["runs"].get("variants", [])]
+    errors = [e for where, train, kind in checks
+              if (e := _split_error(where, {"batch_size": 32, **train}, job_processes(config, kind), kind))]
+    if config["standard_opd"]["enabled"]:  # its micro-batch counts sequences, its batch prompts of n each
+        n, micro = config["standard_opd"]["sampling"].get("n", 1), opd.get("micro_batch_size")
+        if micro and micro % n:
+            errors.append(f"standard_opd: lightning_opd.micro_batch_size {micro} counts sequences and every prompt "
+                          f"gives standard_opd.sampling.n = {n} of them; make it a multiple of n")
+        elif error := _split_error("standard_opd", {**opd, "micro_batch_size": micro and micro // n},
+                                   job_processes(config, "train"), "train", " prompts"):
+            errors.append(error)
+    return errors
+
+
 class Planner:
     def __init__(self, config: dict[str, Any]):
         self.config = config
@@ -285,8 +327,7 @@ class Planner:
         return r["mem_mb"] / 1000 / self.processes(kind)
 
     def processes(self, kind: str) -> int:
-        r = self.resources(kind)
-        return (r.get("processes") or r["gpus"] or 1) * r.get("nodes", 1)
+        return job_processes(self.config, kind)
 
     def prompts(self, split: str) -> int:
         """Problems of a split; for `eval`, of all benchmarks together."""

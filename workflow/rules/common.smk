@@ -666,8 +666,10 @@ def plan_or_refuse():
     from snakemake.exceptions import WorkflowError
 
     sys.path.insert(0, str(SRC))
-    from lightning_opd.plan import PlanError, check, plan, report
+    from lightning_opd.plan import PlanError, batch_errors, check, plan, report
 
+    if errors := batch_errors(config):
+        raise WorkflowError("batches that the training jobs would refuse:\n  " + "\n  ".join(errors))
     try:
         plans = plan(config)
     except PlanError as error:  # a model the planner cannot size: say so, do not refuse
