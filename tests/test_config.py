@@ -371,3 +371,19 @@ def test_long_chains_config_plans_longer_chains_with_a_student_as_large_as_the_t
                     if "lightning_opd.pretrain" in line and "/models/student_base" in line)
     arch = json.loads(re.search(r"--arch '([^']*)'", pretrain).group(1))
     assert arch == config["teachers"]["A"]["build"]["arch"] != default["student_base"]["build"]["arch"]
+
+
+def test_long_training_config_trains_both_methods_and_every_variant_30_epochs_at_lr_3e_4(tmp_path):
+    """config/long_training.yaml (README, "Trained to convergence on the fixed rollouts"): the default with
+    240 OPD steps for standard OPD, Lightning OPD and each variant (every round's share included)."""
+    override = write_yaml(tmp_path / "o.yaml", {"results_dir": str(tmp_path / "results")})
+    result = snakemake("-n", "-p", "--configfile", "config/long_training.yaml", str(override))
+    jobs = planned_jobs(result.stdout)
+    assert jobs["lightning_opd"] == 9 and jobs["standard_opd"] == 1, jobs
+    trainings = [line for line in result.stdout.splitlines()
+                 if re.search(r"lightning_opd\.(lightning|standard)_opd ", line) and "--opd '" in line]
+    assert len(trainings) == 10
+    for line in trainings:
+        opd = json.loads(re.search(r"--opd '([^']*)'", line).group(1))
+        assert opd["epochs"] == 30 and opd["learning_rate"] == 3e-4, line[:200]
+    assert f"{tmp_path}/results/long_training/" in result.stdout
