@@ -160,10 +160,10 @@ def test_a_bad_variant_is_refused_with_its_key(override, message, tmp_path):
 
 @pytest.mark.parametrize("override, message", [
     ("lightning_opd={batch_size: 10, micro_batch_size: 4}",
-     "lightning_opd: batch_size 10 is not a multiple of micro_batch_size 4 x 1 process(es) of resources.train"),
+     "lightning_opd: batch_size 10 is not a multiple of micro_batch_size 4 x 1 processes (resources.train)"),
     ("lightning_opd={micro_batch_size: 6}",
-     "standard_opd: lightning_opd.micro_batch_size 6 counts sequences and every prompt gives standard_opd.sampling.n "
-     "= 4 of them"),
+     "standard_opd: --opd micro_batch_size (config lightning_opd.micro_batch_size) 6: standard OPD's micro-batch "
+     "counts sequences and every prompt gives n = 4 of them"),
     ("sft={train: {batch_size: 32, micro_batch_size: 12}}",
      "sft.train: batch_size 32 is not a multiple of micro_batch_size 12"),
     ("resources={train: {processes: 3}}", "lightning_opd: batch_size 64 is not a multiple of micro_batch_size 21 x 3"),

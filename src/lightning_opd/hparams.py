@@ -116,6 +116,28 @@ SAMPLER_ENGINE_DEFAULTS: dict[str, Any] = {"gpu_memory_utilization": 0.3, "enabl
                                            "max_num_batched_tokens": 4096}
 
 
+def accumulation(params: TrainParams, processes: int) -> tuple[int, int]:
+    """(micro-batch per process, accumulation steps) that make up the global
+    ``batch_size`` on ``processes`` processes."""
+    micro = params.micro_batch_size or max(1, params.batch_size // processes)
+    if params.batch_size % (micro * processes):
+        raise ValueError(f"batch_size {params.batch_size} is not a multiple of micro_batch_size {micro} "
+                         f"x {processes} processes")
+    return micro, params.batch_size // (micro * processes)
+
+
+def in_prompts(params: OPDParams, n: int) -> OPDParams:
+    """``params`` with ``micro_batch_size`` turned from sequences into the
+    prompts whose ``n`` samples make them up (standard OPD's dataset holds prompts)."""
+    if params.micro_batch_size is None:
+        return params
+    if params.micro_batch_size % n:
+        raise ValueError(f"--opd micro_batch_size (config lightning_opd.micro_batch_size) {params.micro_batch_size}: "
+                         f"standard OPD's micro-batch counts sequences and every prompt gives n = {n} of them "
+                         "(standard_opd.sampling.n); make it a multiple of n")
+    return dataclasses.replace(params, micro_batch_size=params.micro_batch_size // n)
+
+
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "hparams") -> T:
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - fields)

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lightning_opd.hparams import SAMPLER_ENGINE_DEFAULTS
+from lightning_opd.hparams import SAMPLER_ENGINE_DEFAULTS, OPDParams, TrainParams, accumulation, in_prompts
 
 GB = 1e9
 DEFAULT_GPU_MEM_GB = 80.0
@@ -269,38 +269,33 @@ def job_processes(config: dict[str, Any], kind: str) -> int:
     return (r.get("processes") or r["gpus"] or 1) * r.get("nodes", 1)
 
 
-def _split_error(where: str, train: dict[str, Any], processes: int, kind: str, unit: str = "") -> str | None:
-    """What training.accumulation would refuse in the job: a global batch that the micro-batches of all
-    processes do not divide."""
-    batch = train["batch_size"]
-    micro = train.get("micro_batch_size") or max(1, batch // processes)
-    if batch % (micro * processes):
-        return (f"{where}: batch_size {batch}{unit} is not a multiple of micro_batch_size {micro}{unit} x "
-                f"{processes} process(es) of resources.{kind}; change one of them")
-    return None
+def _params(cls, fields: dict[str, Any]):
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in fields.items() if k in names})
 
 
 def batch_errors(config: dict[str, Any]) -> list[str]:
-    """Every training whose batch cannot be split over its job's processes, found before any job runs
-    (the job would refuse it only after the stages before it)."""
-    checks = [(f"teachers.{name}.build.train", spec["build"]["train"], "pretrain")
+    """Every training whose batch the job would refuse (`accumulation`, `in_prompts`) only after the
+    stages before it: found before any job runs."""
+    checks = [(f"teachers.{name}.build.train", TrainParams, spec["build"]["train"], "pretrain")
               for name, spec in config["teachers"].items() if "build" in spec]
     if "build" in config["student_base"]:
-        checks.append(("student_base.build.train", config["student_base"]["build"]["train"], "pretrain"))
+        checks.append(("student_base.build.train", TrainParams, config["student_base"]["build"]["train"], "pretrain"))
     opd = config["lightning_opd"]
-    checks += [("sft.train", config["sft"]["train"], "train"), ("lightning_opd", opd, "train")]
-    checks += [(f"lightning_variants.{name}", {**opd, **config["lightning_variants"].get(name, {})}, "train")
+    checks += [("sft.train", TrainParams, config["sft"]["train"], "train"), ("lightning_opd", OPDParams, opd, "train")]
+    checks += [(f"lightning_variants.{name}", OPDParams, {**opd, **config["lightning_variants"].get(name, {})}, "train")
                for name in config["runs"].get("variants", [])]
-    errors = [e for where, train, kind in checks
-              if (e := _split_error(where, {"batch_size": 32, **train}, job_processes(config, kind), kind))]
-    if config["standard_opd"]["enabled"]:  # its micro-batch counts sequences, its batch prompts of n each
-        n, micro = config["standard_opd"]["sampling"].get("n", 1), opd.get("micro_batch_size")
-        if micro and micro % n:
-            errors.append(f"standard_opd: lightning_opd.micro_batch_size {micro} counts sequences and every prompt "
-                          f"gives standard_opd.sampling.n = {n} of them; make it a multiple of n")
-        elif error := _split_error("standard_opd", {**opd, "micro_batch_size": micro and micro // n},
-                                   job_processes(config, "train"), "train", " prompts"):
-            errors.append(error)
+    if config["standard_opd"]["enabled"]:
+        checks.append(("standard_opd", OPDParams, opd, "train"))
+    errors = []
+    for where, cls, fields, kind in checks:
+        try:
+            params = _params(cls, fields)
+            if where == "standard_opd":  # its batch counts prompts, its micro-batch sequences (n per prompt)
+                params = in_prompts(params, config["standard_opd"]["sampling"].get("n", 1))
+            accumulation(params, job_processes(config, kind))
+        except ValueError as error:
+            errors.append(f"{where}: {error} (resources.{kind})")
     return errors
 
 

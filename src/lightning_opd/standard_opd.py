@@ -26,7 +26,7 @@ import torch
 from datasets import Dataset
 
 from lightning_opd.artifacts import TASK_SCHEMA, read_table
-from lightning_opd.hparams import OPDParams, SamplingParams, from_dict, parse_hparams
+from lightning_opd.hparams import OPDParams, SamplingParams, from_dict, in_prompts, parse_hparams
 from lightning_opd.logprobs import response_logprobs
 from lightning_opd.modeling import (
     DEFAULT_PROMPT_TEMPLATE,
@@ -162,18 +162,6 @@ def live_prompts(tokenizer, prompts_path: Path, template: str, chat_template_kwa
     """The OPD prompts as the live student is asked them."""
     table, _ = read_table(prompts_path, TASK_SCHEMA)
     return [prompt_ids(tokenizer, p, template, chat_template_kwargs) for p in table.column("problem").to_pylist()]
-
-
-def in_prompts(params: OPDParams, n: int) -> OPDParams:
-    """``params`` with ``micro_batch_size`` turned from sequences into the
-    prompts whose ``n`` samples make them up (the trainer's dataset holds prompts)."""
-    if params.micro_batch_size is None:
-        return params
-    if params.micro_batch_size % n:
-        raise ValueError(f"--opd micro_batch_size (config lightning_opd.micro_batch_size) {params.micro_batch_size}: "
-                         f"standard OPD's micro-batch counts sequences and every prompt gives n = {n} of them "
-                         "(standard_opd.sampling.n); make it a multiple of n")
-    return dataclasses.replace(params, micro_batch_size=params.micro_batch_size // n)
 
 
 def main(argv: list[str] | None = None) -> None:

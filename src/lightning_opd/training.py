@@ -20,7 +20,7 @@ from transformers.trainer import OPTIMIZER_NAME
 from transformers.trainer_utils import get_last_checkpoint
 
 from lightning_opd.artifacts import atomic_path, check_writable, write_failure
-from lightning_opd.hparams import TrackingParams, TrainParams, parse_hparams
+from lightning_opd.hparams import TrackingParams, TrainParams, accumulation, parse_hparams
 from lightning_opd.provenance import PROVENANCE_FILE, TRAIN_LOG_FILE, key_digest
 
 IGNORE_INDEX = -100
@@ -147,16 +147,6 @@ def load_for_fsdp(name_or_path: str | Path, params: TrainParams, dtype: str = "f
 def frozen_dtype(params: TrainParams) -> str:
     """dtype of the models a trainer only runs forward (pi_ref, the live teacher)."""
     return "bfloat16" if params.bf16 else "float32"
-
-
-def accumulation(params: TrainParams, processes: int) -> tuple[int, int]:
-    """(micro-batch per process, accumulation steps) that make up the global
-    ``batch_size`` on ``processes`` processes."""
-    micro = params.micro_batch_size or max(1, params.batch_size // processes)
-    if params.batch_size % (micro * processes):
-        raise ValueError(f"batch_size {params.batch_size} is not a multiple of micro_batch_size {micro} "
-                         f"x {processes} processes")
-    return micro, params.batch_size // (micro * processes)
 
 
 def checkpoint_dir(root: Path | str, key: dict[str, Any]) -> Path:
