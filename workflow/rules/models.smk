@@ -19,7 +19,7 @@ rule pretrain_teacher:
     resources:
         **rule_resources("pretrain_teacher"),
     params:
-        tokenizer=lambda w, input: str(input.tokenizer) if input.tokenizer else tokenizer_path(),  # or a hub id
+        tokenizer=lambda w: tokenizer_path(),  # a built one or a hub id
         style=lambda w: config["teachers"][w.teacher]["build"]["style"],
         arch=lambda w: js(config["teachers"][w.teacher]["build"]["arch"]),
         train=lambda w: js(config["teachers"][w.teacher]["build"]["train"]),
@@ -50,7 +50,7 @@ rule pretrain_student_base:
     resources:
         **rule_resources("pretrain_student_base"),
     params:
-        tokenizer=lambda w, input: str(input.tokenizer) if input.tokenizer else tokenizer_path(),  # or a hub id
+        tokenizer=lambda w: tokenizer_path(),  # a built one or a hub id
         corpus=config["student_base"].get("build", {}).get("corpus"),
         arch=js(config["student_base"].get("build", {}).get("arch")),
         train=js(config["student_base"].get("build", {}).get("train")),
