@@ -251,3 +251,15 @@ def test_a_manifest_past_the_argument_limit_reaches_the_report_through_stdin(tin
     with pytest.raises(OSError, match="Argument list too long"):  # what the argument would have met
         subprocess.run([*report, "--manifest", json.dumps(manifest), "--out-dir", str(tmp_path / "argument")],
                        cwd=work, env=ENV)
+
+
+def test_a_manifest_that_is_not_json_is_refused_and_leaves_no_report(tmp_path, monkeypatch, capsys):
+    import io
+
+    from lightning_opd import report
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO('{"experiment": "x"'))  # cut short
+    with pytest.raises(SystemExit):
+        report.main(["--manifest", "-", "--config", "{}", "--out-dir", str(tmp_path / "report")])
+    assert "--manifest (stdin): not valid JSON" in capsys.readouterr().err
+    assert not (tmp_path / "report").exists()

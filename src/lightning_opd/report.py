@@ -400,7 +400,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", required=True, help="JSON: the resolved pipeline config, written beside the tables")
     parser.add_argument("--out-dir", type=Path, required=True)
     args = parser.parse_args(argv)
-    manifest = json.loads(sys.stdin.read() if args.manifest == "-" else args.manifest)
+    try:
+        manifest = json.loads(sys.stdin.read() if args.manifest == "-" else args.manifest)
+    except json.JSONDecodeError as error:
+        parser.error(f"--manifest{' (stdin)' if args.manifest == '-' else ''}: not valid JSON ({error})")
     experiment = manifest["experiment"]
     kind = "GPU" if manifest["device_kind"] == "gpu" else "CPU core"
     models = model_table(manifest)
