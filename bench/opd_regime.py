@@ -17,7 +17,9 @@ rollouts of the current student every 1/R of the steps, on 1/R of the
 prompts, one Adam throughout; ``round_policy=ref``: sampled by pi_ref
 instead, a control), ``adv`` (drop some negative advantages, weight
 tokens by min(1, pi_theta / pi_ref), or subtract the mean advantage) and ``embed`` (freeze or untie
-the tied embeddings). ``trace=K`` also prints avg@k after every K steps.
+the tied embeddings). ``trace=K`` also prints avg@k after every K steps. ``prompts`` beyond the
+experiment's OPD prompts are fresh draws of its task's generator (``held_out=exclude``: none of them a
+held-out problem).
 
 Every trial uses the project's OPD loss (`opd_loss`), AdamW (0.9, 0.98),
 weight decay 0.1, gradient clipping 1.0, constant lr, like the trainers.
@@ -74,6 +76,9 @@ class Trial:
     round_policy: str = "student"  # who samples a round's rollouts: the current student | ref: pi_ref (a control)
     teacher_t: float = 1.0  # the teacher's softmax temperature wherever it scores (both methods)
     trace: int = 0  # also print avg@k after every this many steps (0: only at the end)
+    # prompts > the experiment's: fresh ones from the task's generator, which may hit held-out problems (allow) or
+    # are redrawn until they do not (exclude)
+    held_out: str = "allow"
     seed: int = 0
 
     @classmethod
@@ -102,7 +107,8 @@ class Trial:
 LEAST = {"roll_t": 0.0, "roll_p": 0.0, "n": 1, "prompts": 1, "epochs": 0.0, "batch": 1, "lr": 0.0, "tau": 0.0,
          "rounds": 1, "teacher_t": 1e-6, "trace": 0, "seed": 0}
 CHOICES = {"method": ("lightning", "standard", "exact"), "adv": ("both", "pos", "fresh", "is", "center"),
-           "embed": ("train", "freeze", "untie"), "round_policy": ("student", "ref")}
+           "embed": ("train", "freeze", "untie"), "round_policy": ("student", "ref"),
+           "held_out": ("allow", "exclude")}
 
 
 STEP = re.compile(r"(-?\d+) ([+-]) (\d+) = (-?\d+)")
@@ -131,13 +137,19 @@ def avg_at_k(model, tokenizer, problems, answers, k: int) -> tuple[float, collec
     return sum(right) / len(right), errors
 
 
-def more_prompts(tokenizer, prompts: list, n: int, task: TaskParams) -> list:
+def more_prompts(tokenizer, prompts: list, n: int, task: TaskParams, held_out: set[str] | None = None) -> list:
     """``prompts`` if there are ``n``; else ``n`` fresh problems from the generator of the experiment's ``task``
-    (seed 123; they may repeat and may be in the held-out set, as the generator's space is small)."""
+    (seed 123; they may repeat, as the generator's space is small, and may be in the held-out set unless
+    ``held_out`` holds its problems, which are then skipped)."""
     if n <= len(prompts):
         return prompts
-    rng = random.Random(123)
-    return [prompt_ids(tokenizer, problem_text(make_problem(rng, task)[0])) for _ in range(n)]
+    rng, texts = random.Random(123), []
+    while len(texts) < n:
+        text = problem_text(make_problem(rng, task)[0])
+        if held_out is None or text not in held_out:
+            texts.append(text)
+    print(f"  {n} fresh prompts: {len(set(texts))} distinct, {len(set(texts) & (held_out or set()))} held out")
+    return [prompt_ids(tokenizer, text) for text in texts]
 
 
 def scaled(teacher, temperature: float, path: Path):
@@ -223,7 +235,7 @@ def traced(trial: Trial, trace, student, done: int, steps: int) -> None:
 
 
 def run(trial: Trial, experiment: Path, teacher, tokenizer, prompts, task: TaskParams, pad, stop,
-        trace: Callable[[torch.nn.Module, int], None]) -> tuple[torch.nn.Module, dict]:
+        trace: Callable[[torch.nn.Module, int], None], held_out: set[str]) -> tuple[torch.nn.Module, dict]:
     teacher = scaled(teacher, trial.teacher_t, experiment / "models/teacher-A")
     torch.manual_seed(trial.seed)
     student = load_model(experiment / "models/sft-A").train()
@@ -234,7 +246,8 @@ def run(trial: Trial, experiment: Path, teacher, tokenizer, prompts, task: TaskP
         student.lm_head.weight = torch.nn.Parameter(student.get_input_embeddings().weight.detach().clone())
     trained = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=trial.lr, betas=(0.9, 0.98), weight_decay=0.1)
-    prompts = more_prompts(tokenizer, prompts, trial.prompts, task)[:trial.prompts]
+    prompts = more_prompts(tokenizer, prompts, trial.prompts, task,
+                           held_out if trial.held_out == "exclude" else None)[:trial.prompts]
     rng = random.Random(trial.seed)
     sequences = len(prompts) * (1 if trial.method == "standard" else trial.n)
     steps = max(1, round(trial.epochs * sequences / trial.batch))
@@ -311,7 +324,8 @@ def main() -> None:
             print(f"  {text or 'defaults'} after step {done}: avg@{args.k} = {accuracy:.4f}, "
                   f"wrong answers: {dict(errors)}", flush=True)
 
-        model, info = run(trial, args.experiment, teacher, tokenizer, prompts, task, pad, stop, trace)
+        model, info = run(trial, args.experiment, teacher, tokenizer, prompts, task, pad, stop, trace,
+                          set(problems))
         accuracy, errors = avg_at_k(model, tokenizer, problems, answers, args.k)
         print(f"{text or 'defaults':<60} {info['steps']:>5} {info['kl_first']:>8.3f} {info['kl_last']:>8.3f} "
               f"{info['rej_first']:>9.2f} {info['rej_last']:>8.2f} {accuracy:>7.4f} {errors['arithmetic']:>5} "

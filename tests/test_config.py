@@ -387,3 +387,29 @@ def test_long_training_config_trains_both_methods_and_every_variant_30_epochs_at
         opd = json.loads(re.search(r"--opd '([^']*)'", line).group(1))
         assert opd["epochs"] == 30 and opd["learning_rate"] == 3e-4, line[:200]
     assert f"{tmp_path}/results/long_training/" in result.stdout
+
+
+def test_large_cache_config_gives_every_opd_run_240_steps_and_batch256_standard_opds_sequences_a_step(tmp_path):
+    """config/large_cache.yaml (README, "A larger cache closes the gap to standard OPD"): 4,096 OPD prompts; standard
+    OPD (64 prompts x n samples a step), Lightning OPD and topk16 (64 cached rollouts a step) and the variant batch256
+    (n x 64 rollouts a step: standard OPD's sequences) all train the same number of steps."""
+    override = write_yaml(tmp_path / "o.yaml", {"results_dir": str(tmp_path / "results")})
+    result = snakemake("-n", "-p", "--configfile", "config/large_cache.yaml", str(override))
+    jobs = planned_jobs(result.stdout)
+    assert jobs["lightning_opd"] == 3 and jobs["standard_opd"] == 1 and jobs["teacher_cache"] == 1, jobs
+    task = json.loads(re.search(r"lightning_opd\.task_data .*--hparams '([^']*)'", result.stdout).group(1))
+    sampling = re.search(r"lightning_opd\.standard_opd .*--sampling '([^']*)'", result.stdout).group(1)
+    n_samples = json.loads(sampling)["n"]
+    steps, sequences = {}, {}
+    for line in result.stdout.splitlines():
+        if match := re.search(r"lightning_opd\.(lightning|standard)_opd .*--opd '([^']*)'.*--out (\S+)", line):
+            method, opd, out = match.group(1), json.loads(match.group(2)), match.group(3)
+            steps[out] = opd["epochs"] * task["n_opd"] / opd["batch_size"]  # a row per prompt or cached rollout
+            sequences[out] = opd["batch_size"] * (n_samples if method == "standard" else 1)
+            assert opd["learning_rate"] == 3e-4, line[:200]
+    assert task["n_opd"] == 4096 and len(steps) == 4, steps
+    assert set(steps.values()) == {240}, steps
+    batch256 = next(out for out in sequences if "batch256" in out)
+    standard = next(out for out in sequences if "/standard" in out)
+    assert sequences[batch256] == sequences[standard] == 4 * 64, sequences
+    assert sorted(sequences.values()) == [64, 64, 256, 256], sequences
