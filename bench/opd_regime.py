@@ -17,9 +17,9 @@ rollouts of the current student every 1/R of the steps, on 1/R of the
 prompts, one Adam throughout; ``round_policy=ref``: sampled by pi_ref
 instead, a control), ``adv`` (drop some negative advantages, weight
 tokens by min(1, pi_theta / pi_ref), or subtract the mean advantage) and ``embed`` (freeze or untie
-the tied embeddings). ``trace=K`` also prints avg@k after every K steps. ``prompts`` beyond the
-experiment's OPD prompts are fresh draws of its task's generator (``held_out=exclude``: none of them a
-held-out problem).
+the tied embeddings). ``trace=K`` also prints avg@k after every K steps. ``prompts`` above the
+experiment's number of OPD prompts replaces them all by fresh draws of its task's generator
+(``held_out=exclude``: none of them a held-out problem).
 
 Every trial uses the project's OPD loss (`opd_loss`), AdamW (0.9, 0.98),
 weight decay 0.1, gradient clipping 1.0, constant lr, like the trainers.
@@ -137,18 +137,18 @@ def avg_at_k(model, tokenizer, problems, answers, k: int) -> tuple[float, collec
     return sum(right) / len(right), errors
 
 
-def more_prompts(tokenizer, prompts: list, n: int, task: TaskParams, held_out: set[str] | None = None) -> list:
-    """``prompts`` if there are ``n``; else ``n`` fresh problems from the generator of the experiment's ``task``
-    (seed 123; they may repeat, as the generator's space is small, and may be in the held-out set unless
-    ``held_out`` holds its problems, which are then skipped)."""
+def more_prompts(tokenizer, prompts: list, n: int, task: TaskParams, held_out: set[str], exclude: bool) -> list:
+    """``prompts`` if there are ``n``; else ``n`` fresh problems (not the experiment's ``prompts`` and more) from
+    the generator of the experiment's ``task`` (seed 123; they may repeat, as the generator's space is small, and
+    may be ``held_out`` problems unless ``exclude``, which redraws those)."""
     if n <= len(prompts):
         return prompts
     rng, texts = random.Random(123), []
     while len(texts) < n:
         text = problem_text(make_problem(rng, task)[0])
-        if held_out is None or text not in held_out:
+        if not (exclude and text in held_out):
             texts.append(text)
-    print(f"  {n} fresh prompts: {len(set(texts))} distinct, {len(set(texts) & (held_out or set()))} held out")
+    print(f"  {n} fresh prompts: {len(set(texts))} distinct, {len(set(texts) & held_out)} of them held out")
     return [prompt_ids(tokenizer, text) for text in texts]
 
 
@@ -246,8 +246,8 @@ def run(trial: Trial, experiment: Path, teacher, tokenizer, prompts, task: TaskP
         student.lm_head.weight = torch.nn.Parameter(student.get_input_embeddings().weight.detach().clone())
     trained = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=trial.lr, betas=(0.9, 0.98), weight_decay=0.1)
-    prompts = more_prompts(tokenizer, prompts, trial.prompts, task,
-                           held_out if trial.held_out == "exclude" else None)[:trial.prompts]
+    prompts = more_prompts(tokenizer, prompts, trial.prompts, task, held_out,
+                           exclude=trial.held_out == "exclude")[:trial.prompts]
     rng = random.Random(trial.seed)
     sequences = len(prompts) * (1 if trial.method == "standard" else trial.n)
     steps = max(1, round(trial.epochs * sequences / trial.batch))

@@ -400,6 +400,8 @@ def test_large_cache_config_gives_every_opd_run_240_steps_and_batch256_standard_
     task = json.loads(re.search(r"lightning_opd\.task_data .*--hparams '([^']*)'", result.stdout).group(1))
     sampling = re.search(r"lightning_opd\.standard_opd .*--sampling '([^']*)'", result.stdout).group(1)
     n_samples = json.loads(sampling)["n"]
+    rollouts = re.search(r"lightning_opd\.generate .*/rollouts/.*", result.stdout)
+    assert rollouts and json.loads(re.search(r"--sampling '([^']*)'", rollouts.group(0)).group(1))["n"] == 1
     steps, sequences = {}, {}
     for line in result.stdout.splitlines():
         if match := re.search(r"lightning_opd\.(lightning|standard)_opd .*--opd '([^']*)'.*--out (\S+)", line):
@@ -413,3 +415,5 @@ def test_large_cache_config_gives_every_opd_run_240_steps_and_batch256_standard_
     standard = next(out for out in sequences if "/standard" in out)
     assert sequences[batch256] == sequences[standard] == 4 * 64, sequences
     assert sorted(sequences.values()) == [64, 64, 256, 256], sequences
+    topk16 = next(line for line in result.stdout.splitlines() if "--opd '" in line and "topk16" in line)
+    assert '"loss": "topk_reverse_kl"' in topk16 and '"top_k": 16' in topk16
