@@ -148,7 +148,8 @@ def more_prompts(tokenizer, prompts: list, n: int, task: TaskParams, held_out: s
         text = problem_text(make_problem(rng, task)[0])
         if not (exclude and text in held_out):
             texts.append(text)
-    print(f"  {n} fresh prompts: {len(set(texts))} distinct, {len(set(texts) & held_out)} of them held out")
+    distinct = set(texts)
+    print(f"  {n} fresh prompts: {len(distinct)} distinct, {len(distinct & held_out)} of them held out")
     return [prompt_ids(tokenizer, text) for text in texts]
 
 
@@ -309,6 +310,7 @@ def main() -> None:
     prompts = [prompt_ids(tokenizer, p) for p in opd.column("problem").to_pylist()]
     tasks = read_table(args.experiment / "data/eval.parquet", TASK_SCHEMA)[0]
     problems, answers = tasks.column("problem").to_pylist(), tasks.column("answer").to_pylist()
+    held_out = set(problems)
     print(f"defaults: {Trial()}")
     if args.reference:
         for name in ("sft-A", "teacher-A"):
@@ -324,8 +326,7 @@ def main() -> None:
             print(f"  {text or 'defaults'} after step {done}: avg@{args.k} = {accuracy:.4f}, "
                   f"wrong answers: {dict(errors)}", flush=True)
 
-        model, info = run(trial, args.experiment, teacher, tokenizer, prompts, task, pad, stop, trace,
-                          set(problems))
+        model, info = run(trial, args.experiment, teacher, tokenizer, prompts, task, pad, stop, trace, held_out)
         accuracy, errors = avg_at_k(model, tokenizer, problems, answers, args.k)
         print(f"{text or 'defaults':<60} {info['steps']:>5} {info['kl_first']:>8.3f} {info['kl_last']:>8.3f} "
               f"{info['rej_first']:>9.2f} {info['rej_last']:>8.2f} {accuracy:>7.4f} {errors['arithmetic']:>5} "

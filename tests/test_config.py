@@ -390,7 +390,7 @@ def test_long_training_config_trains_both_methods_and_every_variant_30_epochs_at
 
 
 def test_large_cache_config_gives_every_opd_run_240_steps_and_batch256_standard_opds_sequences_a_step(tmp_path):
-    """config/large_cache.yaml (README, "A larger cache closes the gap to standard OPD"): 4,096 OPD prompts; standard
+    """config/large_cache.yaml (README, "A larger cache and larger steps close the gap"): 4,096 OPD prompts; standard
     OPD (64 prompts x n samples a step), Lightning OPD and topk16 (64 cached rollouts a step) and the variant batch256
     (n x 64 rollouts a step: standard OPD's sequences) all train the same number of steps."""
     override = write_yaml(tmp_path / "o.yaml", {"results_dir": str(tmp_path / "results")})

@@ -277,23 +277,25 @@ def _params(cls, fields: dict[str, Any]):
 def batch_errors(config: dict[str, Any]) -> list[str]:
     """Every training whose batch the job would refuse (`accumulation`, `in_prompts`) only after the
     stages before it: found before any job runs."""
-    checks = [(f"teachers.{name}.build.train", TrainParams, spec["build"]["train"], "pretrain")
+    # (where, params class, fields, job kind, samples per prompt: standard OPD's batch counts prompts, its
+    # micro-batch sequences; None elsewhere)
+    checks = [(f"teachers.{name}.build.train", TrainParams, spec["build"]["train"], "pretrain", None)
               for name, spec in config["teachers"].items() if "build" in spec]
     if "build" in config["student_base"]:
-        checks.append(("student_base.build.train", TrainParams, config["student_base"]["build"]["train"], "pretrain"))
+        checks.append(("student_base.build.train", TrainParams, config["student_base"]["build"]["train"], "pretrain",
+                       None))
     opd = config["lightning_opd"]
-    checks += [("sft.train", TrainParams, config["sft"]["train"], "train"), ("lightning_opd", OPDParams, opd, "train")]
-    checks += [(f"lightning_variants.{name}", OPDParams, {**opd, **config["lightning_variants"].get(name, {})}, "train")
-               for name in config["runs"].get("variants", [])]
+    checks += [("sft.train", TrainParams, config["sft"]["train"], "train", None),
+               ("lightning_opd", OPDParams, opd, "train", None)]
+    checks += [(f"lightning_variants.{name}", OPDParams, {**opd, **config["lightning_variants"].get(name, {})}, "train",
+                None) for name in config["runs"].get("variants", [])]
     if config["standard_opd"]["enabled"]:
-        checks.append(("standard_opd", OPDParams, opd, "train"))
+        checks.append(("standard_opd", OPDParams, opd, "train", config["standard_opd"]["sampling"].get("n", 1)))
     errors = []
-    for where, cls, fields, kind in checks:
+    for where, cls, fields, kind, per_prompt in checks:
         try:
             params = _params(cls, fields)
-            if where == "standard_opd":  # its batch counts prompts, its micro-batch sequences (n per prompt)
-                params = in_prompts(params, config["standard_opd"]["sampling"].get("n", 1))
-            accumulation(params, job_processes(config, kind))
+            accumulation(params if per_prompt is None else in_prompts(params, per_prompt), job_processes(config, kind))
         except ValueError as error:
             errors.append(f"{where}: {error} (resources.{kind})")
     return errors
