@@ -3,16 +3,16 @@
 # grows: for each prompt count N, writes N fresh OPD prompts (the generator of
 # the experiment's task, with its seed, as its data/opd.parquet records it) and runs
 # the four OPD modules of a finished experiment one at a time, with the
-# arguments the rules give them (the default config's OPD settings; the
-# paper's cache, top_k 0) and one thread each (Snakemake sets OMP_NUM_THREADS
-# to a job's threads), timing each with
-# /usr/bin/time. Prints the seconds per stage and Lightning / standard.
+# arguments the rules give them (the OPD settings of config/short_opd.yaml,
+# the previous default: 2 epochs in steps of 64; the paper's cache, top_k 0)
+# and one thread each (Snakemake sets OMP_NUM_THREADS to a job's threads),
+# timing each with /usr/bin/time. Prints the seconds per stage and Lightning / standard.
 # Run it with the project's environment on PATH (`make env`, then
 # `source .venv/bin/activate`), on an otherwise idle machine. For timing
 # only: the task's generator draws every split from one seed, so N > 512
 # prompts include the held-out problems.
 #
-#   bench/opd_stage_cost.sh results/default 512 2048
+#   bench/opd_stage_cost.sh results/short_opd 512 2048
 set -euo pipefail
 [[ $# -ge 2 ]] || { echo "usage: $0 RESULTS_DIR N [N ...]" >&2; exit 2; }
 results=$(realpath "$1"); shift

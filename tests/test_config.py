@@ -87,10 +87,10 @@ def test_scientific_notation_and_other_typed_values_in_nested_config(tmp_path):
 
 
 def test_a_nested_override_reruns_what_it_changes(tiny_run):
-    """The same value written as 1e-4 in --config and as 1.0e-4 in the config: nothing to do."""
+    """The same value written as 6e-4 in --config and as 6.0e-4 in the config: nothing to do."""
     work, config = tiny_run
     assert (
-        planned_jobs(snakemake("-n", *config, "--config", "lightning_opd={learning_rate: 1e-4}", cwd=work).stdout) == {}
+        planned_jobs(snakemake("-n", *config, "--config", "lightning_opd={learning_rate: 6e-4}", cwd=work).stdout) == {}
     )
 
 
@@ -158,18 +158,19 @@ def test_a_bad_variant_is_refused_with_its_key(override, message, tmp_path):
     assert result.returncode != 0 and message in result.stdout + result.stderr, (result.stdout + result.stderr)[-800:]
 
 
-@pytest.mark.parametrize("override, message", [
-    ("lightning_opd={batch_size: 10, micro_batch_size: 4}",
+@pytest.mark.parametrize("overrides, message", [
+    (["lightning_opd={batch_size: 10, micro_batch_size: 4}"],
      "lightning_opd: batch_size 10 is not a multiple of micro_batch_size 4 x 1 processes (resources.train)"),
-    ("lightning_opd={micro_batch_size: 6}",
+    (["lightning_opd={batch_size: 240, micro_batch_size: 6}", "standard_opd={sampling: {n: 4}}"],
      "standard_opd: --opd micro_batch_size (config lightning_opd.micro_batch_size) 6: standard OPD's micro-batch "
      "counts sequences and every prompt gives n = 4 of them"),
-    ("sft={train: {batch_size: 32, micro_batch_size: 12}}",
+    (["sft={train: {batch_size: 32, micro_batch_size: 12}}"],
      "sft.train: batch_size 32 is not a multiple of micro_batch_size 12"),
-    ("resources={train: {processes: 3}}", "lightning_opd: batch_size 64 is not a multiple of micro_batch_size 21 x 3"),
+    (["resources={train: {processes: 3}}"],
+     "lightning_opd: batch_size 256 is not a multiple of micro_batch_size 85 x 3"),
 ])
-def test_a_batch_the_training_jobs_would_refuse_is_refused_before_any_job(override, message, tmp_path):
-    result = snakemake("-n", "--config", f"results_dir={tmp_path / 'results'}", override, check=False)
+def test_a_batch_the_training_jobs_would_refuse_is_refused_before_any_job(overrides, message, tmp_path):
+    result = snakemake("-n", "--config", f"results_dir={tmp_path / 'results'}", *overrides, check=False)
     assert result.returncode != 0 and message in result.stdout + result.stderr, (result.stdout + result.stderr)[-800:]
 
 
@@ -389,6 +390,47 @@ def test_long_training_config_trains_both_methods_and_every_variant_30_epochs_at
     assert f"{tmp_path}/results/long_training/" in result.stdout
 
 
+def opd_trainings(dry_run_output: str) -> dict[str, dict]:
+    """Every OPD training job of a dry run by its output: method, optimiser steps, sequences and prompts a step, lr
+    (one row per OPD prompt or cached rollout: the rollouts sample n = 1)."""
+    task = json.loads(re.search(r"lightning_opd\.task_data .*--hparams '([^']*)'", dry_run_output).group(1))
+    rollouts = re.search(r"lightning_opd\.generate .*/rollouts/.*", dry_run_output)
+    assert rollouts and json.loads(re.search(r"--sampling '([^']*)'", rollouts.group(0)).group(1))["n"] == 1
+    sampling = re.search(r"lightning_opd\.standard_opd .*--sampling '([^']*)'", dry_run_output).group(1)
+    n_samples = json.loads(sampling)["n"]
+    runs = {}
+    for line in dry_run_output.splitlines():
+        if match := re.search(r"lightning_opd\.(lightning|standard)_opd .*--opd '([^']*)'.*--out (\S+)", line):
+            method, opd, out = match.group(1), json.loads(match.group(2)), match.group(3)
+            samples = n_samples if method == "standard" else 1
+            runs[out] = {"method": method, "steps": opd["epochs"] * task["n_opd"] / opd["batch_size"],
+                         "sequences": opd["batch_size"] * samples, "prompts": opd["batch_size"],
+                         "lr": opd["learning_rate"], "loss": opd.get("loss"), "top_k": opd.get("top_k"),
+                         "n_opd": task["n_opd"]}
+    return runs
+
+
+def test_the_default_trains_both_methods_the_papers_steps_on_the_same_prompts_and_sequences_a_step(tmp_path):
+    """The embedded default (README, "Results of the default experiment"): 4,096 OPD prompts, and standard OPD,
+    Lightning OPD and the top-k variants train 120 steps of 256 prompts, 256 sequences each (standard OPD samples
+    n = 1 live response per prompt), at lr 6e-4; config/short_opd.yaml keeps the previous default's 16 steps of
+    64 prompts (x 4 live samples for standard OPD) at lr 1e-4."""
+    override = write_yaml(tmp_path / "o.yaml", {"results_dir": str(tmp_path / "results")})
+    runs = opd_trainings(snakemake("-n", "-p", "--configfile", str(override)).stdout)
+    single_round = {out: run for out, run in runs.items() if "rounds" not in out}
+    assert sorted(run["method"] for run in single_round.values()) == ["lightning"] * 3 + ["standard"], runs
+    for out, run in single_round.items():
+        shape = (run["n_opd"], run["steps"], run["prompts"], run["sequences"], run["lr"])
+        assert shape == (4096, 120, 256, 256, 6e-4), (out, run)
+    assert sorted(run["top_k"] or 0 for run in single_round.values()) == [0, 0, 4, 16]
+    short = opd_trainings(snakemake("-n", "-p", "--configfile", "config/short_opd.yaml", str(override)).stdout)
+    standard = next(run for run in short.values() if run["method"] == "standard")
+    lightning = next(run for out, run in short.items() if "/lightning-sft-" in out)
+    assert (standard["n_opd"], standard["steps"], standard["prompts"], standard["sequences"], standard["lr"]) == \
+        (512, 16, 64, 256, 1e-4), standard
+    assert (lightning["steps"], lightning["prompts"], lightning["sequences"]) == (16, 64, 64), lightning
+
+
 def test_large_cache_config_gives_every_opd_run_240_steps_and_batch256_standard_opds_sequences_a_step(tmp_path):
     """config/large_cache.yaml (README, "A larger cache and larger steps close the gap"): 4,096 OPD prompts; standard
     OPD (64 prompts x n samples a step), Lightning OPD and topk16 (64 cached rollouts a step) and the variant batch256
@@ -397,23 +439,12 @@ def test_large_cache_config_gives_every_opd_run_240_steps_and_batch256_standard_
     result = snakemake("-n", "-p", "--configfile", "config/large_cache.yaml", str(override))
     jobs = planned_jobs(result.stdout)
     assert jobs["lightning_opd"] == 3 and jobs["standard_opd"] == 1 and jobs["teacher_cache"] == 1, jobs
-    task = json.loads(re.search(r"lightning_opd\.task_data .*--hparams '([^']*)'", result.stdout).group(1))
-    sampling = re.search(r"lightning_opd\.standard_opd .*--sampling '([^']*)'", result.stdout).group(1)
-    n_samples = json.loads(sampling)["n"]
-    rollouts = re.search(r"lightning_opd\.generate .*/rollouts/.*", result.stdout)
-    assert rollouts and json.loads(re.search(r"--sampling '([^']*)'", rollouts.group(0)).group(1))["n"] == 1
-    steps, sequences = {}, {}
-    for line in result.stdout.splitlines():
-        if match := re.search(r"lightning_opd\.(lightning|standard)_opd .*--opd '([^']*)'.*--out (\S+)", line):
-            method, opd, out = match.group(1), json.loads(match.group(2)), match.group(3)
-            steps[out] = opd["epochs"] * task["n_opd"] / opd["batch_size"]  # a row per prompt or cached rollout
-            sequences[out] = opd["batch_size"] * (n_samples if method == "standard" else 1)
-            assert opd["learning_rate"] == 3e-4, line[:200]
-    assert task["n_opd"] == 4096 and len(steps) == 4, steps
-    assert set(steps.values()) == {240}, steps
-    batch256 = next(out for out in sequences if "batch256" in out)
-    standard = next(out for out in sequences if "/standard" in out)
-    assert sequences[batch256] == sequences[standard] == 4 * 64, sequences
-    assert sorted(sequences.values()) == [64, 64, 256, 256], sequences
-    topk16 = next(line for line in result.stdout.splitlines() if "--opd '" in line and "topk16" in line)
-    assert '"loss": "topk_reverse_kl"' in topk16 and '"top_k": 16' in topk16
+    runs = opd_trainings(result.stdout)
+    assert len(runs) == 4 and {run["n_opd"] for run in runs.values()} == {4096}, runs
+    assert {run["steps"] for run in runs.values()} == {240} and {run["lr"] for run in runs.values()} == {3e-4}, runs
+    batch256 = next(run for out, run in runs.items() if "batch256" in out)
+    standard = next(run for out, run in runs.items() if "/standard" in out)
+    assert batch256["sequences"] == standard["sequences"] == 4 * 64, runs
+    assert sorted(run["sequences"] for run in runs.values()) == [64, 64, 256, 256], runs
+    topk16 = next(run for out, run in runs.items() if "topk16" in out)
+    assert (topk16["loss"], topk16["top_k"]) == ("topk_reverse_kl", 16)

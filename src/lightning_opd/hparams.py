@@ -22,7 +22,7 @@ class TaskParams:
     seed: int = 0
     n_teacher: int = 4000
     n_sft: int = 800
-    n_opd: int = 512
+    n_opd: int = 4096
     n_eval: int = 200
     min_operands: int = 2
     max_operands: int = 4
@@ -83,15 +83,15 @@ class SamplingParams:
 @dataclasses.dataclass
 class OPDParams(TrainParams):
     # the paper's optimiser (Adam 0.9/0.98, weight decay 0.1, constant lr) with an lr for the tiny models
-    learning_rate: float = 1e-4
+    learning_rate: float = 6e-4
     lr_scheduler_type: str = "constant"
     warmup_ratio: float = 0.0
     weight_decay: float = 0.1
     adam_beta2: float = 0.98
-    batch_size: int = 64
-    epochs: float = 2.0
-    save_steps: int = 4
-    logging_steps: int = 2
+    batch_size: int = 256
+    epochs: float = 7.5
+    save_steps: int = 20
+    logging_steps: int = 8
     # None turns the advantage clipping of Algorithm 1 off (as in the public code); `sampled` loss only.
     tau: float | None = 1.0
     allow_teacher_mismatch: bool = False
