@@ -81,6 +81,25 @@ def test_default_dag_dry_run(tmp_path):
     assert not (tmp_path / "results").exists()
 
 
+def test_the_longest_chains_are_scheduled_first(tmp_path):
+    """A 4-round run is the DAG's longest path (rollouts, cache, then 10 jobs one after the other):
+    it and what it needs go before the other OPD jobs, the 2-round run next."""
+    override = write_yaml(tmp_path / "o.yaml", {"results_dir": str(tmp_path / "results")})
+    dry_run = snakemake("-n", "--configfile", str(override)).stdout
+    priority = {}
+    for block in re.split(r"^\[.*\]$", dry_run, flags=re.MULTILINE):  # a job's lines follow its time stamp
+        output = re.search(r"^\s+output: (\S+?),?$", block, re.MULTILINE)
+        if output:
+            found = re.search(r"^\s+priority: (\d+)$", block, re.MULTILINE)
+            priority[Path(output.group(1)).name] = int(found.group(1)) if found else 0
+    run = "sft-A_teacher-A_seed-0"
+    assert priority["sft-A.parquet"] == priority["sft-A_teacher-A.parquet"] == 4
+    assert priority[f"lightning-rounds4-{run}_round-1"] == priority[f"lightning-rounds4-{run}_round-3.parquet"] == 4
+    assert priority[f"lightning-rounds2-{run}_round-1"] == priority[f"lightning-rounds2-{run}"] == 2
+    assert priority[f"lightning-{run}"] == priority[f"lightning-topk16-{run}"] == 1
+    assert priority[f"standard-{run}"] == priority["sft-A"] == 0
+
+
 def test_lint_is_clean():
     result = snakemake("--lint", check=False)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -390,6 +390,12 @@ def rounds_of(w):
     return LIGHTNING[w.variant].get("rounds", 1)
 
 
+# Scheduling priority of the rules on the DAG's longest path (`priority:`, highest first): an R-round
+# Lightning OPD run is a chain of 3R - 2 jobs after the cache, so the cache, its rollouts and the
+# longest chains start first and run beside the other OPD jobs instead of alone at the end.
+CHAIN_PRIORITY = max(run.get("rounds", 1) for run in LIGHTNING.values())
+
+
 def round_index(w):
     """The round a Lightning OPD job trains: the last one for the run's model, I for <model>_round-<I>."""
     if not w.round:

@@ -17,6 +17,7 @@ rule rollouts:
     conda:
         "../envs/gen.yaml"
     threads: rule_threads("rollouts")
+    priority: CHAIN_PRIORITY
     resources:
         **rule_resources("rollouts"),
     params:
@@ -53,6 +54,7 @@ rule teacher_cache:
     conda:
         "../envs/gen.yaml"
     threads: rule_threads("teacher_cache")
+    priority: CHAIN_PRIORITY
     resources:
         **rule_resources("teacher_cache"),
     params:
@@ -92,6 +94,7 @@ rule lightning_opd:
     conda:
         "../envs/train.yaml"
     threads: rule_threads("lightning_opd")
+    priority: rounds_of  # CHAIN_PRIORITY in common.smk says why
     resources:
         **rule_resources("lightning_opd"),
     params:
@@ -159,6 +162,7 @@ rule round_rollouts:
     conda:
         "../envs/gen.yaml"
     threads: rule_threads("round_rollouts")
+    priority: rounds_of  # as lightning_opd's
     resources:
         **rule_resources("round_rollouts"),
     params:
@@ -194,6 +198,7 @@ rule round_teacher_cache:
     conda:
         "../envs/gen.yaml"
     threads: rule_threads("round_teacher_cache")
+    priority: rounds_of  # as lightning_opd's
     resources:
         **rule_resources("round_teacher_cache"),
     params:
