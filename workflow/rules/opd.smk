@@ -14,10 +14,10 @@ rule rollouts:
         logfile("rollouts", gen_job("rollouts", "{sft_teacher}")),
     benchmark:
         bench("rollouts", gen_job("rollouts", "{sft_teacher}"))
+    priority: CHAIN_PRIORITY
     conda:
         "../envs/gen.yaml"
     threads: rule_threads("rollouts")
-    priority: CHAIN_PRIORITY
     resources:
         **rule_resources("rollouts"),
     params:
@@ -51,10 +51,10 @@ rule teacher_cache:
         logfile("teacher_cache", gen_job("teacher_cache", "sft-{sft_teacher}_teacher-{opd_teacher}")),
     benchmark:
         bench("teacher_cache", gen_job("teacher_cache", "sft-{sft_teacher}_teacher-{opd_teacher}"))
+    priority: CHAIN_PRIORITY
     conda:
         "../envs/gen.yaml"
     threads: rule_threads("teacher_cache")
-    priority: CHAIN_PRIORITY
     resources:
         **rule_resources("teacher_cache"),
     params:
@@ -91,10 +91,10 @@ rule lightning_opd:
         logfile("lightning_opd", "sft-{sft_teacher}_teacher-{opd_teacher}_seed-{seed}{variant}{round}"),
     benchmark:
         bench("lightning_opd", "sft-{sft_teacher}_teacher-{opd_teacher}_seed-{seed}{variant}{round}")
+    priority: rounds_of  # CHAIN_PRIORITY in common.smk says why
     conda:
         "../envs/train.yaml"
     threads: rule_threads("lightning_opd")
-    priority: rounds_of  # CHAIN_PRIORITY in common.smk says why
     resources:
         **rule_resources("lightning_opd"),
     params:
@@ -159,10 +159,10 @@ rule round_rollouts:
         logfile("round_rollouts", ROUND_RUN),
     benchmark:
         bench("round_rollouts", ROUND_RUN)
+    priority: rounds_of  # as lightning_opd's
     conda:
         "../envs/gen.yaml"
     threads: rule_threads("round_rollouts")
-    priority: rounds_of  # as lightning_opd's
     resources:
         **rule_resources("round_rollouts"),
     params:
@@ -195,10 +195,10 @@ rule round_teacher_cache:
         logfile("round_teacher_cache", ROUND_RUN),
     benchmark:
         bench("round_teacher_cache", ROUND_RUN)
+    priority: rounds_of  # as lightning_opd's
     conda:
         "../envs/gen.yaml"
     threads: rule_threads("round_teacher_cache")
-    priority: rounds_of  # as lightning_opd's
     resources:
         **rule_resources("round_teacher_cache"),
     params:
