@@ -10,8 +10,8 @@
 #   --regime short_opd (the default of this script): config/short_opd.yaml, the
 #     previous default: 2 epochs in steps of 64, standard OPD samples 4 per
 #     prompt; the paper's cache, top_k 0;
-#   --regime default: config/config.yaml: 7.5 epochs in steps of 256 at lr 6e-4
-#     (120 steps for N = 4096, the default's prompts), standard OPD samples 1 per
+#   --regime default: config/config.yaml: 3.75 epochs in steps of 256 at lr 6e-4
+#     (120 steps for N = 8192, the default's prompts), standard OPD samples 1 per
 #     prompt; the default's cache, top_k 16.
 # Run it with the project's environment on PATH (`make env`, then
 # `source .venv/bin/activate`), on an otherwise idle machine; on a GPU the
@@ -20,7 +20,7 @@
 # N prompts beyond the experiment's include the held-out problems.
 #
 #   bench/opd_stage_cost.sh results/short_opd 512 2048
-#   bench/opd_stage_cost.sh --regime default results/default 4096
+#   bench/opd_stage_cost.sh --regime default results/default 8192
 set -euo pipefail
 regime=short_opd
 if [[ ${1:-} == --regime ]]; then regime=${2:-}; shift 2 || true; fi
@@ -49,7 +49,7 @@ trap 'exit 143' TERM
 trap '[[ -n ${BENCH_LOG_DIR:-} ]] && mkdir -p "$BENCH_LOG_DIR" && cp "$work"/*.log "$BENCH_LOG_DIR"/ 2>/dev/null; rm -rf "$work"' EXIT
 export OMP_NUM_THREADS=1
 if [[ $regime == default ]]; then
-  opd='{"adam_beta1": 0.9, "adam_beta2": 0.98, "allow_teacher_mismatch": false, "batch_size": 256, "epochs": 7.5,
+  opd='{"adam_beta1": 0.9, "adam_beta2": 0.98, "allow_teacher_mismatch": false, "batch_size": 256, "epochs": 3.75,
     "learning_rate": 0.0006, "logging_steps": 8, "lr_scheduler_type": "constant", "save_steps": 20, "seed": 0,
     "tau": 1.0, "warmup_ratio": 0.0, "weight_decay": 0.1}'
   samples=1 top_k=16

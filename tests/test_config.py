@@ -411,7 +411,7 @@ def opd_trainings(dry_run_output: str) -> dict[str, dict]:
 
 
 def test_the_default_trains_both_methods_the_papers_steps_on_the_same_prompts_and_sequences_a_step(tmp_path):
-    """The embedded default (README, "Results of the default experiment"): 4,096 OPD prompts, and standard OPD,
+    """The embedded default (README, "Results of the default experiment"): 8,192 OPD prompts, and standard OPD,
     Lightning OPD and the top-k variants train 120 steps of 256 prompts, 256 sequences each (standard OPD samples
     n = 1 live response per prompt), at lr 6e-4; config/short_opd.yaml keeps the previous default's 16 steps of
     64 prompts (x 4 live samples for standard OPD) at lr 1e-4."""
@@ -421,7 +421,7 @@ def test_the_default_trains_both_methods_the_papers_steps_on_the_same_prompts_an
     assert sorted(run["method"] for run in single_round.values()) == ["lightning"] * 3 + ["standard"], runs
     for out, run in single_round.items():
         shape = (run["n_opd"], run["steps"], run["prompts"], run["sequences"], run["lr"])
-        assert shape == (4096, 120, 256, 256, 6e-4), (out, run)
+        assert shape == (8192, 120, 256, 256, 6e-4), (out, run)
     assert sorted(run["top_k"] or 0 for run in single_round.values()) == [0, 0, 4, 16]
     short = opd_trainings(snakemake("-n", "-p", "--configfile", "config/short_opd.yaml", str(override)).stdout)
     standard = next(run for run in short.values() if run["method"] == "standard")

@@ -22,7 +22,7 @@ class TaskParams:
     seed: int = 0
     n_teacher: int = 4000
     n_sft: int = 800
-    n_opd: int = 4096
+    n_opd: int = 8192
     n_eval: int = 200
     min_operands: int = 2
     max_operands: int = 4
@@ -89,7 +89,7 @@ class OPDParams(TrainParams):
     weight_decay: float = 0.1
     adam_beta2: float = 0.98
     batch_size: int = 256
-    epochs: float = 7.5
+    epochs: float = 3.75
     save_steps: int = 20
     logging_steps: int = 8
     # None turns the advantage clipping of Algorithm 1 off (as in the public code); `sampled` loss only.
