@@ -49,16 +49,13 @@ trap 'exit 143' TERM
 trap '[[ -n ${BENCH_LOG_DIR:-} ]] && mkdir -p "$BENCH_LOG_DIR" && cp "$work"/*.log "$BENCH_LOG_DIR"/ 2>/dev/null; rm -rf "$work"' EXIT
 export OMP_NUM_THREADS=1
 if [[ $regime == default ]]; then
-  opd='{"adam_beta1": 0.9, "adam_beta2": 0.98, "allow_teacher_mismatch": false, "batch_size": 256, "epochs": 3.75,
-    "learning_rate": 0.0006, "logging_steps": 8, "lr_scheduler_type": "constant", "save_steps": 20, "seed": 0,
-    "tau": 1.0, "warmup_ratio": 0.0, "weight_decay": 0.1}'
-  samples=1 top_k=16
+  batch=256 epochs=3.75 lr=0.0006 log_steps=8 save_steps=20 samples=1 top_k=16
 else
-  opd='{"adam_beta1": 0.9, "adam_beta2": 0.98, "allow_teacher_mismatch": false, "batch_size": 64, "epochs": 2,
-    "learning_rate": 0.0001, "logging_steps": 2, "lr_scheduler_type": "constant", "save_steps": 4, "seed": 0,
-    "tau": 1.0, "warmup_ratio": 0.0, "weight_decay": 0.1}'
-  samples=4 top_k=0
+  batch=64 epochs=2 lr=0.0001 log_steps=2 save_steps=4 samples=4 top_k=0
 fi
+opd="{\"adam_beta1\": 0.9, \"adam_beta2\": 0.98, \"allow_teacher_mismatch\": false, \"batch_size\": $batch,
+  \"epochs\": $epochs, \"learning_rate\": $lr, \"logging_steps\": $log_steps, \"lr_scheduler_type\": \"constant\",
+  \"save_steps\": $save_steps, \"seed\": 0, \"tau\": 1.0, \"warmup_ratio\": 0.0, \"weight_decay\": 0.1}"
 lightning=${opd%\}}', "loss": "sampled", "top_k": null}'
 drift=(--drift-prompts "$results/data/eval.parquet" --drift-n 64 --drift-max-new-tokens 128 --drift-every 0)
 tracking() { printf '{"log_dir": "%s", "project": "bench", "report_to": [], "run_name": "%s"}' "$work/tracking/$1" "$1"; }
