@@ -437,15 +437,12 @@ def test_comparison_runs_its_grid_in_the_defaults_regime(tmp_path):
     variants."""
     override = write_yaml(tmp_path / "o.yaml", {"results_dir": str(tmp_path / "results")})
     grid = opd_trainings(snakemake("-n", "-p", "--configfile", "config/comparison.yaml", str(override)).stdout)
-    assert len(grid) == 24, sorted(grid)
-    for method in ("lightning", "standard"):
-        for sft in "AB":
-            for teacher in "AB":
-                for seed in range(3):
-                    name = f"{method}-sft-{sft}_teacher-{teacher}_seed-{seed}"
-                    run = next(run for out, run in grid.items() if out.rstrip("/").endswith(name))
-                    assert (run["n_opd"], run["steps"], run["prompts"], run["sequences"], run["lr"]) == \
-                        (8192, 120, 256, 256, 6e-4), (name, run)
+    names = {out.rstrip("/").rsplit("/", 1)[-1] for out in grid}
+    assert names == {f"{method}-sft-{sft}_teacher-{teacher}_seed-{seed}" for method in ("lightning", "standard")
+                     for sft in "AB" for teacher in "AB" for seed in range(3)}, sorted(names)
+    for out, run in grid.items():
+        shape = (run["n_opd"], run["steps"], run["prompts"], run["sequences"], run["lr"])
+        assert shape == (8192, 120, 256, 256, 6e-4), (out, run)
 
 
 def test_large_cache_config_gives_every_opd_run_240_steps_and_batch256_standard_opds_sequences_a_step(tmp_path):
