@@ -410,6 +410,10 @@ def opd_trainings(dry_run_output: str) -> dict[str, dict]:
     return runs
 
 
+# The default's OPD runs: OPD prompts, optimiser steps, prompts and sequences a step, lr
+DEFAULT_OPD_SHAPE = (8192, 120, 256, 256, 6e-4)
+
+
 def test_the_default_trains_both_methods_the_papers_steps_on_the_same_prompts_and_sequences_a_step(tmp_path):
     """The embedded default (README, "Results of the default experiment"): 8,192 OPD prompts, and standard OPD,
     Lightning OPD and the top-k variants train 120 steps of 256 prompts, 256 sequences each (standard OPD samples
@@ -421,7 +425,7 @@ def test_the_default_trains_both_methods_the_papers_steps_on_the_same_prompts_an
     assert sorted(run["method"] for run in single_round.values()) == ["lightning"] * 3 + ["standard"], runs
     for out, run in single_round.items():
         shape = (run["n_opd"], run["steps"], run["prompts"], run["sequences"], run["lr"])
-        assert shape == (8192, 120, 256, 256, 6e-4), (out, run)
+        assert shape == DEFAULT_OPD_SHAPE, (out, run)
     assert sorted(run["top_k"] or 0 for run in single_round.values()) == [0, 0, 4, 16]
     short = opd_trainings(snakemake("-n", "-p", "--configfile", "config/short_opd.yaml", str(override)).stdout)
     standard = next(run for run in short.values() if run["method"] == "standard")
@@ -442,7 +446,7 @@ def test_comparison_runs_its_grid_in_the_defaults_regime(tmp_path):
                      for sft in "AB" for teacher in "AB" for seed in range(3)}, sorted(names)
     for out, run in grid.items():
         shape = (run["n_opd"], run["steps"], run["prompts"], run["sequences"], run["lr"])
-        assert shape == (8192, 120, 256, 256, 6e-4), (out, run)
+        assert shape == DEFAULT_OPD_SHAPE, (out, run)
 
 
 def test_large_cache_config_gives_every_opd_run_240_steps_and_batch256_standard_opds_sequences_a_step(tmp_path):
