@@ -18,13 +18,13 @@ prompts, one Adam throughout; ``round_policy=ref``: sampled by pi_ref
 instead, a control), ``adv`` (drop some negative advantages, weight
 tokens by min(1, pi_theta / pi_ref), or subtract the mean advantage) and ``embed`` (freeze or untie
 the tied embeddings). ``trace=K`` also prints avg@k after every K steps. ``prompts`` above the
-experiment's number of OPD prompts replaces them all by fresh draws of its task's generator
-(``held_out=exclude``: none of them a held-out problem).
+experiment's number of OPD prompts adds more, drawn as `task_data` would draw that many OPD prompts:
+distinct problems of the same kind (``held_out=exclude``: none of them a held-out problem).
 
 Every trial uses the project's OPD loss (`opd_loss`), AdamW (0.9, 0.98),
 weight decay 0.1, gradient clipping 1.0, constant lr, like the trainers.
 A trial is ``key=value`` pairs separated by commas, changed from the defaults
-(printed first); ``seed`` seeds rollouts and batch order.
+(printed first); ``seed`` seeds rollouts and batch order. On a GPU every trial runs there.
 
     python bench/opd_regime.py results/default \\
         method=lightning,roll_t=0.7,roll_p=0.9 method=lightning,roll_t=1.0,roll_p=1.0
@@ -47,12 +47,11 @@ from math_verify import parse, verify
 from lightning_opd.artifacts import TASK_SCHEMA, read_table
 from lightning_opd.hparams import SamplingParams, TaskParams
 from lightning_opd.logprobs import response_logprobs
-from lightning_opd.modeling import load_model, load_tokenizer, prompt_ids, stop_token_ids
+from lightning_opd.modeling import load_model, load_tokenizer, pick_device, prompt_ids, stop_token_ids
 from lightning_opd.opd_loss import opd_loss
 from lightning_opd.opd_trainer import opd_example
 from lightning_opd.sampling import sample_with
-from lightning_opd.task import make_problem, problem_text
-from lightning_opd.task_data import recorded_task
+from lightning_opd.task_data import build_splits, recorded_task
 from lightning_opd.training import PadCollator
 
 
@@ -76,8 +75,8 @@ class Trial:
     round_policy: str = "student"  # who samples a round's rollouts: the current student | ref: pi_ref (a control)
     teacher_t: float = 1.0  # the teacher's softmax temperature wherever it scores (both methods)
     trace: int = 0  # also print avg@k after every this many steps (0: only at the end)
-    # prompts > the experiment's: fresh ones from the task's generator, which may hit held-out problems (allow) or
-    # are redrawn until they do not (exclude)
+    # prompts > the experiment's: its own and more from task_data's draw, which may hit held-out problems (allow)
+    # or leaves them out (exclude)
     held_out: str = "allow"
     seed: int = 0
 
@@ -138,19 +137,20 @@ def avg_at_k(model, tokenizer, problems, answers, k: int) -> tuple[float, collec
 
 
 def more_prompts(tokenizer, prompts: list, n: int, task: TaskParams, held_out: set[str], exclude: bool) -> list:
-    """``prompts`` if there are ``n``; else ``n`` fresh problems (not the experiment's ``prompts`` and more) from
-    the generator of the experiment's ``task`` (seed 123; they may repeat, as the generator's space is small, and
-    may be ``held_out`` problems unless ``exclude``, which redraws those)."""
+    """``prompts`` if there are ``n``; else the OPD split that `task_data` draws for ``n`` OPD prompts: the
+    experiment's ``prompts`` first, then more distinct problems from the same draw, none of them in the teacher
+    or SFT split. Some of those are the experiment's ``held_out`` problems (drawn after the OPD prompts), unless
+    ``exclude``, which leaves them out and draws that many more."""
     if n <= len(prompts):
         return prompts
-    rng, texts = random.Random(123), []
+    texts: list[str] = []
+    extra = 0
     while len(texts) < n:
-        text = problem_text(make_problem(rng, task)[0])
-        if not (exclude and text in held_out):
-            texts.append(text)
-    distinct = set(texts)
-    print(f"  {n} fresh prompts: {len(distinct)} distinct, {len(distinct & held_out)} of them held out")
-    return [prompt_ids(tokenizer, text) for text in texts]
+        drawn = build_splits(dataclasses.replace(task, n_opd=n + extra, n_eval=0))["opd"]
+        texts = [row["problem"] for row in drawn if not (exclude and row["problem"] in held_out)]
+        extra += n - len(texts)
+    print(f"  {n} OPD prompts: {len(set(texts[:n]) & held_out)} of them held out")
+    return [prompt_ids(tokenizer, text) for text in texts[:n]]
 
 
 def scaled(teacher, temperature: float, path: Path):
@@ -300,6 +300,8 @@ def main() -> None:
     parser.add_argument("--reference", action="store_true", help="also print pi_ref's and the teacher's avg@k")
     args = parser.parse_intermixed_args()  # --reference before, between or after the trials
     trials = [(text, Trial.parse(text)) for text in args.trials or [""]]  # every trial checked before any runs
+    # the trials build their batches where tensors are created by default: there, on the models' device
+    torch.set_default_device(pick_device())
     tokenizer = load_tokenizer(args.experiment / "models/sft-A")
     pad = PadCollator(tokenizer.pad_token_id)
     teacher = load_model(args.experiment / "models/teacher-A").eval()
