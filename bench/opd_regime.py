@@ -172,11 +172,19 @@ def scored_rollouts(policy, teacher, prompts, trial: Trial, seed: int, stop, pad
     policy.train()
     examples = [opd_example(p, s.response_ids, [0.0] * len(s.response_ids)) for p, o in zip(prompts, outs) for s in o]
     batch = pad(examples)
-    with torch.no_grad():
-        batch["teacher_logprobs"] = torch.nn.functional.pad(response_logprobs(teacher, batch)[0], (1, 0))
-        if trial.adv in ("fresh", "is"):  # the sampling policy's own log-probs: only these ablations read them
-            batch["ref_logprobs"] = torch.nn.functional.pad(response_logprobs(policy, batch)[0], (1, 0))
+    batch["teacher_logprobs"] = scored(teacher, batch)
+    if trial.adv in ("fresh", "is"):  # the sampling policy's own log-probs: only these ablations read them
+        batch["ref_logprobs"] = scored(policy, batch)
     return batch
+
+
+@torch.no_grad()
+def scored(model, batch, rows_at_once: int = 1024) -> torch.Tensor:
+    """``model``'s log-prob of every response token of ``batch`` (0 elsewhere), aligned with its columns;
+    ``rows_at_once`` rows a forward, so that tens of thousands of rollouts fit in memory."""
+    parts = [response_logprobs(model, {k: v[i:i + rows_at_once] for k, v in batch.items()})[0]
+             for i in range(0, len(batch["input_ids"]), rows_at_once)]
+    return torch.nn.functional.pad(torch.cat(parts), (1, 0))
 
 
 def rows(batch, index):
