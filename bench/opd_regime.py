@@ -19,7 +19,8 @@ instead, a control), ``adv`` (drop some negative advantages, weight
 tokens by min(1, pi_theta / pi_ref), or subtract the mean advantage) and ``embed`` (freeze or untie
 the tied embeddings). ``trace=K`` also prints avg@k after every K steps. ``prompts`` above the
 experiment's number of OPD prompts adds more, drawn as `task_data` would draw that many OPD prompts:
-distinct problems of the same kind (``held_out=exclude``: none of them a held-out problem).
+distinct problems of the same kind. `task_data` draws the held-out problems right after the OPD prompts,
+so they come next: ``held_out=exclude`` (the default) leaves them out, ``allow`` trains on them.
 
 Every trial uses the project's OPD loss (`opd_loss`), AdamW (0.9, 0.98),
 weight decay 0.1, gradient clipping 1.0, constant lr, like the trainers.
@@ -75,9 +76,9 @@ class Trial:
     round_policy: str = "student"  # who samples a round's rollouts: the current student | ref: pi_ref (a control)
     teacher_t: float = 1.0  # the teacher's softmax temperature wherever it scores (both methods)
     trace: int = 0  # also print avg@k after every this many steps (0: only at the end)
-    # prompts > the experiment's: its own and more from task_data's draw, which may hit held-out problems (allow)
-    # or leaves them out (exclude)
-    held_out: str = "allow"
+    # prompts > the experiment's: its own, then task_data's next draws, the held-out problems first: left out
+    # (exclude) or trained on (allow)
+    held_out: str = "exclude"
     seed: int = 0
 
     @classmethod
@@ -139,8 +140,8 @@ def avg_at_k(model, tokenizer, problems, answers, k: int) -> tuple[float, collec
 def more_prompts(tokenizer, prompts: list, n: int, task: TaskParams, held_out: set[str], exclude: bool) -> list:
     """``prompts`` if there are ``n``; else the OPD split that `task_data` draws for ``n`` OPD prompts: the
     experiment's ``prompts`` first, then more distinct problems from the same draw, none of them in the teacher
-    or SFT split. Some of those are the experiment's ``held_out`` problems (drawn after the OPD prompts), unless
-    ``exclude``, which leaves them out and draws that many more."""
+    or SFT split. The first of those are the experiment's ``held_out`` problems (`task_data` draws them right
+    after the OPD prompts), unless ``exclude``, which leaves them out and draws that many more."""
     if n <= len(prompts):
         return prompts
     texts: list[str] = []
@@ -149,8 +150,12 @@ def more_prompts(tokenizer, prompts: list, n: int, task: TaskParams, held_out: s
         drawn = build_splits(dataclasses.replace(task, n_opd=n + extra, n_eval=0))["opd"]
         texts = [row["problem"] for row in drawn if not (exclude and row["problem"] in held_out)]
         extra += n - len(texts)
+    ids = [prompt_ids(tokenizer, text) for text in texts[:n]]
+    if ids[:len(prompts)] != prompts:
+        raise SystemExit(f"the task recorded in the experiment's data/opd.parquet ({task}) does not draw its "
+                         f"{len(prompts)} OPD prompts again: cannot add more of the same draw")
     print(f"  {n} OPD prompts: {len(set(texts[:n]) & held_out)} of them held out")
-    return [prompt_ids(tokenizer, text) for text in texts[:n]]
+    return ids
 
 
 def scaled(teacher, temperature: float, path: Path):
@@ -315,7 +320,7 @@ def main() -> None:
     teacher = load_model(args.experiment / "models/teacher-A").eval()
     stop = stop_token_ids(teacher, tokenizer)
     opd, provenance = read_table(args.experiment / "data/opd.parquet", TASK_SCHEMA)
-    # the experiment's task: more prompts come from its generator
+    # the experiment's task: more prompts come from task_data's draw of it
     task = recorded_task(args.experiment / "data/opd.parquet", provenance)
     prompts = [prompt_ids(tokenizer, p) for p in opd.column("problem").to_pylist()]
     tasks = read_table(args.experiment / "data/eval.parquet", TASK_SCHEMA)[0]
