@@ -187,7 +187,7 @@ def scored_rollouts(policy, teacher, prompts, trial: Trial, seed: int, stop, pad
 def scored(model, batch, rows_at_once: int = 1024) -> torch.Tensor:
     """``model``'s log-prob of every response token of ``batch`` (0 elsewhere), aligned with its columns;
     ``rows_at_once`` rows a forward, so that tens of thousands of rollouts fit in memory."""
-    parts = [response_logprobs(model, {k: v[i:i + rows_at_once] for k, v in batch.items()})[0]
+    parts = [response_logprobs(model, rows(batch, slice(i, i + rows_at_once)))[0]
              for i in range(0, len(batch["input_ids"]), rows_at_once)]
     return torch.nn.functional.pad(torch.cat(parts), (1, 0))
 
