@@ -167,7 +167,7 @@ def test_a_bad_variant_is_refused_with_its_key(override, message, tmp_path):
     (["sft={train: {batch_size: 32, micro_batch_size: 12}}"],
      "sft.train: batch_size 32 is not a multiple of micro_batch_size 12"),
     (["resources={train: {processes: 3}}"],
-     "lightning_opd: batch_size 256 is not a multiple of micro_batch_size 85 x 3"),
+     "lightning_opd: batch_size 256 is not a multiple of micro_batch_size 32 x 3"),
 ])
 def test_a_batch_the_training_jobs_would_refuse_is_refused_before_any_job(overrides, message, tmp_path):
     result = snakemake("-n", "--config", f"results_dir={tmp_path / 'results'}", *overrides, check=False)

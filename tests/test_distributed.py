@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from lightning_opd import launch
 from lightning_opd.artifacts import METADATA_KEY, write_table
-from lightning_opd.hparams import ArchParams, TrainParams
+from lightning_opd.hparams import ArchParams, OPDParams, TrainParams
 from lightning_opd.modeling import load_tokenizer, tiny_qwen3_config
 from lightning_opd.provenance import read_train_log
 from lightning_opd.training import accumulation
@@ -120,6 +120,9 @@ def test_accumulation_makes_up_the_global_batch():
     assert accumulation(TrainParams(batch_size=256, micro_batch_size=4), 8) == (4, 8)
     assert accumulation(TrainParams(batch_size=64), 1) == (64, 1)
     assert accumulation(TrainParams(batch_size=64), 2) == (32, 1)
+    # the OPD default of 32 sequences a pass: 8 passes a step of 256; a batch of 8 on 2 processes is one pass of 4
+    assert accumulation(OPDParams(batch_size=256), 1) == (32, 8)
+    assert accumulation(OPDParams(batch_size=8), 2) == (4, 1)
     with pytest.raises(ValueError, match="batch_size 256 is not a multiple of micro_batch_size 3 x 8 processes"):
         accumulation(TrainParams(batch_size=256, micro_batch_size=3), 8)
 

@@ -170,7 +170,8 @@ def test_hf_backend_score_equals_full_logits(world):
 
 def test_standard_opd_micro_batch_counts_sequences():
     assert in_prompts(OPDParams(batch_size=256, micro_batch_size=8), 4).micro_batch_size == 2
-    assert in_prompts(OPDParams(batch_size=256), 4).micro_batch_size is None
+    assert in_prompts(OPDParams(batch_size=256), 4).micro_batch_size == 8  # the default 32 sequences
+    assert in_prompts(OPDParams(batch_size=256, micro_batch_size=None), 4).micro_batch_size is None
     with pytest.raises(ValueError, match=r"micro_batch_size\) 6: .* n = 4 .*standard_opd.sampling.n"):
         in_prompts(OPDParams(batch_size=256, micro_batch_size=6), 4)
 

@@ -228,7 +228,8 @@ def test_cpu_attention_of_a_long_packed_row_names_the_micro_batch(tmp_path):
     """On the CPU the attention scores of a packed row grow with its length squared: a whole batch of 64 of the
     default's sequences in one packed row does not fit its 4 GB, and the planner names micro_batch_size
     (checkpointing would not help); 16 sequences a row fit, with a 16th of the attention scores."""
-    whole = write_yaml(tmp_path / "whole.yaml", {"lightning_opd": {"packing": True, "batch_size": 64}})
+    whole = write_yaml(tmp_path / "whole.yaml",
+                       {"lightning_opd": {"packing": True, "batch_size": 64, "micro_batch_size": None}})
     plans = {p.stage: p for p in plan(load_config([whole], REPO / "config/config.yaml"))}
     assert not plans["lightning_opd"].fits and plans["lightning_opd"].knob.startswith("lightning_opd.micro_batch_size")
     assert plans["lightning_opd"].parts["attention"] > plans["lightning_opd"].parts["activations"]

@@ -22,7 +22,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lightning_opd.hparams import SAMPLER_ENGINE_DEFAULTS, OPDParams, TrainParams, accumulation, in_prompts
+from lightning_opd.hparams import (
+    SAMPLER_ENGINE_DEFAULTS,
+    OPDParams,
+    TrainParams,
+    accumulation,
+    in_prompts,
+    micro_batch,
+)
 
 GB = 1e9
 DEFAULT_GPU_MEM_GB = 80.0
@@ -216,7 +223,7 @@ def training_memory(shape: Shape, train: dict[str, Any], seq_tokens: int, world:
     trained with the TrainParams fields ``train`` on sequences of ``seq_tokens``
     (``top_k``: with a top-k loss over that many of the teacher's tokens)."""
     sharded = world if train.get("fsdp") and world > 1 else 1
-    micro = train.get("micro_batch_size") or max(1, train.get("batch_size", 32) // world)
+    micro = micro_batch(train.get("batch_size", 32), train.get("micro_batch_size"), world)
     seq_tokens = shape.seq(seq_tokens)
     tokens = micro * seq_tokens
     act_bytes = 2 if train.get("bf16") else 4
@@ -594,7 +601,7 @@ class Planner:
             s = c["standard_opd"]["sampling"]
             seq = PROMPT_TOKENS + s["max_new_tokens"]
             world = self.processes("train")
-            micro = opd.get("micro_batch_size") or max(1, opd["batch_size"] // world)
+            micro = micro_batch(opd["batch_size"], opd.get("micro_batch_size"), world)
             # a job per OPD teacher: the largest sizes them all
             teacher = max((self.teachers[t] for t in runs["opd_teachers"]), key=lambda shape: shape.params)
             if c["standard_opd"].get("sampler", "hf") == "vllm":
