@@ -58,6 +58,18 @@ def test_same_gradient_when_policy_equals_rollout_policy(world, tmp_path):
     assert offline_grad.abs().sum() > 0
     torch.testing.assert_close(online_grad, offline_grad, rtol=1e-5, atol=1e-6)
 
+    # the same step in two micro-batches: the step's response tokens are counted once sampled (the Trainer
+    # counts them from the labels of Lightning OPD's cached batches), and the two losses over that count
+    # add up to the gradient of the whole step's token mean, however the responses' lengths fall
+    halves, tokens = online.get_batch_samples(iter([{"prompt_ids": prompts[:3]}, {"prompt_ids": prompts[3:]}]), 2,
+                                              online.args.device)
+    assert int(tokens) == sum(len(r["response_ids"]) for r in rows)
+    online_model.zero_grad()
+    for inputs in halves:
+        online.compute_loss(online_model, inputs, num_items_in_batch=tokens).backward()
+    split_grad = torch.cat([p.grad.flatten() for p in online_model.parameters() if p.grad is not None])
+    torch.testing.assert_close(split_grad, offline_grad, rtol=1e-5, atol=1e-6)
+
 
 class RecordingTrainer(OnlineOPDTrainer):
     """Notes what each micro-batch trains on."""

@@ -126,7 +126,17 @@ class OnlineOPDTrainer(OPDTrainer):
             batch["samples"] = samples[start:end]
             batch["sampler_logprobs"] = logprobs[start:end] if logprobs is not None else None
             start = end
-        return batches, num_items_in_batch
+        return batches, self.response_tokens(samples, device)
+
+    def response_tokens(self, samples, device) -> torch.Tensor:
+        """The response tokens of the optimiser step, over all processes: the
+        count the Trainer makes from the labels of a dataset with responses
+        (Lightning OPD's), so that both methods' loss is the token mean of the
+        whole step, however it is split into micro-batches."""
+        tokens = torch.tensor(sum(len(s.response_ids) for outs in samples for s in outs), device=device).clamp(min=1)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            tokens = self.accelerator.gather(tokens).sum()
+        return tokens
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if "samples" not in inputs:
@@ -144,9 +154,6 @@ class OnlineOPDTrainer(OPDTrainer):
         with torch.no_grad():
             teacher_logprobs, _ = response_logprobs(self.teacher, batch)
         batch["teacher_logprobs"] = torch.nn.functional.pad(teacher_logprobs, (1, 0))  # align with token positions
-        # The Trainer cannot count the response tokens of an optimiser step before they are sampled
-        # (num_items_in_batch is None): the loss is this micro-batch's token mean, averaged over the
-        # micro-batches and processes of the step.
         return super().compute_loss(model, batch, return_outputs, num_items_in_batch)
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
