@@ -65,8 +65,9 @@ def test_same_gradient_when_policy_equals_rollout_policy(world, tmp_path):
                                               online.args.device)
     assert int(tokens) == sum(len(r["response_ids"]) for r in rows)
     online_model.zero_grad()
-    for inputs in halves:
-        online.compute_loss(online_model, inputs, num_items_in_batch=tokens).backward()
+    online.current_gradient_accumulation_steps = 2  # what the Trainer's loop sets: 2 micro-batches a step
+    for inputs in halves:  # the Trainer's own step: it divides by the accumulation steps unless given a count
+        online.training_step(online_model, inputs, num_items_in_batch=tokens)
     split_grad = torch.cat([p.grad.flatten() for p in online_model.parameters() if p.grad is not None])
     torch.testing.assert_close(split_grad, offline_grad, rtol=1e-5, atol=1e-6)
 

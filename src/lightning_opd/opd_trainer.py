@@ -131,7 +131,8 @@ class OPDTrainer(Trainer):
         # num_items_in_batch: response tokens of the whole optimiser step (all
         # micro-batches, all processes), so that the loss is the mean over the
         # global batch whatever the split; processes average their gradients,
-        # hence the factor. The Trainer then skips its division by the
+        # hence the factor (without average_tokens_across_devices the count is
+        # this process's own, as is the mean). The Trainer then skips its division by the
         # accumulation steps (it passes the count only to models that take it).
         teacher = inputs["teacher_logprobs"][:, 1:]
         if self.loss == "sampled":
@@ -142,7 +143,7 @@ class OPDTrainer(Trainer):
             loss, metrics = topk_kl_loss(support, rest, inputs["teacher_topk_logprobs"][:, 1:], mask,
                                          self.loss.removeprefix("topk_").removesuffix("_kl"), num_items_in_batch)
             metrics.update(opd_loss(student.detach(), teacher, mask, self.tau)[1])  # the sampled-token metrics
-        if num_items_in_batch is not None:
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
             loss = loss * self.accelerator.num_processes
         if "sampler_logprobs" in inputs:  # the sampler's view of the sampled tokens vs the trainer's
             gap = (student.detach() - inputs["sampler_logprobs"][:, 1:]).abs() * mask

@@ -601,16 +601,16 @@ class Planner:
             s = c["standard_opd"]["sampling"]
             seq = PROMPT_TOKENS + s["max_new_tokens"]
             world = self.processes("train")
-            micro = micro_batch(opd["batch_size"], opd.get("micro_batch_size"), world)
+            # hf samples all of a process's prompts of a step at once, sampling.batch_size prompts a call
+            sampled = min(s["batch_size"], max(1, opd["batch_size"] // world)) * s.get("n", 1)
             # a job per OPD teacher: the largest sizes them all
             teacher = max((self.teachers[t] for t in runs["opd_teachers"]), key=lambda shape: shape.params)
             if c["standard_opd"].get("sampler", "hf") == "vllm":
                 p = self.training("standard_opd", self.student, opd, seq, {**drift, "teacher": teacher})
                 self.colocate_engine(p, c["standard_opd"].get("sampler_options", {}), seq)
             else:
-                p = self.training(
-                    "standard_opd", self.student, opd, seq, {**drift, "teacher": teacher}, sampled_kv_tokens=micro * seq
-                )
+                p = self.training("standard_opd", self.student, opd, seq, {**drift, "teacher": teacher},
+                                  sampled_kv_tokens=sampled * seq)
             steps = self.opd_steps(opd, n_opd * s.get("n", 1))
             p.tokens = {
                 "generated": steps * opd["batch_size"] * s["max_new_tokens"],

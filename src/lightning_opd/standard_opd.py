@@ -132,11 +132,15 @@ class OnlineOPDTrainer(OPDTrainer):
         """The response tokens of the optimiser step, over all processes: the
         count the Trainer makes from the labels of a dataset with responses
         (Lightning OPD's), so that both methods' loss is the token mean of the
-        whole step, however it is split into micro-batches."""
-        tokens = torch.tensor(sum(len(s.response_ids) for outs in samples for s in outs), device=device).clamp(min=1)
+        whole step, however it is split into micro-batches. None where the
+        Trainer counts none (a model without loss kwargs): it then divides
+        each micro-batch's mean by the accumulation steps, for both methods."""
+        if not self.model_accepts_loss_kwargs:
+            return None
+        tokens = torch.tensor(sum(len(s.response_ids) for outs in samples for s in outs), device=device)
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
             tokens = self.accelerator.gather(tokens).sum()
-        return tokens
+        return tokens.clamp(min=1)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if "samples" not in inputs:
