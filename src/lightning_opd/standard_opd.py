@@ -128,7 +128,7 @@ class OnlineOPDTrainer(OPDTrainer):
             start = end
         return batches, self.response_tokens(samples, device)
 
-    def response_tokens(self, samples, device) -> torch.Tensor:
+    def response_tokens(self, samples, device) -> torch.Tensor | None:
         """The response tokens of the optimiser step, over all processes: the
         count the Trainer makes from the labels of a dataset with responses
         (Lightning OPD's), so that both methods' loss is the token mean of the
