@@ -36,12 +36,22 @@ def test_device_hours_are_wall_time_times_devices(tmp_path):
         {"stage": "rollouts", "benchmark": bench(tmp_path / "r.tsv", 3600.0), "devices": 8},
         {"stage": "teacher_cache", "benchmark": bench(tmp_path / "c.tsv", 900.0), "devices": 4},
         {"stage": "lightning_opd", "benchmark": bench(tmp_path / "l.tsv", 100.0, 300.0), "devices": 2},
-        {"stage": "not_run", "benchmark": str(tmp_path / "missing.tsv"), "devices": 8},
     ]
     costs = stage_costs(stages)
     assert list(costs["stage"]) == ["rollouts", "teacher_cache", "lightning_opd"]
     assert costs["device_hours"].tolist() == pytest.approx([8.0, 1.0, 200.0 * 2 / 3600])
     assert costs["device_hours"].sum() == pytest.approx(9.0 + 400 / 3600)
+
+
+def test_a_missing_benchmark_file_is_an_error_not_a_free_stage(tmp_path):
+    """A stage the manifest lists ran; without its benchmark file (deleted, or an output made by
+    --touch) its cost would silently be 0 and every ratio to it wrong."""
+    stages = [{"stage": "rollouts", "benchmark": bench(tmp_path / "r.tsv", 3600.0), "devices": 8},
+              {"stage": "lightning_opd", "job": "sft-A_teacher-A_seed-0", "benchmark": str(tmp_path / "l.tsv"),
+               "devices": 1}]
+    match = r"l\.tsv: the benchmark file of stage lightning_opd \(sft-A_teacher-A_seed-0\) is missing"
+    with pytest.raises(ValueError, match=match):
+        stage_costs(stages)
 
 
 def test_a_share_of_a_job_costs_that_share(tmp_path):
@@ -138,6 +148,11 @@ def test_tokens_per_step_weights_logs_by_the_steps_they_cover(tmp_path):
             {"step": 5, "train_runtime": 3.0}]
     (tmp_path / "train_log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in logs))
     assert tokens_per_step(tmp_path) == {"tokens": (200 + 400 + 50) / 5, "response_tokens": (120 + 160 + 10) / 5,
+                                         "steps": 5}
+    # a run resumed from its checkpoint at step 3: its log at step 4 covers step 4 alone (logged_steps)
+    resumed = [logs[0], {**logs[1], "logged_steps": 1}, {**logs[2], "logged_steps": 1}]
+    (tmp_path / "train_log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in resumed))
+    assert tokens_per_step(tmp_path) == {"tokens": (200 + 200 + 50) / 4, "response_tokens": (120 + 80 + 10) / 4,
                                          "steps": 5}
     (tmp_path / "train_log.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
     with pytest.raises(ValueError, match="has no tokens_per_step"):

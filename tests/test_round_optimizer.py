@@ -2,7 +2,7 @@
 OPD) goes on with the earlier one's optimiser state: one step, saved with its
 state, then one more step from it gives the weights of two steps in one run;
 its lr schedule starts anew. A run resumed from its own checkpoint logs its
-tokens per step over the steps since the checkpoint."""
+tokens per step over the steps since the checkpoint. Every run logs its last step."""
 from __future__ import annotations
 
 import shutil
@@ -82,16 +82,16 @@ class StepLRs(TrainerCallback):
         self.lrs.append(optimizer.param_groups[0]["lr"])
 
 
-def tiny_run(out, optimizer_state=None, resume=None) -> tuple[OPDTrainer, StepLRs]:
-    """8 random OPD rows on a tiny Qwen3, batch 4, 4 steps of a linear schedule, a log and a checkpoint
-    every 2 steps."""
+def tiny_run(out, optimizer_state=None, resume=None, logging_steps=2) -> tuple[OPDTrainer, StepLRs]:
+    """8 random OPD rows on a tiny Qwen3, batch 4, 4 steps of a linear schedule, a checkpoint every 2
+    steps and a log every ``logging_steps``."""
     generator = torch.Generator().manual_seed(0)
     rows = []
     for i in range(8):
         ids = torch.randint(2, 97, (4 + i % 3,), generator=generator).tolist()
         rows.append(opd_example(ids[:2], ids[2:], (-3 * torch.rand(len(ids) - 2, generator=generator)).tolist()))
     params = OPDParams(batch_size=4, max_steps=4, lr_scheduler_type="linear", learning_rate=1e-3, save_steps=2,
-                       logging_steps=2)
+                       logging_steps=logging_steps)
     lrs = StepLRs()
     trainer = OPDTrainer(model=tiny_qwen3(0), args=training_arguments(params, out), optimizer_state=optimizer_state,
                          train_dataset=Dataset.from_list(rows), data_collator=PadCollator(0), callbacks=[lrs])
@@ -120,3 +120,18 @@ def test_a_resumed_run_counts_its_tokens_per_step_from_its_checkpoint(tmp_path):
         return {e["step"]: e["tokens_per_step"] for e in trainer.state.log_history if "tokens_per_step" in e}
 
     assert per_step(resumed)[4] == per_step(straight)[4] > 0
+
+
+def test_a_run_logs_its_last_step_and_the_steps_each_log_covers(tmp_path):
+    """At logging_steps 3 of 4 steps the Trainer alone would log step 3 only: the last step's drift and
+    tokens would be lost (a multi-round run's rounds of 30 steps at logging_steps 8). A run resumed from
+    its checkpoint at step 2 logs step 3 as covering 1 step, the steps it ran."""
+    straight, _ = tiny_run(tmp_path / "straight", logging_steps=3)
+
+    def covered(trainer):
+        return [(e["step"], e["logged_steps"]) for e in trainer.state.log_history if "tokens_per_step" in e]
+
+    assert covered(straight) == [(3, 3), (4, 1)]
+    shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
+    resumed, _ = tiny_run(tmp_path / "resumed", resume=str(tmp_path / "resumed" / "checkpoint-2"), logging_steps=3)
+    assert covered(resumed) == [(3, 1), (4, 1)]

@@ -72,6 +72,17 @@ class LogEvery(TrainerCallback):
         return control
 
 
+class LogLastStep(TrainerCallback):
+    """Makes the Trainer log at its last step too, whatever ``logging_steps``: the report reads the
+    drift at the end of training and weights each log by the steps it covers (a round of 30 or 60
+    steps at ``logging_steps`` 8 would otherwise end 6 or 4 steps after its last log)."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            control.should_log = True
+        return control
+
+
 class ContinueOptimizer(TrainerCallback):
     """Starts a run that does not resume from a checkpoint of its own from an
     earlier run's optimiser state (the optimiser exists, prepared, by now)."""
@@ -122,6 +133,7 @@ class OPDTrainer(Trainer):
         self._tokens = torch.zeros(2, dtype=torch.float64)  # (tokens, response tokens) since the last log
         self._last_log_step = 0
         self.add_callback(CountStepsFromStart(self))
+        self.add_callback(LogLastStep())
 
     def frozen(self, model):
         """A model this trainer only runs forward, sharded like the trained one under FSDP."""
@@ -161,10 +173,13 @@ class OPDTrainer(Trainer):
             steps = max(1, self.state.global_step - self._last_log_step)
             tokens = self.accelerator.reduce(self._tokens.to(self.accelerator.device), "sum").tolist()
             logs["tokens_per_step"], logs["response_tokens_per_step"] = tokens[0] / steps, tokens[1] / steps
+            # the steps these means cover: after a resume, the steps since the checkpoint
+            logs["logged_steps"] = steps
             self._tokens.zero_()
             self._last_log_step = self.state.global_step
+            last = self.state.global_step >= self.state.max_steps
             if self.reference is not None and self.drift_batches and (
-                    not self.drift_every or self.state.global_step % self.drift_every == 0):
+                    not self.drift_every or self.state.global_step % self.drift_every == 0 or last):
                 logs["drift_kl_ref"] = self.drift()
         super().log(logs, *args, **kwargs)
 

@@ -40,8 +40,10 @@ def stage_costs(stages: list[dict[str, Any]]) -> pd.DataFrame:
     rows = []
     for entry in stages:
         path = Path(entry["benchmark"])
-        if not path.is_file():
-            continue  # a stage this run did not execute (a model given by path, say)
+        if not path.is_file():  # a model given by path has no cost entries: a missing file is a lost measurement
+            raise ValueError(f"{path}: the benchmark file of stage {entry['stage']} ({entry.get('job', path.stem)}) "
+                             "is missing, so its cost is unknown; rerun that job (snakemake --forcerun) "
+                             "to measure it again")
         seconds = benchmark_seconds(path)
         rows.append({"stage": entry["stage"], "job": entry.get("job", path.stem), "wall_s": round(seconds, 2),
                      "devices": entry["devices"],
@@ -117,11 +119,13 @@ def final_drift(model_dir: Path | str) -> float | None:
 
 def tokens_per_step(model_dir: Path | str) -> dict[str, float]:
     """Mean tokens and response tokens of an optimiser step, and the steps, from
-    an OPD model's training log (each log holds the mean since the previous one)."""
+    an OPD model's training log (each log holds the mean over the steps it covers)."""
     entries = [e for e in read_train_log(model_dir) if "tokens_per_step" in e]
     if not entries:
         raise ValueError(f"{model_dir}: the training log has no tokens_per_step; not an OPD model of this pipeline")
-    steps = [e["step"] - before for e, before in zip(entries, [0] + [e["step"] for e in entries[:-1]])]
+    # logged_steps: what the log covers (a resumed run's first log starts at its checkpoint); older logs lack it
+    steps = [e.get("logged_steps", e["step"] - before)
+             for e, before in zip(entries, [0] + [e["step"] for e in entries[:-1]])]
     total = sum(steps)
     return {"tokens": sum(e["tokens_per_step"] * n for e, n in zip(entries, steps)) / total,
             "response_tokens": sum(e["response_tokens_per_step"] * n for e, n in zip(entries, steps)) / total,
