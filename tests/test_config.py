@@ -449,6 +449,23 @@ def test_comparison_runs_its_grid_in_the_defaults_regime(tmp_path):
         assert shape == DEFAULT_OPD_SHAPE, (out, run)
 
 
+def test_paper_baseline_config_gives_standard_opd_4_live_samples_per_prompt_and_4x_lightning_opds_sequences(tmp_path):
+    """config/paper_baseline.yaml (README, "Against the paper's baseline"): the default's OPD regime, but standard
+    OPD samples 4 answers per prompt, so at the same 120 steps of 256 prompts it trains on 1,024 sequences a step;
+    Lightning OPD and top-k 16 keep 256 cached rollouts a step; three seeds, in a results directory of their own."""
+    override = write_yaml(tmp_path / "o.yaml", {"results_dir": str(tmp_path / "results")})
+    result = snakemake("-n", "-p", "--configfile", "config/paper_baseline.yaml", str(override))
+    assert f"{tmp_path}/results/paper_baseline/" in result.stdout
+    runs = opd_trainings(result.stdout)
+    names = {out.rstrip("/").rsplit("/", 1)[-1] for out in runs}
+    assert names == {f"{name}-sft-A_teacher-A_seed-{seed}" for name in ("standard", "lightning", "lightning-topk16")
+                     for seed in range(3)}, sorted(names)
+    for out, run in runs.items():
+        shape = (run["n_opd"], run["steps"], run["prompts"], run["lr"])
+        assert shape == (8192, 120, 256, 6e-4), (out, run)
+        assert run["sequences"] == (1024 if run["method"] == "standard" else 256), (out, run)
+
+
 def test_large_cache_config_gives_every_opd_run_240_steps_and_batch256_standard_opds_sequences_a_step(tmp_path):
     """config/large_cache.yaml (README, "A larger cache and larger steps close the gap"): 4,096 OPD prompts; standard
     OPD (64 prompts x n samples a step), Lightning OPD and topk16 (64 cached rollouts a step) and the variant batch256
