@@ -60,25 +60,17 @@ def shard_frozen(model):
     return model
 
 
-class LogEvery(TrainerCallback):
-    """Makes the Trainer log at every multiple of ``steps`` too (drift is computed in a log)."""
+class LogAlsoAt(TrainerCallback):
+    """Makes the Trainer log at its last step and, with ``every``, at every multiple of it, besides
+    ``logging_steps`` (drift is computed in a log). The report reads the drift at the end of training
+    and weights each log by the steps it covers: a round of 30 or 60 steps at ``logging_steps`` 8
+    would otherwise end 6 or 4 steps after its last log."""
 
-    def __init__(self, steps: int):
-        self.steps = steps
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step % self.steps == 0:
-            control.should_log = True
-        return control
-
-
-class LogLastStep(TrainerCallback):
-    """Makes the Trainer log at its last step too, whatever ``logging_steps``: the report reads the
-    drift at the end of training and weights each log by the steps it covers (a round of 30 or 60
-    steps at ``logging_steps`` 8 would otherwise end 6 or 4 steps after its last log)."""
+    def __init__(self, every: int | None = None):
+        self.every = every
 
     def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= state.max_steps:
+        if state.global_step >= state.max_steps or (self.every and state.global_step % self.every == 0):
             control.should_log = True
         return control
 
@@ -127,13 +119,11 @@ class OPDTrainer(Trainer):
         self.reference = self.frozen(reference) if reference is not None else None
         self.drift_batches = drift_batches or []
         self.drift_every = drift_every
-        if self.reference is not None and drift_every:
-            self.add_callback(LogEvery(drift_every))
+        self.add_callback(LogAlsoAt(drift_every if self.reference is not None else None))
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._tokens = torch.zeros(2, dtype=torch.float64)  # (tokens, response tokens) since the last log
         self._last_log_step = 0
         self.add_callback(CountStepsFromStart(self))
-        self.add_callback(LogLastStep())
 
     def frozen(self, model):
         """A model this trainer only runs forward, sharded like the trained one under FSDP."""
