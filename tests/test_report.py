@@ -278,3 +278,27 @@ def test_a_manifest_that_is_not_json_is_refused_and_leaves_no_report(tmp_path, m
         report.main(["--manifest", "-", "--config", "{}", "--out-dir", str(tmp_path / "report")])
     assert "--manifest (stdin): not valid JSON" in capsys.readouterr().err
     assert not (tmp_path / "report").exists()
+
+
+def test_a_missing_benchmark_file_leaves_no_report(tmp_path, monkeypatch):
+    """The missing file is only among the stages (an evaluation's), which the report reads after the
+    models' costs: still no table is written."""
+    import io
+
+    from lightning_opd import report
+
+    (tmp_path / "sft-A.json").write_text(json.dumps({"k": 4, "avg_at_k": 0.5, "pass_at_k": 0.75, "n_problems": 10}))
+    sft = {"stage": "sft", "job": "A", "benchmark": bench(tmp_path / "sft.tsv", 60.0), "devices": 1}
+    manifest = {"experiment": "x", "device_kind": "cpu", "caches": [], "eval": {"k": 4, "benchmarks": ["b"]},
+                "models": [{"label": "sft-A", "role": "sft", "sft_teacher": "A", "cost": [sft],
+                            "evals": {"b": str(tmp_path / "sft-A.json")}}],
+                "stages": [sft, {"stage": "evaluate", "job": "b/sft-A", "benchmark": str(tmp_path / "eval.tsv"),
+                                 "devices": 1}]}
+    monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps(manifest)))
+    with pytest.raises(ValueError, match=r"eval\.tsv: the benchmark file of stage evaluate \(b/sft-A\) is missing"):
+        report.main(["--manifest", "-", "--config", "{}", "--out-dir", str(tmp_path / "report")])
+    assert not (tmp_path / "report").exists()
+    (tmp_path / "eval.tsv").write_text(HEADER + "10\t0:00:10\t1\t1\t1\t1\t0\t0\t100\t10\n")  # measured: a report
+    monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps(manifest)))
+    report.main(["--manifest", "-", "--config", "{}", "--out-dir", str(tmp_path / "report")])
+    assert "sft-A" in (tmp_path / "report/models.csv").read_text()

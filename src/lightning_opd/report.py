@@ -410,11 +410,14 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--manifest{' (stdin)' if args.manifest == '-' else ''}: not valid JSON ({error})")
     experiment = manifest["experiment"]
     kind = "GPU" if manifest["device_kind"] == "gpu" else "CPU core"
-    models = model_table(manifest)
     k, benchmarks = manifest["eval"]["k"], manifest["eval"]["benchmarks"]
+    # every table before any file: a missing benchmark file or training log leaves no half-written report
+    models = model_table(manifest)
+    table = summary_table(models, benchmarks, k)
+    stages, budget = stage_costs(manifest["stages"]), token_budget(manifest, models)
+    caches = cache_state(manifest.get("caches", []))
     with atomic_path(args.out_dir / "models.csv") as tmp:
         models.to_csv(tmp, index=False)
-    table = summary_table(models, benchmarks, k)
     write_frame(
         table,
         args.out_dir,
@@ -422,20 +425,15 @@ def main(argv: list[str] | None = None) -> None:
         f"{experiment}: avg@{k} on {', '.join(benchmarks)} (mean +- std over seeds) and measured cost ({kind}-hours)",
     )
     plot_accuracy_vs_cost(models, benchmarks[0], k, kind, args.out_dir / "accuracy_vs_cost.png")
+    write_frame(stages, args.out_dir, "stage_costs", f"{experiment}: cost of every stage ({kind}-hours)")
     write_frame(
-        stage_costs(manifest["stages"]),
-        args.out_dir,
-        "stage_costs",
-        f"{experiment}: cost of every stage ({kind}-hours)",
-    )
-    write_frame(
-        token_budget(manifest, models),
+        budget,
         args.out_dir,
         "token_budget",
         f"{experiment}: tokens per optimiser step of each OPD method (mean over the run) and the cost of its "
         f"stages ({kind}-hours)",
     )
-    write_frame(cache_state(manifest.get("caches", [])), args.out_dir, "cache_state",
+    write_frame(caches, args.out_dir, "cache_state",
                 f"{experiment}: teacher caches, bytes per response token (token id and log-probs as stored)")
     plot_training_curves(manifest, args.out_dir / "opd_training_curve.png")
     write_config(json.loads(args.config), args.out_dir, experiment)
