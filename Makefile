@@ -5,7 +5,9 @@ PYTHON ?= python3
 # The CPU build of torch; on a GPU machine set TORCH to the CUDA build you want.
 TORCH ?= torch==2.13.0
 CORES ?= all
+# `make run` installs what the pipeline needs (.[pipeline]); `make test` adds the test tools on top
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 # The exact versions of workflow/envs/*.yaml, installed into the test environments too, so that
 # the tests run what the envs and the container pin (tests/test_envs.py checks it). vllm binds some
 # versions (transformers <5.20, numpy <2.4 through mistral_common): the envs with vllm (gen, eval,
@@ -30,8 +32,13 @@ $(STAMP): pyproject.toml $(wildcard workflow/envs/*.yaml)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(ENV_PINS) > $(VENV)/constraints.txt
 	$(VENV)/bin/pip install --quiet "$(TORCH)" -c $(VENV)/constraints.txt
-	$(VENV)/bin/pip install --quiet -e ".[test]" -c $(VENV)/constraints.txt
+	$(VENV)/bin/pip install --quiet -e ".[pipeline]" -c $(VENV)/constraints.txt
 	touch $(STAMP)
+
+# pytest, ruff, snakefmt, TensorBoard and W&B (the tracking tests): ~10 s that `make run` does not need
+$(TEST_STAMP): $(STAMP)
+	$(VENV)/bin/pip install --quiet -e ".[test]" -c $(VENV)/constraints.txt
+	touch $(TEST_STAMP)
 
 run: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" snakemake --cores $(CORES)
@@ -43,7 +50,7 @@ dry-run: $(STAMP)
 # The tests run on TEST_WORKERS pytest-xdist workers, a module at a time (tests/conftest.py keeps the
 # modules that share the end-to-end tiny run on one worker); TEST_WORKERS=0 runs them in this process.
 TEST_WORKERS ?= 2
-test: $(STAMP)
+test: $(TEST_STAMP)
 	command -v chromium >/dev/null || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; }
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/python -m pytest -q --durations=25 \
 	    -n "$(TEST_WORKERS)" --dist loadscope tests
@@ -75,14 +82,14 @@ test-vllm: $(VLLM_STAMP)
 # `snakemake --profile slurm` on a real one-node SLURM cluster that the test
 # starts (tests/slurm/cluster.sh; as root). Installs Debian's SLURM and the
 # executor plugin if missing.
-test-slurm: $(STAMP)
+test-slurm: $(TEST_STAMP)
 	command -v sinfo >/dev/null || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y slurm-wlm slurmdbd munge mariadb-server; }
 	$(VENV)/bin/python -c "import snakemake_executor_plugin_slurm" 2>/dev/null || $(VENV)/bin/pip install --quiet -e ".[slurm]"
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" LOPD_SLURM_TEST=1 $(VENV)/bin/python -m pytest -q tests/test_slurm.py
 
 # The CPU rehearsal of config/paper/qwen3-8b.yaml at Qwen3's output width and 4,096-token
 # responses, each stage's peak memory against the planner (tests/test_rehearsal.py; slow).
-test-rehearsal: $(STAMP)
+test-rehearsal: $(TEST_STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" LOPD_REHEARSAL=1 $(VENV)/bin/python -m pytest -q -s tests/test_rehearsal.py
 
 clean:
