@@ -58,7 +58,7 @@ class TrainParams:
     micro_batch_size: int | None = None
     # concatenate each micro-batch into one row (no padding; attention stays within each sequence)
     packing: bool = False
-    epochs: float = 2.0
+    epochs: float = 5.0
     max_steps: int = -1
     seed: int = 0
     bf16: bool = False
