@@ -27,7 +27,7 @@ VLLM_STAMP := $(VLLM_VENV)/.installed
 
 env: $(STAMP)
 
-# uv installs .venv: 44 s from a fresh clone on 2 cores against 96 s with pip (the same
+# uv installs .venv: 44 s from a fresh clone on 2 cores against 89-96 s with pip (the same
 # packages, bytecode compiled in both). uv does not read pip's configuration: pip's find-links
 # (where a local wheel of torch may be) are passed on; UV_INDEX_URL & co. set other indexes.
 UV_VERSION ?= 0.13.9

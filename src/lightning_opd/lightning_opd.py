@@ -47,6 +47,7 @@ from lightning_opd.training import (
     check_outputs_writable,
     checkpoint_dir,
     collator,
+    end_process_group,
     frozen_dtype,
     load_for_fsdp,
     params_record,
@@ -191,6 +192,7 @@ def main(argv: list[str] | None = None) -> None:
         "optimizer_state": f"round {args.round.index - 1}'s" if carried else "fresh",
     }, earlier_log=earlier_rounds, optimizer_state=args.round.index < args.round.count)
     print(f"-> {args.out}")
+    end_process_group()
 
 
 if __name__ == "__main__":

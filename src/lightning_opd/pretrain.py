@@ -22,6 +22,7 @@ from lightning_opd.training import (
     check_outputs_writable,
     checkpoint_dir,
     collator,
+    end_process_group,
     params_record,
     save_final,
     supervised_example,
@@ -94,6 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     train_with_resume(trainer)
     save_final(trainer, tokenizer, args.out, {**key, "label": args.label})
     print(f"-> {args.out}")
+    end_process_group()
 
 
 if __name__ == "__main__":

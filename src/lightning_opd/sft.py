@@ -22,6 +22,7 @@ from lightning_opd.training import (
     check_outputs_writable,
     checkpoint_dir,
     collator,
+    end_process_group,
     load_for_fsdp,
     params_record,
     save_final,
@@ -113,6 +114,7 @@ def main(argv: list[str] | None = None) -> None:
                                               "sft_sampling": meta.get("sampling"),
                                               "chat_template_kwargs": meta.get("chat_template_kwargs", {})})
     print(f"-> {args.out}")
+    end_process_group()
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ from lightning_opd.training import (
     check_outputs_writable,
     checkpoint_dir,
     collator,
+    end_process_group,
     frozen_dtype,
     load_for_fsdp,
     params_record,
@@ -274,6 +275,7 @@ def main(argv: list[str] | None = None) -> None:
         },
     )
     print(f"-> {args.out}")
+    end_process_group()
 
 
 if __name__ == "__main__":

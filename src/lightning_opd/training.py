@@ -423,6 +423,15 @@ def save_final(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, out: Path |
     trainer.accelerator.wait_for_everyone()
 
 
+def end_process_group() -> None:
+    """Destroy the process group of a distributed run, the last thing a training
+    module does: a gloo group left to the interpreter's exit can abort the
+    process there ("terminate called without an active exception") after
+    the model was saved, and torchrun then fails the job."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def require_optimizer_state(directory: Path) -> None:
     if not any((Path(directory) / name).exists() for name in _CHECKPOINT_PARTS["optimizer state"]):
         raise FileNotFoundError(f"{directory}: no optimiser state to continue from (the earlier round wrote "
