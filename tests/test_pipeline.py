@@ -83,7 +83,8 @@ def test_default_dag_dry_run(tmp_path):
 
 def test_the_longest_chains_are_scheduled_first(tmp_path):
     """A 4-round run is the DAG's longest path (rollouts, cache, then 10 jobs one after the other):
-    it and what it needs go before the other OPD jobs, the 2-round run next."""
+    it and what it needs go before the other Lightning OPD jobs, the 2-round run next; standard OPD,
+    one job as long as that chain, goes first of all."""
     override = write_yaml(tmp_path / "o.yaml", {"results_dir": str(tmp_path / "results")})
     dry_run = snakemake("-n", "--configfile", str(override)).stdout
     priority = {}
@@ -97,7 +98,8 @@ def test_the_longest_chains_are_scheduled_first(tmp_path):
     assert priority[f"lightning-rounds4-{run}_round-1"] == priority[f"lightning-rounds4-{run}_round-3.parquet"] == 4
     assert priority[f"lightning-rounds2-{run}_round-1"] == priority[f"lightning-rounds2-{run}"] == 2
     assert priority[f"lightning-{run}"] == priority[f"lightning-topk16-{run}"] == 1
-    assert priority[f"standard-{run}"] == priority["sft-A"] == 0
+    assert priority[f"standard-{run}"] == 5
+    assert priority["sft-A"] == 0
 
 
 def test_lint_is_clean():

@@ -233,6 +233,7 @@ rule standard_opd:
         logfile("standard_opd", "sft-{sft_teacher}_teacher-{opd_teacher}_seed-{seed}"),
     benchmark:
         bench("standard_opd", "sft-{sft_teacher}_teacher-{opd_teacher}_seed-{seed}")
+    priority: STANDARD_PRIORITY
     conda:
         "../envs/online.yaml"
     threads: rule_threads("standard_opd")
