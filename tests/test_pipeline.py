@@ -84,7 +84,7 @@ def test_default_dag_dry_run(tmp_path):
 def test_the_longest_chains_are_scheduled_first(tmp_path):
     """A 4-round run is the DAG's longest path (rollouts, cache, then 10 jobs one after the other):
     it and what it needs go before the other Lightning OPD jobs, the 2-round run next; standard OPD,
-    one job as long as that chain, goes first of all."""
+    one job at least as long as that chain, goes first of all."""
     override = write_yaml(tmp_path / "o.yaml", {"results_dir": str(tmp_path / "results")})
     dry_run = snakemake("-n", "--configfile", str(override)).stdout
     priority = {}

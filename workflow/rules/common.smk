@@ -392,10 +392,10 @@ def rounds_of(w):
 
 # Scheduling priority of the rules on the DAG's longest path (`priority:`, highest first): an R-round
 # Lightning OPD run is a chain of 3R - 2 jobs after the cache, so the cache, its rollouts and the
-# longest chains start first and run beside the other OPD jobs instead of alone at the end.
+# longest chains start before the other Lightning OPD jobs and run beside them instead of alone at the end.
 CHAIN_PRIORITY = max(run.get("rounds", 1) for run in LIGHTNING.values())
-# A standard OPD run is one job as long as the longest of those chains (it samples, scores and trains
-# every step): the longest jobs go first, so that the short Lightning OPD jobs fill the cores at the end.
+# A standard OPD run is one job at least as long as the longest of those chains (it samples, scores and
+# trains every step): the longest jobs go first, so that the short Lightning OPD jobs fill the cores at the end.
 STANDARD_PRIORITY = CHAIN_PRIORITY + 1
 
 
