@@ -18,28 +18,18 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
 from lightning_opd.artifacts import TASK_SCHEMA, read_cache, read_table
 from lightning_opd.hparams import SamplingParams
+from lightning_opd.logprobs import drift_kl_sum
 from lightning_opd.modeling import load_model, load_tokenizer, prompt_ids, stop_token_ids
 from lightning_opd.sampling import sample_with
 from lightning_opd.training import PadCollator, supervised_example
 
 
-@torch.no_grad()
 def reverse_kl_per_token(student, teacher, examples: list[dict], collate: PadCollator, rows: int = 64) -> float:
     """Mean over response tokens of KL(student || teacher), each summed over the vocabulary."""
-    total, count = 0.0, 0
-    for start in range(0, len(examples), rows):
-        batch = collate(examples[start:start + rows])
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        student_lp = torch.log_softmax(student(**inputs).logits[:, :-1].float(), -1)
-        teacher_lp = torch.log_softmax(teacher(**inputs).logits[:, :-1].float(), -1)
-        kl = (student_lp.exp() * (student_lp - teacher_lp)).sum(-1)
-        mask = batch["labels"][:, 1:] != -100
-        total, count = total + kl[mask].sum().item(), count + int(mask.sum())
-    return total / count
+    sums = [drift_kl_sum(student, teacher, collate(examples[i:i + rows])) for i in range(0, len(examples), rows)]
+    return sum(kl for kl, _ in sums) / sum(count for _, count in sums)
 
 
 def main() -> None:
