@@ -41,13 +41,15 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=512, help="cached rollouts, and samples of the eval problems")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     args = parser.parse_args()
+    if args.n < 1 or args.max_new_tokens < 1:
+        parser.error("--n and --max-new-tokens must be at least 1")
     models = args.experiment / "models"
     tokenizer = load_tokenizer(models / args.teacher)
     collate = PadCollator(tokenizer.pad_token_id)
     teacher = load_model(models / args.teacher).eval()
-    cache, _ = read_cache(args.experiment / "cache" / f"{args.cache}.parquet")
-    cached = [supervised_example(p, r) for p, r in zip(cache.column("prompt_ids").to_pylist()[:args.n],
-                                                        cache.column("response_ids").to_pylist()[:args.n])]
+    cache = read_cache(args.experiment / "cache" / f"{args.cache}.parquet")[0].slice(0, args.n)
+    cached = [supervised_example(p, r) for p, r in zip(cache.column("prompt_ids").to_pylist(),
+                                                        cache.column("response_ids").to_pylist())]
     problems = read_table(args.experiment / "data" / "eval.parquet", TASK_SCHEMA)[0].column("problem").to_pylist()
     prompts = [prompt_ids(tokenizer, problems[i % len(problems)]) for i in range(args.n)]
     params = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=args.max_new_tokens, seed=0, batch_size=256)
