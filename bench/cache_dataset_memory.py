@@ -1,6 +1,7 @@
 """Host memory of Lightning OPD's training set over a teacher cache: the cache's
-Arrow columns with examples made when a batch loads (what `lightning_opd`
-does) against every row built up front as Python lists (what it did before).
+Arrow columns (its top k as numpy arrays) with examples made when a batch
+loads (what `lightning_opd` does) against every row built up front as Python
+lists (what it did before).
 Each way runs in a fresh process on the same synthetic cache (random ids and
 log-probs of the cache's schema, top-k columns included) and prints the peak
 RSS over the cache read, and the time to build the set and load one epoch of
@@ -43,20 +44,22 @@ def write_cache(path: Path, rows: int, tokens: int, top_k: int, vocab: int = 151
 def measure(path: Path, way: str, top_k: int, micro_batch: int) -> dict:
     from datasets import Dataset
 
-    from lightning_opd.lightning_opd import opd_batch
+    from lightning_opd.lightning_opd import TopK, training_set
     from lightning_opd.opd_trainer import opd_example
 
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
     table = pq.read_table(path)
     if way == "arrow":
-        dataset = Dataset(table).with_transform(lambda b: opd_batch(b, top_k=top_k, stored=top_k))
+        dataset = training_set(table, TopK(table, top_k, top_k))
+        del table
     else:
         examples = []
         for r in table.to_pylist():
             ids = np.asarray(r["teacher_topk_ids"]).reshape(-1, top_k).tolist()
             logprobs = np.asarray(r["teacher_topk_logprobs"], np.float32).reshape(-1, top_k).tolist()
-            examples.append(opd_example(r["prompt_ids"], r["response_ids"], r["teacher_logprobs"], ids, logprobs))
+            example = opd_example(r["prompt_ids"], r["response_ids"], r["teacher_logprobs"], ids, logprobs)
+            examples.append({key: np.asarray(v).tolist() for key, v in example.items()})
         dataset = Dataset.from_list(examples)
     built = time.perf_counter() - start
     for i in range(0, len(dataset), micro_batch):

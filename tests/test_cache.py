@@ -208,6 +208,42 @@ def test_the_training_set_keeps_the_cache_in_arrow_and_makes_each_example_on_loa
     assert len(dataset.__getitems__([0, 1])) == 2
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_top_k_rows_from_the_cache_collate_to_the_tensors_of_the_same_examples_as_lists(world, packed):
+    """A loaded top-k row carries the teacher's top k as (tokens, k) arrays sliced from the cache's columns,
+    not as nested Python lists; a micro-batch of them collates to the same tensors, bit for bit and dtype for
+    dtype, as the same examples written out as lists (how they were made before), padded or packed."""
+    from lightning_opd.hparams import OPDParams
+    from lightning_opd.lightning_opd import load_checked_cache
+    from lightning_opd.modeling import load_tokenizer
+    from lightning_opd.provenance import describe_model
+    from lightning_opd.training import PackCollator, PadCollator, supervised_example
+
+    cache, k, stored = world["cache_A_top8"], 3, 8
+    dataset, _ = load_checked_cache(cache, describe_model(world["sft_A"]), load_tokenizer(world["sft_A"]), False,
+                                    OPDParams(loss="topk_forward_kl", top_k=k))
+    rows = pq.read_table(cache).to_pylist()
+    picked = [0, 2, 1, len(rows) - 1]
+    loaded = dataset.__getitems__(picked)
+    assert all(isinstance(e["teacher_topk_ids"], np.ndarray) for e in loaded)
+    as_lists = []
+    for n in picked:
+        row, prompt = rows[n], len(rows[n]["prompt_ids"])
+        example = supervised_example(row["prompt_ids"], row["response_ids"])
+        example["teacher_logprobs"] = [0.0] * len(row["prompt_ids"]) + row["teacher_logprobs"]
+        for key in ("teacher_topk_ids", "teacher_topk_logprobs"):
+            per_token = [row[key][i:i + stored][:k] for i in range(0, len(row[key]), stored)]
+            zero = 0.0 if "logprobs" in key else 0
+            example[key] = [[zero] * k] * prompt + [[type(zero)(x) for x in t] for t in per_token]
+        as_lists.append(example)
+    collate = PackCollator() if packed else PadCollator(0)
+    got, expected = collate(loaded), collate(as_lists)
+    assert set(got) == set(expected) and got["teacher_topk_ids"].shape[-1] == k
+    for key, tensor in expected.items():
+        if isinstance(tensor, torch.Tensor):
+            assert got[key].dtype == tensor.dtype and torch.equal(got[key], tensor), key
+
+
 def test_top_k_ids_outside_the_students_vocabulary_are_refused_with_the_row(world, tmp_path):
     from lightning_opd.hparams import OPDParams
     from lightning_opd.lightning_opd import load_checked_cache

@@ -23,6 +23,7 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 from datasets import Dataset
 
@@ -92,9 +93,9 @@ def rows_of_prompts(table, ids: set[str], cache_path: Path, share_path: Path):
 def load_checked_cache(cache_path: Path, init: dict, tokenizer, allow_mismatch: bool,
                        params: OPDParams | None = None, share: Path | None = None) -> tuple[Dataset, dict]:
     """The training set of a checked cache (of the rollouts of ``share``'s prompts, given one) and the
-    cache's provenance. The set keeps the cache's Arrow columns: a row becomes a training example
-    only when a batch loads it, so a paper-scale cache (a top-k one above all) is never held as
-    Python lists."""
+    cache's provenance. The set keeps the cache's Arrow columns (and its top k, given a top-k loss,
+    as numpy arrays): a row becomes a training example only when a batch loads it, so a paper-scale
+    cache (a top-k one above all) is never held as Python lists."""
     table, meta = read_cache(cache_path)
     if share is not None:
         table = rows_of_prompts(table, share_ids(share), cache_path, share)
@@ -108,35 +109,55 @@ def load_checked_cache(cache_path: Path, init: dict, tokenizer, allow_mismatch: 
     lengths = pc.add(*(pc.list_value_length(table.column(c)) for c in ("prompt_ids", "response_ids")))
     check_context(init["path"], dict(zip(table.column("id").to_pylist(), lengths.to_pylist())), cache_path,
                   "lower teacher_cache.max_response_tokens or rollouts.sampling.max_new_tokens")
-    columns = ["prompt_ids", "response_ids", "teacher_logprobs"]
     if not k:
-        return Dataset(table.select(columns)).with_transform(opd_batch), {**meta, "teacher_consistent": consistent}
+        return training_set(table), {**meta, "teacher_consistent": consistent}
     stored, width = cache_top_k(meta), vocab_size(init["path"])
-    # the first k of each position are the teacher's k most likely tokens (canonical order)
-    ids = pc.list_flatten(table.column("teacher_topk_ids")).to_numpy(zero_copy_only=False).reshape(-1, stored)[:, :k]
-    if ids.size and (top := int(ids.max())) >= width:
-        token = int(np.flatnonzero((ids >= width).any(1))[0])
-        row = int(np.searchsorted(np.cumsum(pc.list_value_length(table.column("response_ids"))), token, side="right"))
-        raise ArtifactError(f"{cache_path}: row {table.column('id')[row].as_py()!r} has top-k token id {top}, outside "
-                            f"the {width}-token output of the student {init['path']}: the cache comes from "
+    top = TopK(table, stored, k)
+    if top.ids.size and (largest := int(top.ids.max())) >= width:
+        token = int(np.flatnonzero((top.ids >= width).any(1))[0])
+        row = int(np.searchsorted(top.starts, token, side="right")) - 1
+        raise ArtifactError(f"{cache_path}: row {table.column('id')[row].as_py()!r} has top-k token id {largest}, "
+                            f"outside the {width}-token output of the student {init['path']}: the cache comes from "
                             "another model family; delete it and rerun the teacher_cache stage")
-    dataset = Dataset(table.select([*columns, "teacher_topk_ids", "teacher_topk_logprobs"]))
-    return (dataset.with_transform(partial(opd_batch, top_k=k, stored=stored)),
-            {**meta, "teacher_consistent": consistent, "loss_top_k": k})
+    return training_set(table, top), {**meta, "teacher_consistent": consistent, "loss_top_k": k}
 
 
-def opd_batch(batch: dict[str, list], top_k: int = 0, stored: int = 0) -> dict[str, list]:
-    """Rows of the cache (as a batch of columns) as OPD training examples; with ``top_k``, the first
-    ``top_k`` of the ``stored`` teacher tokens at each response position."""
-    examples = []
-    for n, (prompt, response, logprobs) in enumerate(zip(batch["prompt_ids"], batch["response_ids"],
-                                                         batch["teacher_logprobs"])):
-        if not top_k:
-            examples.append(opd_example(prompt, response, logprobs))
-            continue
-        ids = np.asarray(batch["teacher_topk_ids"][n], np.int64).reshape(-1, stored)[:, :top_k]
-        top = np.asarray(batch["teacher_topk_logprobs"][n], np.float32).reshape(-1, stored)[:, :top_k]
-        examples.append(opd_example(prompt, response, logprobs, ids.tolist(), top.tolist()))
+class TopK:
+    """The teacher's k most likely tokens and their log-probs at every response token of a cache, as two
+    (tokens, k) numpy arrays in the cache's dtypes (k / stored of the bytes of its two Arrow columns), with
+    each row's first token at ``starts[row]``. A loaded row takes its slice: a top-k cache is never held
+    as Python lists, and a step makes no Python object per number."""
+
+    def __init__(self, table, stored: int, k: int):
+        # the first k of each position are the teacher's k most likely tokens (canonical order)
+        def first_k(column: str) -> np.ndarray:
+            values = pc.list_flatten(table.column(column)).to_numpy(zero_copy_only=False)
+            return np.ascontiguousarray(values.reshape(-1, stored)[:, :k])
+
+        self.ids, self.logprobs = first_k("teacher_topk_ids"), first_k("teacher_topk_logprobs")
+        lengths = pc.list_value_length(table.column("response_ids")).to_numpy(zero_copy_only=False)
+        self.starts = np.concatenate([[0], np.cumsum(lengths)])
+
+    def of_row(self, row: int) -> tuple[np.ndarray, np.ndarray]:
+        span = slice(self.starts[row], self.starts[row + 1])
+        return self.ids[span], self.logprobs[span]
+
+
+def training_set(table, top: TopK | None = None) -> Dataset:
+    """A cache's rows (and, given, their top k) as OPD training examples, each made when a batch loads it."""
+    columns = table.select(["prompt_ids", "response_ids", "teacher_logprobs"])
+    if top is None:
+        return Dataset(columns).with_transform(opd_batch)
+    rows = pa.array(np.arange(len(table), dtype=np.int64))
+    return Dataset(columns.append_column("row", rows)).with_transform(partial(opd_batch, top=top))
+
+
+def opd_batch(batch: dict[str, list], top: TopK | None = None) -> dict[str, list]:
+    """Rows of the cache (as a batch of columns, with their ``row`` numbers given ``top``) as OPD
+    training examples; given ``top``, with the teacher's top k at each response position."""
+    examples = [opd_example(prompt, response, logprobs, *(top.of_row(batch["row"][n]) if top else ()))
+                for n, (prompt, response, logprobs) in enumerate(zip(batch["prompt_ids"], batch["response_ids"],
+                                                                     batch["teacher_logprobs"]))]
     return {key: [e[key] for e in examples] for key in examples[0]} if examples else {}
 
 

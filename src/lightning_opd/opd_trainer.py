@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import Trainer, TrainerCallback
 
@@ -26,17 +27,21 @@ from lightning_opd.training import (
 
 
 def opd_example(prompt: list[int], response: list[int], teacher_logprobs: list[float],
-                top_ids: list[list[int]] | None = None, top_logprobs: list[list[float]] | None = None
-                ) -> dict[str, list]:
+                top_ids: np.ndarray | list[list[int]] | None = None,
+                top_logprobs: np.ndarray | list[list[float]] | None = None) -> dict[str, list | np.ndarray]:
     """A training sequence whose teacher log-probs sit at the positions of the
     response tokens; and, given, the teacher's top k at those positions (k ids
-    and log-probs per response token)."""
+    and log-probs per response token), as (tokens, k) arrays with zeros at the
+    prompt's positions."""
     example = supervised_example(prompt, response)
     example["teacher_logprobs"] = [0.0] * len(prompt) + [float(x) for x in teacher_logprobs]
     if top_ids is not None:
-        k = len(top_ids[0]) if top_ids else 0
-        example["teacher_topk_ids"] = [[0] * k] * len(prompt) + [list(map(int, t)) for t in top_ids]
-        example["teacher_topk_logprobs"] = [[0.0] * k] * len(prompt) + [list(map(float, t)) for t in top_logprobs]
+        for key, values, dtype in (("teacher_topk_ids", top_ids, np.int64),
+                                   ("teacher_topk_logprobs", top_logprobs, np.float32)):
+            per_token = np.asarray(values, dtype)
+            if per_token.ndim != 2:  # an empty response's []
+                per_token = per_token.reshape(len(response), 0)
+            example[key] = np.concatenate([np.zeros((len(prompt), per_token.shape[1]), dtype), per_token])
     return example
 
 

@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import transformers
 from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
@@ -32,17 +33,20 @@ def supervised_example(prompt: list[int], response: list[int]) -> dict[str, list
     return {"input_ids": list(prompt) + list(response), "labels": [IGNORE_INDEX] * len(prompt) + list(response)}
 
 
-def _field_dtype(values: list) -> torch.dtype:
-    """float32 for (lists of) floats, else long."""
+def _field_dtype(values: list | np.ndarray) -> torch.dtype:
+    """float32 for (lists or arrays of) floats, else long."""
+    if isinstance(values, np.ndarray):
+        return torch.float32 if values.dtype.kind == "f" else torch.long
     while values and isinstance(values[0], list):
         values = values[0]
     return torch.float32 if values and isinstance(values[0], float) else torch.long
 
 
 class PadCollator:
-    """Right-pads every list field of a batch: ``input_ids`` with the pad id,
-    ``labels`` with -100, float fields with 0; adds ``attention_mask``. A field
-    with a vector per token (the teacher's top k) becomes (batch, tokens, k)."""
+    """Right-pads every field of a batch (a list, or an array with one row per
+    token): ``input_ids`` with the pad id, ``labels`` with -100, float fields
+    with 0; adds ``attention_mask``. A field with a vector per token (the
+    teacher's top k) becomes (batch, tokens, k)."""
 
     def __init__(self, pad_id: int):
         self.pad_id = pad_id
@@ -51,13 +55,17 @@ class PadCollator:
         width = max(len(f["input_ids"]) for f in features)
         batch: dict[str, torch.Tensor] = {}
         for key in features[0]:
+            first = features[0][key]
             fill = {"input_ids": self.pad_id, "labels": IGNORE_INDEX}.get(key, 0)
-            dtype = _field_dtype(features[0][key])
-            inner = len(features[0][key][0]) if features[0][key] and isinstance(features[0][key][0], list) else None
-            padded = torch.full((len(features), width, *([inner] if inner else [])), fill, dtype=dtype)
+            dtype = _field_dtype(first)
+            if isinstance(first, np.ndarray):
+                inner = list(first.shape[1:])
+            else:
+                inner = [len(first[0])] if first and isinstance(first[0], list) and first[0] else []
+            padded = torch.full((len(features), width, *inner), fill, dtype=dtype)
             for row, f in enumerate(features):
-                if f[key]:
-                    padded[row, :len(f[key])] = torch.tensor(f[key], dtype=dtype)
+                if len(f[key]):
+                    padded[row, :len(f[key])] = torch.as_tensor(f[key], dtype=dtype)
             batch[key] = padded
         batch["attention_mask"] = torch.zeros((len(features), width), dtype=torch.long)
         for row, f in enumerate(features):
@@ -74,8 +82,11 @@ class PackCollator:
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         batch: dict[str, Any] = {}
         for key in features[0]:
-            values = [x for f in features for x in f[key]]
-            batch[key] = torch.tensor(values, dtype=_field_dtype(values))[None]
+            if isinstance(features[0][key], np.ndarray):
+                values = np.concatenate([f[key] for f in features])
+            else:
+                values = [x for f in features for x in f[key]]
+            batch[key] = torch.as_tensor(values, dtype=_field_dtype(values))[None]
         batch["position_ids"] = torch.cat([torch.arange(len(f["input_ids"])) for f in features])[None]
         batch["use_cache"] = False  # with a KV cache transformers ignores the packing in the position ids
         return batch
