@@ -113,9 +113,9 @@ def load_checked_cache(cache_path: Path, init: dict, tokenizer, allow_mismatch: 
         return training_set(table), {**meta, "teacher_consistent": consistent}
     stored, width = cache_top_k(meta), vocab_size(init["path"])
     top = TopK(table, stored, k)
-    if top.ids.size and (largest := int(top.ids.max())) >= width:
+    if top.ids.size and int(top.ids.max()) >= width:
         token = int(np.flatnonzero((top.ids >= width).any(1))[0])
-        row = int(np.searchsorted(top.starts, token, side="right")) - 1
+        row, largest = int(np.searchsorted(top.starts, token, side="right")) - 1, int(top.ids[token].max())
         raise ArtifactError(f"{cache_path}: row {table.column('id')[row].as_py()!r} has top-k token id {largest}, "
                             f"outside the {width}-token output of the student {init['path']}: the cache comes from "
                             "another model family; delete it and rerun the teacher_cache stage")
@@ -125,18 +125,21 @@ def load_checked_cache(cache_path: Path, init: dict, tokenizer, allow_mismatch: 
 class TopK:
     """The teacher's k most likely tokens and their log-probs at every response token of a cache, as two
     (tokens, k) numpy arrays in the cache's dtypes (k / stored of the bytes of its two Arrow columns), with
-    each row's first token at ``starts[row]``. A loaded row takes its slice: a top-k cache is never held
-    as Python lists, and a step makes no Python object per number."""
+    each row's first token at ``starts[row]``. A loaded row takes its slice: the top k are never held as
+    Python lists, nor made into a Python object per number."""
 
     def __init__(self, table, stored: int, k: int):
         # the first k of each position are the teacher's k most likely tokens (canonical order)
         def first_k(column: str) -> np.ndarray:
             values = pc.list_flatten(table.column(column)).to_numpy(zero_copy_only=False)
+            if values.size != stored * int(self.starts[-1]):  # read_cache checks every row; a table that skipped it
+                raise ValueError(f"{column}: {values.size} values for {int(self.starts[-1])} response tokens "
+                                 f"x {stored} stored")
             return np.ascontiguousarray(values.reshape(-1, stored)[:, :k])
 
-        self.ids, self.logprobs = first_k("teacher_topk_ids"), first_k("teacher_topk_logprobs")
         lengths = pc.list_value_length(table.column("response_ids")).to_numpy(zero_copy_only=False)
         self.starts = np.concatenate([[0], np.cumsum(lengths)])
+        self.ids, self.logprobs = first_k("teacher_topk_ids"), first_k("teacher_topk_logprobs")
 
     def of_row(self, row: int) -> tuple[np.ndarray, np.ndarray]:
         span = slice(self.starts[row], self.starts[row + 1])

@@ -39,8 +39,11 @@ def opd_example(prompt: list[int], response: list[int], teacher_logprobs: list[f
         for key, values, dtype in (("teacher_topk_ids", top_ids, np.int64),
                                    ("teacher_topk_logprobs", top_logprobs, np.float32)):
             per_token = np.asarray(values, dtype)
-            if per_token.ndim != 2:  # an empty response's []
-                per_token = per_token.reshape(len(response), 0)
+            if per_token.ndim != 2 or len(per_token) != len(response):
+                if len(response) or per_token.size:
+                    raise ValueError(f"{key}: expected {len(response)} rows of k values (one per response token), "
+                                     f"got shape {per_token.shape}")
+                per_token = per_token.reshape(0, 0)  # an empty response's []
             example[key] = np.concatenate([np.zeros((len(prompt), per_token.shape[1]), dtype), per_token])
     return example
 
