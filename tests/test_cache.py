@@ -162,6 +162,14 @@ def test_top_k_cache_damage_is_refused_naming_file_and_row(world, tmp_path, muta
         read_cache(bad)
 
 
+@pytest.mark.parametrize("column", ["teacher_topk_ids", "teacher_topk_logprobs"])
+def test_a_null_inside_the_top_k_lists_is_refused_naming_file_row_and_column(world, tmp_path, column):
+    bad = rewrite_top_k(world["cache_A_top8"], tmp_path / "null.parquet", set_top(2, column, 3, None))
+    with pytest.raises(ArtifactError, match=rf"null\.parquet: row 2 \(id 'opd-000002'\) has a null in column "
+                                            rf"'{column}' inside its list"):
+        read_cache(bad)
+
+
 def test_top_k_columns_missing_where_the_provenance_says_top_k(world, tmp_path):
     bad = rewrite_top_k(world["cache_A"], tmp_path / "nocols.parquet", mutate_meta=lambda m: m.update(top_k=8))
     with pytest.raises(ArtifactError, match=r"nocols\.parquet: missing columns \['teacher_topk_ids', "
@@ -194,7 +202,7 @@ def test_the_training_set_keeps_the_cache_in_arrow_and_makes_each_example_on_loa
                                        OPDParams(loss=loss, top_k=k or None))
     rows = pq.read_table(cache).to_pylist()
     assert len(dataset) == len(rows) and meta.get("loss_top_k", 0) == k
-    assert dataset.data.column_names[:3] == ["prompt_ids", "response_ids", "teacher_logprobs"]  # Arrow, no lists
+    assert dataset.table.column_names == ["prompt_ids", "response_ids", "teacher_logprobs"]  # Arrow, no lists
     for n in (0, len(rows) - 1):
         row, top = rows[n], [None, None]
         if k:

@@ -315,6 +315,7 @@ def read_cache(path: Path | str) -> tuple[pa.Table, dict[str, Any]]:
             "teacher_cache stage (check the teacher's weights if it happens again)"
         )
     if k:
+        _check_no_nulls(path, table, pa.schema(TOPK_FIELDS))
         _check_top_k(path, table, k)
     return table, meta
 

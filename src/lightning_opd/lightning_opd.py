@@ -19,13 +19,11 @@ first steps every round."""
 from __future__ import annotations
 
 import argparse
-from functools import partial
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
-from datasets import Dataset
+import torch
 
 from lightning_opd.artifacts import ArtifactError, cache_top_k, read_cache
 from lightning_opd.hparams import OPDParams, parse_hparams
@@ -91,7 +89,7 @@ def rows_of_prompts(table, ids: set[str], cache_path: Path, share_path: Path):
 
 
 def load_checked_cache(cache_path: Path, init: dict, tokenizer, allow_mismatch: bool,
-                       params: OPDParams | None = None, share: Path | None = None) -> tuple[Dataset, dict]:
+                       params: OPDParams | None = None, share: Path | None = None) -> tuple[CacheRows, dict]:
     """The training set of a checked cache (of the rollouts of ``share``'s prompts, given one) and the
     cache's provenance. The set keeps the cache's Arrow columns (and its top k, given a top-k loss,
     as numpy arrays): a row becomes a training example only when a batch loads it, so a paper-scale
@@ -110,7 +108,7 @@ def load_checked_cache(cache_path: Path, init: dict, tokenizer, allow_mismatch: 
     check_context(init["path"], dict(zip(table.column("id").to_pylist(), lengths.to_pylist())), cache_path,
                   "lower teacher_cache.max_response_tokens or rollouts.sampling.max_new_tokens")
     if not k:
-        return training_set(table), {**meta, "teacher_consistent": consistent}
+        return CacheRows(table), {**meta, "teacher_consistent": consistent}
     stored, width = cache_top_k(meta), vocab_size(init["path"])
     top = TopK(table, stored, k)
     if top.ids.size and int(top.ids.max()) >= width:
@@ -119,7 +117,7 @@ def load_checked_cache(cache_path: Path, init: dict, tokenizer, allow_mismatch: 
         raise ArtifactError(f"{cache_path}: row {table.column('id')[row].as_py()!r} has top-k token id {largest}, "
                             f"outside the {width}-token output of the student {init['path']}: the cache comes from "
                             "another model family; delete it and rerun the teacher_cache stage")
-    return training_set(table, top), {**meta, "teacher_consistent": consistent, "loss_top_k": k}
+    return CacheRows(table, top), {**meta, "teacher_consistent": consistent, "loss_top_k": k}
 
 
 class TopK:
@@ -146,22 +144,25 @@ class TopK:
         return self.ids[span], self.logprobs[span]
 
 
-def training_set(table, top: TopK | None = None) -> Dataset:
-    """A cache's rows (and, given, their top k) as OPD training examples, each made when a batch loads it."""
-    columns = table.select(["prompt_ids", "response_ids", "teacher_logprobs"])
-    if top is None:
-        return Dataset(columns).with_transform(opd_batch)
-    rows = pa.array(np.arange(len(table), dtype=np.int64))
-    return Dataset(columns.append_column("row", rows)).with_transform(partial(opd_batch, top=top))
+class CacheRows(torch.utils.data.Dataset):
+    """A cache's rows (and, given, their top k) as OPD training examples, each made when a batch loads it;
+    the rows stay in the cache's Arrow columns. A torch dataset, not a ``datasets.Dataset``: a transform
+    set on one is pickled whole to fingerprint it, a transient copy of every top-k array."""
 
+    def __init__(self, table, top: TopK | None = None):
+        self.table, self.top = table.select(["prompt_ids", "response_ids", "teacher_logprobs"]), top
 
-def opd_batch(batch: dict[str, list], top: TopK | None = None) -> dict[str, list]:
-    """Rows of the cache (as a batch of columns, with their ``row`` numbers given ``top``) as OPD
-    training examples; given ``top``, with the teacher's top k at each response position."""
-    examples = [opd_example(prompt, response, logprobs, *(top.of_row(batch["row"][n]) if top else ()))
-                for n, (prompt, response, logprobs) in enumerate(zip(batch["prompt_ids"], batch["response_ids"],
-                                                                     batch["teacher_logprobs"]))]
-    return {key: [e[key] for e in examples] for key in examples[0]} if examples else {}
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        rows = self.table.take(indices).to_pydict()
+        return [opd_example(prompt, response, logprobs, *(self.top.of_row(row) if self.top else ()))
+                for row, prompt, response, logprobs in zip(indices, rows["prompt_ids"], rows["response_ids"],
+                                                           rows["teacher_logprobs"])]
+
+    def __getitem__(self, index: int) -> dict:
+        return self.__getitems__([index])[0]
 
 
 def main(argv: list[str] | None = None) -> None:
