@@ -1,7 +1,8 @@
 """Host memory of Lightning OPD's training set over a teacher cache: the cache's
 Arrow columns (its top k as numpy arrays) with examples made when a batch
-loads (what `lightning_opd` does) against every row built up front as Python
-lists (what it did before).
+loads, by a torch dataset (what `lightning_opd` does: "arrow") or by a
+`datasets` transform (what it did before: "datasets transform"), against
+every row built up front as Python lists (what it did before that).
 Each way runs in fresh processes (``--repeats``, median and range printed: a
 single peak RSS moves by tens of MiB from run to run) on the same synthetic
 cache (random ids and log-probs of the cache's schema, top-k columns of
@@ -42,7 +43,7 @@ def write_cache(path: Path, rows: int, tokens: int, top_k: int, vocab: int = 151
         "teacher_topk_logprobs": pa.array(list(-rng.random((rows, tokens * top_k)).astype(np.float16)),
                                           pa.list_(pa.float16())),
     })
-    pq.write_table(table, path)
+    pq.write_table(table, path, row_group_size=1024)  # as the teacher_cache stage's shards of 1,024
 
 
 def measure(path: Path, way: str, top_k: int, stored: int, micro_batch: int) -> dict:
@@ -57,6 +58,17 @@ def measure(path: Path, way: str, top_k: int, stored: int, micro_batch: int) -> 
     if way == "arrow":
         dataset = CacheRows(table, TopK(table, stored, top_k))
         del table
+    elif way == "datasets transform":
+        top = TopK(table, stored, top_k)
+        rows = Dataset(table.select(["prompt_ids", "response_ids", "teacher_logprobs"]).append_column(
+            "row", pa.array(np.arange(len(table), dtype=np.int64))))
+        del table
+
+        def examples_of(batch: dict[str, list]) -> dict[str, list]:
+            made = [opd_example(p, r, lp, *top.of_row(n)) for n, p, r, lp in
+                    zip(batch["row"], batch["prompt_ids"], batch["response_ids"], batch["teacher_logprobs"])]
+            return {key: [e[key] for e in made] for key in made[0]}
+        dataset = rows.with_transform(examples_of)  # datasets pickles the transform (and top) to fingerprint it
     else:
         examples = []
         for r in table.to_pylist():
@@ -88,7 +100,7 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--measure", nargs=2, metavar=("CACHE", "WAY"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    stored = args.stored or args.top_k
+    stored = args.top_k if args.stored is None else args.stored
     if not 1 <= args.top_k <= stored or args.repeats < 1:
         parser.error("need 1 <= --top-k <= --stored and --repeats >= 1")
     if args.measure:
@@ -101,13 +113,13 @@ def main() -> None:
               f"{args.top_k} loaded: "
               f"{cache.stat().st_size / 2**20:.0f} MiB parquet, "
               f"{pq.read_table(cache).nbytes / 2**30:.2f} GiB as Arrow")
-        for way in ("arrow", "python lists"):
+        for way in ("arrow", "datasets transform", "python lists"):
             runs = [json.loads(subprocess.run(
                 [sys.executable, __file__, "--top-k", str(args.top_k), "--stored", str(stored), "--micro-batch",
                  str(args.micro_batch), "--measure", str(cache), way],
                 capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
                 for _ in range(args.repeats)]
-            print(f"{way:>12}: peak RSS +{spread(runs, 'peak_rss_gb', 'GiB', 2)}, built in "
+            print(f"{way:>18}: peak RSS +{spread(runs, 'peak_rss_gb', 'GiB', 2)}, built in "
                   f"{spread(runs, 'build_s', 's', 1)}, one epoch of micro-batches {args.micro_batch} loaded in "
                   f"{spread(runs, 'epoch_load_s', 's', 1)}; "
                   f"median (range) of {args.repeats} processes")

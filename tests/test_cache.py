@@ -216,6 +216,49 @@ def test_the_training_set_keeps_the_cache_in_arrow_and_makes_each_example_on_loa
     assert len(dataset.__getitems__([0, 1])) == 2
 
 
+def test_rows_of_a_cache_in_many_chunks_load_as_from_one_and_out_of_range_is_refused(world):
+    """A cache gathered from shards reads back in one chunk per shard (a row group each): its rows
+    load as the same examples as from a table of one chunk, top k included."""
+    from lightning_opd.lightning_opd import CacheRows, TopK
+
+    table, _ = read_cache(world["cache_A_top8"])
+    chunked = pa.concat_tables([table.slice(start, 5) for start in range(0, table.num_rows, 5)])
+    assert chunked.column("response_ids").num_chunks == 3
+    whole, parts = CacheRows(table, TopK(table, 8, 3)), CacheRows(chunked, TopK(chunked, 8, 3))
+    picked = [11, 0, 5, 4, 10]
+    for got, expected in zip(parts.__getitems__(picked), whole.__getitems__(picked), strict=True):
+        assert got["input_ids"] == expected["input_ids"] and got["teacher_logprobs"] == expected["teacher_logprobs"]
+        assert np.array_equal(got["teacher_topk_ids"], expected["teacher_topk_ids"])
+    with pytest.raises(IndexError, match=r"rows \[12\] of a training set of 12 cached rollouts"):
+        parts.__getitems__([3, 12])
+
+
+def test_loading_a_micro_batch_copies_no_column_of_a_chunked_cache():
+    """Loading rows takes one-row slices of the chunks: no column is joined into one array (what
+    pyarrow's Table.take does to a chunked column, a copy of the whole cache per micro-batch).
+    In a fresh process, so that the Arrow pool's peak starts from this table alone."""
+    import subprocess
+    import sys
+
+    script = """
+import numpy as np, pyarrow as pa
+from lightning_opd.lightning_opd import CacheRows
+rows, tokens = 2000, 500  # 4 MB of log-probs in 8 chunks
+offsets = pa.array(np.arange(0, rows * tokens + 1, tokens, dtype=np.int32))
+whole = pa.table({name: pa.ListArray.from_arrays(offsets, pa.array(values)) for name, values in (
+    ("prompt_ids", np.zeros(rows * tokens, np.int32)), ("response_ids", np.ones(rows * tokens, np.int32)),
+    ("teacher_logprobs", np.full(rows * tokens, -0.5, np.float32)))})
+table = pa.concat_tables([whole.slice(start, 250) for start in range(0, rows, 250)])
+pool, dataset = pa.default_memory_pool(), CacheRows(table)
+before = pool.max_memory()
+batch = dataset.__getitems__([1999, 0, 750, 1234])
+assert [len(e["input_ids"]) for e in batch] == [2 * tokens] * 4
+print(pool.max_memory() - before)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert int(out.split()[-1]) < 100_000  # one column of the table is 4,000,000 bytes
+
+
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 def test_top_k_rows_from_the_cache_collate_to_the_tensors_of_the_same_examples_as_lists(world, packed):
     """A loaded top-k row carries the teacher's top k as (tokens, k) arrays sliced from the cache's columns,

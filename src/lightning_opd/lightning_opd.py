@@ -22,6 +22,7 @@ import argparse
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
@@ -156,7 +157,12 @@ class CacheRows(torch.utils.data.Dataset):
         return self.table.num_rows
 
     def __getitems__(self, indices: list[int]) -> list[dict]:
-        rows = self.table.take(indices).to_pydict()
+        if bad := [i for i in indices if not 0 <= i < len(self)]:
+            raise IndexError(f"rows {bad} of a training set of {len(self)} cached rollouts")
+        if not indices:
+            return []
+        # one-row slices, no copy: Table.take joins every chunk of a column (one per cache shard) first
+        rows = pa.concat_tables([self.table.slice(int(i), 1) for i in indices]).to_pydict()
         return [opd_example(prompt, response, logprobs, *(self.top.of_row(row) if self.top else ()))
                 for row, prompt, response, logprobs in zip(indices, rows["prompt_ids"], rows["response_ids"],
                                                            rows["teacher_logprobs"])]
