@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from lightning_opd.hparams import ArchParams, OPDParams, TrainParams
 from lightning_opd.modeling import load_tokenizer, tiny_qwen3_config
 from lightning_opd.provenance import read_train_log
 from lightning_opd.training import accumulation
+from torchrun import run_or_show_stacks
 
 # plain SGD: the update is the gradient itself, so equal updates mean equal gradients
 # (Adam's first steps turn float noise on near-zero gradients into +-lr)
@@ -31,8 +31,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def launch_module(nproc: int, module: str, *args: str) -> str:
-    result = subprocess.run([sys.executable, "-m", "lightning_opd.launch", "--nproc-per-node", str(nproc), module,
-                             *args], env=ENV, capture_output=True, text=True, timeout=600)
+    result = run_or_show_stacks([sys.executable, "-m", "lightning_opd.launch", "--nproc-per-node", str(nproc), module,
+                                 *args], env=ENV, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout
 
@@ -146,10 +146,10 @@ def test_sharded_frozen_model_scores_and_samples_like_the_whole_one(world, tmp_p
     AutoModelForCausalLM.from_config(tiny_qwen3_config(ArchParams(
         hidden_size=512, intermediate_size=2048, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4,
         head_dim=64, max_position_embeddings=256), tokenizer)).save_pretrained(tmp_path / "model")
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone",
-                             str(Path(__file__).with_name("check_sharded_frozen.py")), str(tmp_path / "model"),
-                             str(world["rollouts"]), str(world["teacher_B"])],
-                            env=ENV, capture_output=True, text=True, timeout=300)
+    result = run_or_show_stacks([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone",
+                                 str(Path(__file__).with_name("check_sharded_frozen.py")), str(tmp_path / "model"),
+                                 str(world["rollouts"]), str(world["teacher_B"])],
+                                env=ENV, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert result.stdout.count("sharded scoring, sampling, gradients and drift match the whole model") == 2
 
@@ -165,9 +165,23 @@ def test_trained_model_loads_through_accelerates_fsdp2_without_a_full_copy_per_r
     AutoModelForCausalLM.from_config(tiny_qwen3_config(ArchParams(
         hidden_size=512, intermediate_size=2048, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4,
         head_dim=64, max_position_embeddings=256), tokenizer)).save_pretrained(tmp_path / "model")
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone",
-                             str(Path(__file__).with_name("check_fsdp2_loading.py")), str(tmp_path / "model"),
-                             str(world["cache_A"])],
-                            env={**ENV, "MALLOC_MMAP_THRESHOLD_": "65536"}, capture_output=True, text=True, timeout=300)
+    result = run_or_show_stacks([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone",
+                                 str(Path(__file__).with_name("check_fsdp2_loading.py")), str(tmp_path / "model"),
+                                 str(world["cache_A"])],
+                                env={**ENV, "MALLOC_MMAP_THRESHOLD_": "65536"}, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert result.stdout.count("accelerate's FSDP2 loading matches the whole model and its step") == 2
+
+
+def test_a_hung_run_fails_with_the_stack_of_every_rank(tmp_path):
+    script = tmp_path / "hang.py"
+    script.write_text("import os, time\nimport torch.distributed as dist\n"
+                      "dist.init_process_group('gloo')\n"
+                      "def wait_forever():\n    time.sleep(3600)\n"
+                      "dist.barrier() if os.environ['RANK'] == '0' else wait_forever()\n")
+    with pytest.raises(pytest.fail.Exception) as failure:
+        run_or_show_stacks([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone",
+                            str(script)], env=ENV, timeout=30)
+    message = str(failure.value)
+    assert "ran past 30 s" in message
+    assert f'File "{script}", line 6 in <module>' in message and "line 5 in wait_forever" in message
