@@ -185,3 +185,10 @@ def test_a_hung_run_fails_with_the_stack_of_every_rank(tmp_path):
     message = str(failure.value)
     assert "ran past 30 s" in message
     assert f'File "{script}", line 6 in <module>' in message and "line 5 in wait_forever" in message
+
+
+def test_a_hung_launcher_fails_with_its_own_stack(tmp_path):
+    script = tmp_path / "hang.py"
+    script.write_text("import time\ndef wait_forever():\n    time.sleep(3600)\nwait_forever()\n")
+    with pytest.raises(pytest.fail.Exception, match=r'(?s)ran past 5 s.*line 3 in wait_forever'):
+        run_or_show_stacks([sys.executable, str(script)], env=ENV, timeout=5)

@@ -33,13 +33,27 @@ def _abort_with_stacks(process: subprocess.Popen) -> tuple[str, str]:
     except psutil.NoSuchProcess:
         tree = []
     for worker in reversed(tree):  # the workers before their launcher, which would otherwise stop them first
-        try:
-            worker.send_signal(signal.SIGABRT)
-        except psutil.NoSuchProcess:
-            pass
-    time.sleep(5)
+        _abort(worker)
+    # the launcher ends once it sees its workers end; if it does not, it hangs itself: its stack too
+    if _still_running(process, 5 if tree else 0):
+        _abort(psutil.Process(process.pid))
+        _still_running(process, 5)
     try:
         os.killpg(process.pid, signal.SIGKILL)  # the launcher and any worker it left behind
     except ProcessLookupError:
         pass
     return process.communicate()
+
+
+def _still_running(process: subprocess.Popen, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return process.poll() is None
+
+
+def _abort(child: psutil.Process) -> None:
+    try:
+        child.send_signal(signal.SIGABRT)
+    except psutil.NoSuchProcess:
+        pass
