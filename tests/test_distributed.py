@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -192,3 +193,16 @@ def test_a_hung_launcher_fails_with_its_own_stack(tmp_path):
     script.write_text("import time\ndef wait_forever():\n    time.sleep(3600)\nwait_forever()\n")
     with pytest.raises(pytest.fail.Exception, match=r'(?s)ran past 5 s.*line 3 in wait_forever'):
         run_or_show_stacks([sys.executable, str(script)], env=ENV, timeout=5)
+
+
+def test_a_hung_job_of_a_shell_pipeline_shows_its_stack_through_tee(tmp_path):
+    """As a Snakemake job runs: `python ... 2>&1 | tee log` in a shell. The job's stack reaches the output and
+    the log through `tee`, which the helper leaves running until the Python processes have printed."""
+    script, log = tmp_path / "hang.py", tmp_path / "job.log"
+    script.write_text("import time\ndef wait_forever():\n    time.sleep(3600)\nwait_forever()\n")
+    with pytest.raises(pytest.fail.Exception) as failure:
+        run_or_show_stacks(["bash", "-c", f"{shlex.quote(sys.executable)} {shlex.quote(str(script))} 2>&1 "
+                                          f"| tee {shlex.quote(str(log))}"], env=ENV, timeout=5)
+    stdout = str(failure.value).split("stdout (a Snakemake job's stacks are here):")[1]
+    assert f'File "{script}", line 3 in wait_forever' in stdout
+    assert f'File "{script}", line 3 in wait_forever' in log.read_text()

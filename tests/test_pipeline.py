@@ -19,6 +19,7 @@ from snakemake.utils import validate
 
 from lightning_opd.artifacts import METADATA_KEY
 from lightning_opd.provenance import read_train_log
+from torchrun import run_or_show_stacks
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
@@ -29,8 +30,10 @@ STAGES = ["task_data", "tokenizer", "pretrain_teacher", "pretrain_student_base",
 
 
 def snakemake(*args: str, cwd: Path = REPO, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run([SNAKEMAKE, "--workflow-profile", "none", "--cores", "2", *args], cwd=cwd, env=ENV,
-                            capture_output=True, text=True, timeout=1200)
+    """A hung job (a training of two processes, say) fails the test after 20 minutes with every Python
+    process's stack: the jobs', Snakemake's own."""
+    result = run_or_show_stacks([SNAKEMAKE, "--workflow-profile", "none", "--cores", "2", *args], cwd=cwd, env=ENV,
+                                timeout=1200)
     if check and result.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
     return result
