@@ -357,8 +357,8 @@ def test_paper_configs_run_the_standard_opd_baseline_with_the_vllm_sampler():
 
 
 def test_long_chains_config_plans_longer_chains_with_a_student_as_large_as_the_teacher(tmp_path):
-    """config/long_chains.yaml (README, "Longer chains"): chains longer than any of the default's, a student
-    base with the teacher's architecture, and the sampled and top-k Lightning OPD runs beside standard OPD."""
+    """config/long_chains.yaml (docs/embedded-task.md, "Longer chains"): chains longer than any of the default's,
+    a student base with the teacher's architecture, and the sampled and top-k Lightning OPD runs beside standard OPD."""
     default = default_config()
     config = merge(default, yaml.safe_load((REPO / "config/long_chains.yaml").read_text()))
     assert config["task"]["min_operands"] > default["task"]["max_operands"]
@@ -375,8 +375,8 @@ def test_long_chains_config_plans_longer_chains_with_a_student_as_large_as_the_t
 
 
 def test_long_training_config_trains_both_methods_and_every_variant_30_epochs_at_lr_3e_4(tmp_path):
-    """config/long_training.yaml (README, "Trained to convergence on the fixed rollouts"): the default with
-    240 OPD steps for standard OPD, Lightning OPD and each variant (every round's share included)."""
+    """config/long_training.yaml (docs/embedded-task.md, "Trained to convergence on the fixed rollouts"): the
+    default with 240 OPD steps for standard OPD, Lightning OPD and each variant (every round's share included)."""
     override = write_yaml(tmp_path / "o.yaml", {"results_dir": str(tmp_path / "results")})
     result = snakemake("-n", "-p", "--configfile", "config/long_training.yaml", str(override))
     jobs = planned_jobs(result.stdout)
@@ -450,9 +450,10 @@ def test_comparison_runs_its_grid_in_the_defaults_regime(tmp_path):
 
 
 def test_paper_baseline_config_gives_standard_opd_4_live_samples_per_prompt_and_4x_lightning_opds_sequences(tmp_path):
-    """config/paper_baseline.yaml (README, "Against the paper's baseline"): the default's OPD regime, but standard
-    OPD samples 4 answers per prompt, so at the same 120 steps of 256 prompts it trains on 1,024 sequences a step;
-    Lightning OPD and top-k 16 keep 256 cached rollouts a step; three seeds, in a results directory of their own."""
+    """config/paper_baseline.yaml (docs/embedded-task.md, "Against the paper's baseline"): the default's OPD
+    regime, but standard OPD samples 4 answers per prompt, so at the same 120 steps of 256 prompts it trains on
+    1,024 sequences a step; Lightning OPD and top-k 16 keep 256 cached rollouts a step; three seeds, in a results
+    directory of their own."""
     override = write_yaml(tmp_path / "o.yaml", {"results_dir": str(tmp_path / "results")})
     result = snakemake("-n", "-p", "--configfile", "config/paper_baseline.yaml", str(override))
     assert f"{tmp_path}/results/paper_baseline/" in result.stdout
@@ -467,9 +468,10 @@ def test_paper_baseline_config_gives_standard_opd_4_live_samples_per_prompt_and_
 
 
 def test_large_cache_config_gives_every_opd_run_240_steps_and_batch256_standard_opds_sequences_a_step(tmp_path):
-    """config/large_cache.yaml (README, "A larger cache and larger steps close the gap"): 4,096 OPD prompts; standard
-    OPD (64 prompts x n samples a step), Lightning OPD and topk16 (64 cached rollouts a step) and the variant batch256
-    (n x 64 rollouts a step: standard OPD's sequences) all train the same number of steps."""
+    """config/large_cache.yaml (docs/embedded-task.md, "A larger cache and larger steps close the gap"): 4,096
+    OPD prompts; standard OPD (64 prompts x n samples a step), Lightning OPD and topk16 (64 cached rollouts a
+    step) and the variant batch256 (n x 64 rollouts a step: standard OPD's sequences) all train the same number
+    of steps."""
     override = write_yaml(tmp_path / "o.yaml", {"results_dir": str(tmp_path / "results")})
     result = snakemake("-n", "-p", "--configfile", "config/large_cache.yaml", str(override))
     jobs = planned_jobs(result.stdout)
