@@ -135,3 +135,32 @@ def test_a_run_logs_its_last_step_and_the_steps_each_log_covers(tmp_path):
     shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
     resumed, _ = tiny_run(tmp_path / "resumed", resume=str(tmp_path / "resumed" / "checkpoint-2"), logging_steps=3)
     assert covered(resumed) == [(3, 1), (4, 1)]
+
+
+def fractional_epochs_run(out) -> OPDTrainer:
+    """8 random OPD rows, batch 4 (2 steps an epoch), 1.5 epochs: 3 steps, a checkpoint at every step;
+    resumed from the newest checkpoint in ``out`` if there is one; no final save."""
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for i in range(8):
+        ids = torch.randint(2, 97, (4 + i % 3,), generator=generator).tolist()
+        rows.append(opd_example(ids[:2], ids[2:], (-3 * torch.rand(len(ids) - 2, generator=generator)).tolist()))
+    params = OPDParams(batch_size=4, epochs=1.5, learning_rate=1e-2, save_steps=1, logging_steps=1)
+    trainer = OPDTrainer(model=tiny_qwen3(0), args=training_arguments(params, out),
+                         train_dataset=Dataset.from_list(rows), data_collator=PadCollator(0))
+    train_with_resume(trainer)
+    return trainer
+
+
+def test_a_run_resumed_from_its_last_checkpoint_takes_no_more_steps(tmp_path, capsys):
+    """A kill after the last checkpoint but before the final save (a full disk, a time limit during an FSDP
+    gather): the rerun resumes from the checkpoint of the last step. Ending inside an epoch (1.5 epochs), the
+    Trainer alone would train one more step there; the rerun ends with the first run's weights and steps."""
+    first = fractional_epochs_run(tmp_path / "ckpt")
+    assert first.state.global_step == 3 and (tmp_path / "ckpt" / "checkpoint-3").is_dir()
+    rerun = fractional_epochs_run(tmp_path / "ckpt")
+    assert "checkpoint-3 holds the run's last step: nothing left to train" in capsys.readouterr().out
+    assert rerun.state.global_step == 3
+    assert max(e["step"] for e in rerun.state.log_history) == 3
+    assert max_difference(rerun.model.state_dict(), first.model.state_dict()) == 0
+    assert not (tmp_path / "ckpt" / "checkpoint-4").exists()

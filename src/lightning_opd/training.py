@@ -333,12 +333,36 @@ def train_with_resume(trainer: Trainer) -> None:
               f"{args.gradient_accumulation_steps} accumulation steps per optimiser step"
               + (f"; resuming from {last}" if last else ""), flush=True)
     trainer.add_callback(FiniteGuard())
+    if last and finished(Path(last)):
+        take_no_steps(trainer)
+        if trainer.is_world_process_zero():
+            print(f"{last} holds the run's last step: nothing left to train", flush=True)
     try:
         trainer.train(resume_from_checkpoint=last)
     except Exception as error:
         if failure := write_failure(output_dir, error):  # e.g. a full disk while writing a checkpoint
             raise failure from error
         raise
+
+
+def finished(checkpoint: Path) -> bool:
+    """Whether ``checkpoint`` is the run's last optimiser step (its inputs and hyperparameters, hence its
+    step count, are those of the run: the checkpoint root is keyed by them)."""
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    return state.get("max_steps", 0) > 0 and state["global_step"] >= state["max_steps"]
+
+
+def take_no_steps(trainer: Trainer) -> None:
+    """Makes ``trainer.train(resume_from_checkpoint=...)`` load the checkpoint (weights, optimiser, state,
+    log) and end without a step. The Trainer resumes in epoch ``global_step // steps per epoch`` and,
+    when the run ends inside an epoch (3.75 epochs: 120 steps of 32 per epoch), trains one more step
+    there before it checks ``max_steps``: a rerun after a kill between the last checkpoint and the final
+    save would end with step 121. The step's batches are never fetched (standard OPD samples there)."""
+    def no_batches(epoch_iterator, num_batches, device):
+        trainer.control.should_training_stop = True
+        return [], None
+
+    trainer.get_batch_samples = no_batches
 
 
 # environment variables that hold the CPU kernels of torch (ATen), MKL and oneDNN to an instruction set
