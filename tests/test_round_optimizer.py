@@ -5,6 +5,7 @@ its lr schedule starts anew. A run resumed from its own checkpoint logs its
 tokens per step over the steps since the checkpoint. Every run logs its last step."""
 from __future__ import annotations
 
+import json
 import shutil
 
 import torch
@@ -17,6 +18,7 @@ from lightning_opd.modeling import load_tokenizer
 from lightning_opd.opd_trainer import OPDTrainer, opd_example
 from lightning_opd.provenance import describe_model
 from lightning_opd.training import (
+    CHECKPOINT_COMPLETE,
     OPTIMIZER_STATE_DIR,
     PadCollator,
     collator,
@@ -158,6 +160,7 @@ def test_a_run_resumed_from_its_last_checkpoint_takes_no_more_steps(tmp_path, ca
     Trainer alone would train one more step there; the rerun ends with the first run's weights and steps."""
     first = fractional_epochs_run(tmp_path / "ckpt")
     assert first.state.global_step == 3 and (tmp_path / "ckpt" / "checkpoint-3").is_dir()
+    assert json.loads((tmp_path / "ckpt" / "checkpoint-3" / CHECKPOINT_COMPLETE).read_text()) == {"processes": 1}
     rerun = fractional_epochs_run(tmp_path / "ckpt")
     assert "checkpoint-3 holds the run's last step: nothing left to train" in capsys.readouterr().out
     assert rerun.state.global_step == 3

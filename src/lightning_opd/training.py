@@ -18,7 +18,7 @@ import torch
 import transformers
 from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer import OPTIMIZER_NAME
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from lightning_opd.artifacts import atomic_path, check_writable, write_failure
 from lightning_opd.hparams import TrackingParams, TrainParams, accumulation, parse_hparams
@@ -249,11 +249,41 @@ _CHECKPOINT_PARTS = {
 }
 
 
+# written into a checkpoint once every process has saved its part: {"processes": N}
+CHECKPOINT_COMPLETE = "complete.json"
+
+
+class MarkCheckpointComplete(TrainerCallback):
+    """After every process has written its part of a checkpoint, the main process records in it how many
+    processes wrote it. A rerun on another number of processes (a preempted job given fewer GPUs) then
+    knows which RNG files the checkpoint must hold, instead of taking it for incomplete."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+
+    def on_save(self, args, state, control, **kwargs):
+        self.trainer.accelerator.wait_for_everyone()
+        if state.is_world_process_zero:
+            checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            with atomic_path(checkpoint / CHECKPOINT_COMPLETE) as tmp:
+                tmp.write_text(json.dumps({"processes": args.world_size}) + "\n")
+
+
+def checkpoint_writers(checkpoint: Path) -> int | None:
+    """How many processes wrote ``checkpoint``, from its completion record (None: a checkpoint without one)."""
+    try:
+        return int(json.loads((checkpoint / CHECKPOINT_COMPLETE).read_text())["processes"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def checkpoint_missing(checkpoint: Path, processes: int) -> list[str]:
     """What ``checkpoint`` lacks to resume a run of ``processes`` processes
-    (each process saves its own RNG state when there are several)."""
+    (each process saves its own RNG state when there are several: those of
+    the processes that wrote it, as its completion record says)."""
     missing = [part for part, names in _CHECKPOINT_PARTS.items()
                if not any((checkpoint / name).exists() for name in names)]
+    processes = checkpoint_writers(checkpoint) or processes
     rng = ["rng_state.pth"] if processes == 1 else [f"rng_state_{rank}.pth" for rank in range(processes)]
     missing += [name for name in rng if not (checkpoint / name).is_file()]
     try:
@@ -270,8 +300,13 @@ def last_complete_checkpoint(output_dir: Path, processes: int | None = None) -> 
     before it is used, so that a resume never starts from fresh optimiser
     moments or blocks on a checkpoint without weights."""
     while output_dir.is_dir() and (last := get_last_checkpoint(str(output_dir))):
-        missing = checkpoint_missing(Path(last), processes or world_size())
+        processes = processes or world_size()
+        missing = checkpoint_missing(Path(last), processes)
         if not missing:
+            if (writers := checkpoint_writers(Path(last))) not in (None, processes):
+                print(f"{last} was written by {writers} processes, this run has {processes}: it resumes with the "
+                      f"same optimiser steps; the RNG state of a process the checkpoint has none for starts afresh",
+                      flush=True)
             return last
         print(f"removing incomplete checkpoint {last} (missing {', '.join(missing)})", flush=True)
         shutil.rmtree(last)
@@ -333,6 +368,7 @@ def train_with_resume(trainer: Trainer) -> None:
               f"{args.gradient_accumulation_steps} accumulation steps per optimiser step"
               + (f"; resuming from {last}" if last else ""), flush=True)
     trainer.add_callback(FiniteGuard())
+    trainer.add_callback(MarkCheckpointComplete(trainer))
     if last and finished(Path(last)):
         take_no_steps(trainer)
         if trainer.is_world_process_zero():

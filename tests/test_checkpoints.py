@@ -1,0 +1,56 @@
+"""Which checkpoint a rerun resumes from: the newest complete one. One that a kill cut short while it was
+written is removed and the one before it is used; one written by another number of processes (a preempted
+job rerun on fewer or more GPUs) is complete as its completion record says, not removed."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lightning_opd.training import CHECKPOINT_COMPLETE, last_complete_checkpoint
+
+
+def checkpoint(root: Path, step: int, rng_files: list[str], writers: int | None = None) -> Path:
+    """A checkpoint with weights, optimiser, scheduler and trainer state, the given RNG files and, given
+    ``writers``, the completion record of that many processes."""
+    path = root / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    for name in ("model.safetensors", "optimizer.pt", "scheduler.pt", *rng_files):
+        (path / name).write_bytes(b"\0")
+    (path / "trainer_state.json").write_text(json.dumps({"global_step": step, "max_steps": 100}))
+    if writers is not None:
+        (path / CHECKPOINT_COMPLETE).write_text(json.dumps({"processes": writers}))
+    return path
+
+
+TWO = ["rng_state_0.pth", "rng_state_1.pth"]
+
+
+def test_a_checkpoint_of_two_processes_resumes_on_one_or_on_four(tmp_path, capsys):
+    checkpoint(tmp_path, 20, TWO, writers=2)
+    newest = checkpoint(tmp_path, 40, TWO, writers=2)
+    assert last_complete_checkpoint(tmp_path, processes=1) == str(newest)
+    assert "written by 2 processes, this run has 1" in capsys.readouterr().out
+    assert last_complete_checkpoint(tmp_path, processes=4) == str(newest)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-20", "checkpoint-40"]
+
+
+def test_a_checkpoint_of_one_process_resumes_on_two(tmp_path):
+    newest = checkpoint(tmp_path, 40, ["rng_state.pth"], writers=1)
+    assert last_complete_checkpoint(tmp_path, processes=2) == str(newest)
+
+
+def test_a_checkpoint_cut_short_is_removed_and_the_one_before_used(tmp_path, capsys):
+    """Without a completion record (a kill before every process had saved), a process's missing RNG state
+    makes the checkpoint incomplete, as before records existed."""
+    before = checkpoint(tmp_path, 20, TWO, writers=2)
+    checkpoint(tmp_path, 40, ["rng_state_0.pth"])
+    assert last_complete_checkpoint(tmp_path, processes=2) == str(before)
+    assert "removing incomplete checkpoint" in capsys.readouterr().out
+    assert not (tmp_path / "checkpoint-40").exists()
+
+
+def test_a_recorded_checkpoint_that_lost_a_file_is_incomplete(tmp_path):
+    before = checkpoint(tmp_path, 20, TWO, writers=2)
+    checkpoint(tmp_path, 40, ["rng_state_0.pth"], writers=2)
+    assert last_complete_checkpoint(tmp_path, processes=1) == str(before)
+    assert not (tmp_path / "checkpoint-40").exists()
