@@ -138,6 +138,25 @@ def test_hub_id_offline_uses_the_cached_snapshot(model_dir, tmp_path, reference)
     assert not (tmp_path / "hub/models--org--tiny/snapshots" / COMMIT / ".fingerprint.json").exists()
 
 
+@pytest.mark.parametrize("reference", ["org/tiny", f"org/tiny@{COMMIT}"])
+def test_a_pinned_hub_id_gives_the_models_config_offline(model_dir, tmp_path, reference):
+    """The context and vocabulary checks of every stage, and the empty model of an FSDP rank, read the config
+    of a hub id pinned to a revision (the config README's `path: org/name@revision`) as of one that is not."""
+    config = {"model_type": "qwen3", "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
+              "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 4, "vocab_size": 97,
+              "max_position_embeddings": 64}
+    (model_dir / "config.json").write_text(json.dumps(config))
+    hf_cache(model_dir, tmp_path / "hub")
+    env = {**ENV, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    code = ("from lightning_opd.modeling import context_length, vocab_size; "
+            "from lightning_opd.training import empty_model; "
+            f"print(context_length({reference!r}), vocab_size({reference!r}), "
+            f"empty_model({reference!r}).get_output_embeddings().weight.shape[0])")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["64", "97", "97"]
+
+
 RACE = """
 import sys
 from pathlib import Path

@@ -51,15 +51,20 @@ def load_model(name_or_path: str | Path, dtype: str = "float32", device: str | N
     return model.to(pick_device(device))
 
 
+def model_config(name_or_path: str | Path):
+    """The model's config, from a local directory or a hub id pinned or not (``org/name@revision``)."""
+    repo, revision = split_revision(name_or_path)
+    return AutoConfig.from_pretrained(repo, revision=revision, **local_source(repo))
+
+
 def context_length(name_or_path: str | Path) -> int | None:
     """The longest sequence the model was built for (max_position_embeddings)."""
-    config = AutoConfig.from_pretrained(str(name_or_path), **local_source(name_or_path))
-    return getattr(config, "max_position_embeddings", None)
+    return getattr(model_config(name_or_path), "max_position_embeddings", None)
 
 
 def vocab_size(name_or_path: str | Path) -> int:
     """Width of the model's output layer (config vocab_size; may exceed the tokenizer's length)."""
-    return AutoConfig.from_pretrained(str(name_or_path), **local_source(name_or_path)).vocab_size
+    return model_config(name_or_path).vocab_size
 
 
 def check_context(name_or_path: str | Path, lengths: dict[str, int], source: Path | str, advice: str) -> None:

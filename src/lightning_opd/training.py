@@ -127,14 +127,12 @@ def empty_model(name_or_path: str | Path, dtype: str = "float32"):
     memory) and its buffers (rotary frequencies) real: what a rank other than
     0 holds until the sharded weights arrive from rank 0."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    from lightning_opd.hub import split_revision
+    from lightning_opd.modeling import model_config
 
-    repo, revision = split_revision(name_or_path)
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(repo, revision=revision),
-                                                 dtype=getattr(torch, dtype))
+        model = AutoModelForCausalLM.from_config(model_config(name_or_path), dtype=getattr(torch, dtype))
     model.tie_weights()  # as from_pretrained does: the same parameters, hence the same shards, as on rank 0
     return model
 
