@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from lightning_opd import artifacts, teacher_cache
 from lightning_opd.artifacts import CACHE_SCHEMA, METADATA_KEY, ArtifactError, read_cache, read_table
 from lightning_opd.provenance import model_fingerprint
 
@@ -115,6 +116,16 @@ def test_top_k_cache_equals_direct_forward(world):
         assert (np.sort(stored_ids, 1) == np.sort(ids.numpy(), 1)).all()
 
 
+def test_top_k_log_probs_below_float16s_range_are_stored_at_its_floor(world, tmp_path):
+    """A cold teacher (temperature 1e-6) puts its less likely top-k tokens far below float16's -65504 (a
+    probability of 0 either way): stored at -65504, not as -inf, which the finished cache's checks refuse."""
+    out = tmp_path / "cold.parquet"
+    teacher_cache.build_cache(str(world["teacher_A"]), world["rollouts"], out, label="A", top_k=8, temperature=1e-6)
+    table, _ = read_cache(out)
+    stored = np.concatenate([np.array(r, np.float32) for r in table.column("teacher_topk_logprobs").to_pylist()])
+    assert stored.min() == np.finfo(np.float16).min and np.isfinite(stored).all()
+
+
 def test_top_k_cache_schema_is_int32_ids_and_float16_logprobs(world):
     schema = pq.read_schema(world["cache_A_top8"])
     assert [schema.field(f.name).type for f in TOPK_FIELDS] == [pa.list_(pa.int32()), pa.list_(pa.float16())]
@@ -156,7 +167,12 @@ def duplicate_id(rows):
     (lambda rows: rows[3].update(teacher_topk_logprobs=[-0.01] * len(rows[3]["teacher_topk_logprobs"])),
      r"row 'opd-000003' has teacher top-k probabilities summing to 7\.92\d* > 1 at response token 0"),
 ])
-def test_top_k_cache_damage_is_refused_naming_file_and_row(world, tmp_path, mutate, message):
+@pytest.mark.parametrize("block", [None, 3], ids=["one block", "blocks of 3 tokens"])
+def test_top_k_cache_damage_is_refused_naming_file_and_row(world, tmp_path, monkeypatch, mutate, message, block):
+    """Also with the checks in blocks of 3 response tokens: the damage then sits in a later block, often
+    mid-row, and the error still names its row and token."""
+    if block:
+        monkeypatch.setattr(artifacts, "TOP_K_CHECK_TOKENS", block)
     bad = rewrite_top_k(world["cache_A_top8"], tmp_path / "bad.parquet", mutate)
     with pytest.raises(ArtifactError, match=r"bad\.parquet: " + message + ".*delete the cache and rerun"):
         read_cache(bad)

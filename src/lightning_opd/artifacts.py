@@ -249,6 +249,11 @@ def _bad_row(path: Path, row_id: str, what: str) -> ArtifactError:
                          "(check the teacher's weights if it happens again)")
 
 
+# response tokens per block of the top-k checks: their memory is O(block x k) (~0.1 GB at k = 16), not O(cache):
+# float64 probabilities of a whole paper-scale cache (4e8 tokens x 16) would take ~50 GB in every process
+TOP_K_CHECK_TOKENS = 1 << 18
+
+
 def _check_top_k(path: Path, table: pa.Table, k: int) -> None:
     """Per row k ids and log-probs per response token; finite log-probs <= 0 whose
     probabilities sum to at most 1; distinct non-negative ids at every token."""
@@ -261,27 +266,37 @@ def _check_top_k(path: Path, table: pa.Table, k: int) -> None:
             row = bad[0]
             raise _bad_row(path, row_ids[row], f"has {tokens[row]} response tokens but {lengths[row]} values in "
                                                f"{name} (top_k {k}: {k} per token); the cache does not line up")
-    owner = np.repeat(np.arange(len(tokens)), tokens)  # the row of every response token
-    logprobs = pc.list_flatten(table.column("teacher_topk_logprobs")).to_numpy(
-        zero_copy_only=False).astype(np.float32).reshape(-1, k)
-    bad = ~np.isfinite(logprobs).all(1) | (logprobs > 1e-3).any(1)
-    if bad.any():
-        at = int(np.flatnonzero(bad)[0])
-        value = logprobs[at][~np.isfinite(logprobs[at]) | (logprobs[at] > 1e-3)][0]
-        raise _bad_row(path, row_ids[owner[at]], f"has teacher top-k log-prob {value} at response token "
-                                                f"{at - tokens[:owner[at]].sum()}; a log-prob must be finite and <= 0")
-    # float16 rounding moves each probability by at most p |log p| 2^-11, their sum by well under 1e-2
-    mass = np.exp(logprobs.astype(np.float64)).sum(1)
-    if (over := np.flatnonzero(mass > 1 + 1e-2)).size:
-        at = int(over[0])
-        raise _bad_row(path, row_ids[owner[at]], f"has teacher top-k probabilities summing to {mass[at]:.4f} > 1 "
-                                                f"at response token {at - tokens[:owner[at]].sum()}")
-    ids = np.sort(pc.list_flatten(table.column("teacher_topk_ids")).to_numpy(zero_copy_only=False).reshape(-1, k), 1)
-    bad = (ids[:, 0] < 0) | (np.diff(ids, axis=1) == 0).any(1)
-    if bad.any():
-        at = int(np.flatnonzero(bad)[0])
-        raise _bad_row(path, row_ids[owner[at]], f"has top-k token ids {ids[at].tolist()} at response token "
-                                                f"{at - tokens[:owner[at]].sum()}; they must be distinct and >= 0")
+    ends = np.cumsum(tokens)  # where each row's response tokens end among all of them
+
+    def bad_token(at: int, problem: str) -> ArtifactError:
+        row = int(np.searchsorted(ends, at, side="right"))
+        return _bad_row(path, row_ids[row], problem.format(token=at - (ends[row] - tokens[row])))
+
+    all_logprobs = pc.list_flatten(table.column("teacher_topk_logprobs"))
+    all_ids = pc.list_flatten(table.column("teacher_topk_ids"))
+    total = int(ends[-1]) if len(ends) else 0
+    for start in range(0, total, TOP_K_CHECK_TOKENS):
+        n = min(TOP_K_CHECK_TOKENS, total - start)
+        logprobs = all_logprobs.slice(start * k, n * k).to_numpy(zero_copy_only=False).astype(np.float32)
+        logprobs = logprobs.reshape(n, k)
+        bad = ~np.isfinite(logprobs).all(1) | (logprobs > 1e-3).any(1)
+        if bad.any():
+            at = int(np.flatnonzero(bad)[0])
+            value = logprobs[at][~np.isfinite(logprobs[at]) | (logprobs[at] > 1e-3)][0]
+            raise bad_token(start + at, f"has teacher top-k log-prob {value} at response token {{token}}; "
+                                        f"a log-prob must be finite and <= 0")
+        # float16 rounding moves each probability by at most p |log p| 2^-11, their sum by well under 1e-2
+        mass = np.exp(logprobs.astype(np.float64)).sum(1)
+        if (over := np.flatnonzero(mass > 1 + 1e-2)).size:
+            at = int(over[0])
+            raise bad_token(start + at, f"has teacher top-k probabilities summing to {mass[at]:.4f} > 1 "
+                                        f"at response token {{token}}")
+        ids = np.sort(all_ids.slice(start * k, n * k).to_numpy(zero_copy_only=False).reshape(n, k), 1)
+        bad = (ids[:, 0] < 0) | (np.diff(ids, axis=1) == 0).any(1)
+        if bad.any():
+            at = int(np.flatnonzero(bad)[0])
+            raise bad_token(start + at, f"has top-k token ids {ids[at].tolist()} at response token {{token}}; "
+                                        f"they must be distinct and >= 0")
 
 
 def read_cache(path: Path | str) -> tuple[pa.Table, dict[str, Any]]:

@@ -22,7 +22,7 @@ from lightning_opd.artifacts import SAMPLES_SCHEMA, TOPK_DTYPES, cache_schema, r
 from lightning_opd.backends import BACKENDS, get_backend, gpus_per_engine
 from lightning_opd.modeling import check_context, load_tokenizer, vocab_size
 from lightning_opd.provenance import check_same_tokenizer, describe_model, file_sha256, sft_teacher_of
-from lightning_opd.shards import Part, ShardTask, add_shard_arguments, run_sharded
+from lightning_opd.shards import Part, ShardTask, add_shard_arguments, positive_int, run_sharded
 
 DEFAULT_SHARD_SIZE = 1024
 
@@ -69,7 +69,10 @@ class ScoreTask(ShardTask):
             ids_field, logprobs_field = schema.field("teacher_topk_ids"), schema.field("teacher_topk_logprobs")
             cache = cache.append_column(ids_field, pa.array([s.ids.ravel() for s in scored], ids_field.type))
             half = logprobs_field.type.value_type.to_pandas_dtype()
-            cache = cache.append_column(logprobs_field, pa.array([s.top_logprobs.astype(half).ravel()
+            # a log-prob below float16's range (-65504; a probability of 0 either way) would be stored as -inf,
+            # which passes here and fails the finished cache's checks
+            floor = np.finfo(half).min
+            cache = cache.append_column(logprobs_field, pa.array([np.maximum(s.top_logprobs, floor).astype(half).ravel()
                                                                   for s in scored], logprobs_field.type))
         return cache, sum(map(len, prompts)) + sum(map(len, responses))
 
@@ -169,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--label", default="", help="a human name for the teacher")
     parser.add_argument("--backend", choices=BACKENDS, default="hf")
-    parser.add_argument("--max-response-tokens", type=int, default=4096,
+    parser.add_argument("--max-response-tokens", type=positive_int, default=4096,
                         help="rollouts are cut to this many response tokens before scoring")
     parser.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the scores")
     parser.add_argument("--backend-options", default="{}", help="JSON passed to the backend")
