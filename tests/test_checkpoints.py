@@ -1,12 +1,16 @@
 """Which checkpoint a rerun resumes from: the newest complete one. One that a kill cut short while it was
 written is removed and the one before it is used; one written by another number of processes (a preempted
-job rerun on fewer or more GPUs) is complete as its completion record says, not removed."""
+job rerun on fewer or more GPUs) is complete as its completion record says, not removed. A change of the code
+gives the partial work another name."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
-from lightning_opd.training import CHECKPOINT_COMPLETE, last_complete_checkpoint
+from lightning_opd import training
+from lightning_opd.provenance import PACKAGE, code_digest
+from lightning_opd.training import CHECKPOINT_COMPLETE, checkpoint_dir, last_complete_checkpoint
 
 
 def checkpoint(root: Path, step: int, rng_files: list[str], writers: int | None = None) -> Path:
@@ -54,3 +58,22 @@ def test_a_recorded_checkpoint_that_lost_a_file_is_incomplete(tmp_path):
     checkpoint(tmp_path, 40, ["rng_state_0.pth"], writers=2)
     assert last_complete_checkpoint(tmp_path, processes=1) == str(before)
     assert not (tmp_path / "checkpoint-40").exists()
+
+
+def test_the_code_names_the_partial_work(tmp_path, monkeypatch):
+    """A checkpoint directory (and a stage's shard directory) is keyed by every Python file of the package:
+    a change of any module, or a new one, gives another directory, the same code the same one."""
+    package = tmp_path / "package"
+    shutil.copytree(PACKAGE, package, ignore=shutil.ignore_patterns("__pycache__"))
+    before = code_digest(package)
+    assert code_digest(package) == before and code_digest(PACKAGE) == code_digest()
+    with open(package / "opd_loss.py", "a") as module:
+        module.write("\n# a change\n")
+    changed = code_digest.__wrapped__(package)
+    (package / "backends" / "new.py").write_text("")
+    assert len({before, changed, code_digest.__wrapped__(package)}) == 3
+    key = {"stage": "sft", "base": "abc"}
+    same_code = checkpoint_dir(tmp_path, key)
+    assert checkpoint_dir(tmp_path, key) == same_code
+    monkeypatch.setattr(training, "code_digest", lambda: "changed-code")
+    assert checkpoint_dir(tmp_path, key) != same_code

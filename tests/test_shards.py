@@ -159,6 +159,32 @@ def test_a_rerun_with_another_seed_reuses_no_shard(world, prompts, tmp_path, mon
     assert "1 done before, 1 to do" in rerun and not any(work.iterdir())
 
 
+def test_a_rerun_after_the_code_changed_reuses_no_shard(world, prompts, tmp_path, monkeypatch, capsys):
+    """Killed after its first shard, then rerun by Snakemake because a module it runs changed: the new code
+    samples every shard again, and the old shard waits for the old code."""
+    out, work = tmp_path / "out.parquet", tmp_path / "work"
+    args = ["--model", str(world["sft_A"]), "--prompts", str(prompts), "--sampling", SAMPLING,
+            "--out", str(out), "--work-dir", str(work), "--shard-size", "12"]
+    write_shard = shards._write_shard
+
+    def die_after_the_first(work_dir, index, *rest):
+        if index > 0:
+            raise Killed
+        write_shard(work_dir, index, *rest)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(shards, "_write_shard", die_after_the_first)
+        with pytest.raises(Killed):
+            generate.main(args)
+    [old_code] = list(work.iterdir())
+    capsys.readouterr()
+    with monkeypatch.context() as patch:
+        patch.setattr(shards, "code_digest", lambda: "changed-code")
+        generate.main(args)
+    assert "0 done before, 2 to do" in capsys.readouterr().out
+    assert list(work.iterdir()) == [old_code]
+
+
 def test_two_engines_write_the_artifact_of_one(world, reference, tmp_path, capsys):
     out = tmp_path / "out.parquet"
     generate.main(stage_args("sft_data", world, reference, out, tmp_path / "work", "--data-parallel", "2"))

@@ -6,6 +6,7 @@ keep their fingerprint, and retrained weights get a new one.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -158,6 +159,20 @@ def _hub_digests(repo: str, revision: str | None) -> dict[str, str]:
                                     "model is not in the local Hugging Face cache") from None
         return local_file_digests(Path(snapshot), use_cache=False)
     return hub_file_digests(info.siblings, lambda name: hf_hub_download(repo, name, revision=info.sha))
+
+
+PACKAGE = Path(__file__).resolve().parent
+
+
+@functools.cache
+def code_digest(package: Path = PACKAGE) -> str:
+    """A short hash of every Python file of the package: part of the name of a stage's partial work
+    (shards, training checkpoints), so that a rerun after the code changed (Snakemake reruns the rule)
+    does not resume from what the old code made. Finished artifacts do not carry it."""
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
 
 
 def key_digest(key: dict[str, Any]) -> str:

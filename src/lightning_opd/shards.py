@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lightning_opd.artifacts import METADATA_KEY, ArtifactError, atomic_path, read_table, write_json, write_table
-from lightning_opd.provenance import key_digest
+from lightning_opd.provenance import code_digest, key_digest
 
 if TYPE_CHECKING:
     from lightning_opd.backends.base import Backend
@@ -212,7 +212,8 @@ def run_sharded(task: ShardTask, *, name: str, n_rows: int, shard_size: int, key
                                          "shards": [selected[0], selected[-1] + 1],
                                          "rows": [shards[selected[0]].start, shards[selected[-1]].stop]}}
     root = Path(work_root) if work_root else default_work_root(out)
-    key = {**key, "shard_size": shard_size, "part": str(part) if part else None, "out": str(out)}
+    key = {**key, "shard_size": shard_size, "part": str(part) if part else None, "out": str(out),
+           "code": code_digest()}
     work_dir = root / key_digest(key)
     work_dir.mkdir(parents=True, exist_ok=True)
     for stale in work_dir.glob(".*.tmp-*"):  # a killed run's half-written shard

@@ -22,7 +22,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from lightning_opd.artifacts import atomic_path, check_writable, write_failure
 from lightning_opd.hparams import TrackingParams, TrainParams, accumulation, parse_hparams
-from lightning_opd.provenance import PROVENANCE_FILE, TRAIN_LOG_FILE, key_digest
+from lightning_opd.provenance import PROVENANCE_FILE, TRAIN_LOG_FILE, code_digest, key_digest
 
 IGNORE_INDEX = -100
 OPTIMIZER_STATE_DIR = "optimizer_state"  # in a model directory: the state a continuing training starts from
@@ -159,9 +159,9 @@ def frozen_dtype(params: TrainParams) -> str:
 
 
 def checkpoint_dir(root: Path | str, key: dict[str, Any]) -> Path:
-    """A checkpoint directory that belongs to exactly one (config, inputs)
-    combination, so a rerun with other settings never resumes a stale run."""
-    return Path(root) / key_digest(key)
+    """A checkpoint directory that belongs to exactly one (config, inputs, code)
+    combination, so a rerun with other settings or code never resumes a stale run."""
+    return Path(root) / key_digest({**key, "code": code_digest()})
 
 
 # transformers renamed gradient_checkpointing to activation_checkpointing in 5.2x
