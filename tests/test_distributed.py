@@ -53,6 +53,14 @@ def step_logs(model_dir: Path) -> list[float]:
     return [e[key] for e in read_train_log(model_dir) if "loss" in e for key in ("loss", "grad_norm")]
 
 
+OPD_METRICS = ("reverse_kl", "advantage", "teacher_logprob", "student_logprob", "clip_fraction")
+
+
+def opd_metrics(model_dir: Path) -> list[float]:
+    """The OPD metrics of every step, as logged: means over the response tokens of all processes."""
+    return [e[key] for e in read_train_log(model_dir) if "loss" in e for key in OPD_METRICS]
+
+
 @pytest.fixture(scope="module")
 def uneven_cache(world, tmp_path_factory) -> Path:
     """The teacher cache with responses cut to different lengths (2..12
@@ -94,6 +102,8 @@ def test_lightning_opd_on_two_processes_equals_one(world, uneven_cache, one_proc
     assert max_weight_diff(out, one_process_opd) < 1e-6
     assert step_logs(out) == pytest.approx(step_logs(one_process_opd), rel=1e-4, abs=1e-6)
     assert tokens_logged(out) == tokens_logged(one_process_opd)  # summed over the processes
+    # token means over both processes' micro-batches of uneven lengths: those of the one process's
+    assert opd_metrics(out) == pytest.approx(opd_metrics(one_process_opd), rel=1e-4, abs=1e-6)
 
 
 def test_logged_tokens_per_step_add_up_to_the_cache(one_process_opd, uneven_cache):

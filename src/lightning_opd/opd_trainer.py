@@ -3,7 +3,9 @@ hold token ids, a response mask and the teacher's per-token log-probs.
 Lightning OPD feeds it the cache; standard OPD builds such batches live.
 
 Both log the OPD metrics of `opd_loss` (per-token reverse KL to the teacher
-on the training batch among them), the tokens of an optimiser step and, given
+on the training batch among them; each a mean over the response tokens of
+every micro-batch of every process since the last log), the tokens of an
+optimiser step and, given
 a frozen copy of pi_ref and held-out sequences, the drift KL(pi_theta || pi_ref)
 on them (each process takes its share of the sequences)."""
 from __future__ import annotations
@@ -128,7 +130,10 @@ class OPDTrainer(Trainer):
         self.drift_batches = drift_batches or []
         self.drift_every = drift_every
         self.add_callback(LogAlsoAt(drift_every if self.reference is not None else None))
-        self._metrics: dict[str, list[float]] = defaultdict(list)
+        # each OPD metric is a mean over response tokens: its sum over the tokens since the last log, and
+        # the tokens, reduced over the processes at the log (a rank's own would describe 1/N of the data)
+        self._metric_sums: dict[str, float] = defaultdict(float)
+        self._metric_tokens = 0.0
         self._tokens = torch.zeros(2, dtype=torch.float64)  # (tokens, response tokens) since the last log
         self._last_log_step = 0
         self.add_callback(CountStepsFromStart(self))
@@ -158,16 +163,17 @@ class OPDTrainer(Trainer):
         if "sampler_logprobs" in inputs:  # the sampler's view of the sampled tokens vs the trainer's
             gap = (student.detach() - inputs["sampler_logprobs"][:, 1:]).abs() * mask
             metrics["sampler_logprob_gap"] = (gap.sum() / mask.sum().clamp(min=1)).item()
-        for name, value in metrics.items():
-            self._metrics[name].append(value)
+        response_tokens = float(mask.sum())
+        for name, value in metrics.items():  # each a mean over this micro-batch's response tokens
+            self._metric_sums[name] += value * response_tokens
+        self._metric_tokens += response_tokens
         tokens = inputs["attention_mask"].sum() if "attention_mask" in inputs else inputs["input_ids"].numel()
         self._tokens += torch.tensor([float(tokens), float(inputs["labels"].ne(IGNORE_INDEX).sum())])
         return (loss, None) if return_outputs else loss
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs:  # a training log (every process makes it): add the OPD metrics since the last one
-            logs.update({name: sum(v) / len(v) for name, v in self._metrics.items() if v})
-            self._metrics.clear()
+            logs.update(self.reduced_metrics())
             steps = max(1, self.state.global_step - self._last_log_step)
             tokens = self.accelerator.reduce(self._tokens.to(self.accelerator.device), "sum").tolist()
             logs["tokens_per_step"], logs["response_tokens_per_step"] = tokens[0] / steps, tokens[1] / steps
@@ -180,6 +186,16 @@ class OPDTrainer(Trainer):
                     not self.drift_every or self.state.global_step % self.drift_every == 0 or last):
                 logs["drift_kl_ref"] = self.drift()
         super().log(logs, *args, **kwargs)
+
+    def reduced_metrics(self) -> dict[str, float]:
+        """The OPD metrics since the last log, each the mean over the response tokens of every process."""
+        names = sorted(self._metric_sums)  # the same on every process: the same loss and inputs
+        local = torch.tensor([*(self._metric_sums[name] for name in names), self._metric_tokens],
+                             dtype=torch.float64)
+        *sums, tokens = self.accelerator.reduce(local.to(self.accelerator.device), "sum").tolist()
+        self._metric_sums.clear()
+        self._metric_tokens = 0.0
+        return {name: total / tokens for name, total in zip(names, sums)} if tokens else {}
 
     def drift(self) -> float:
         """KL(pi_theta || pi_ref) per response token of the held-out sequences,
