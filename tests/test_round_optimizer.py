@@ -167,3 +167,30 @@ def test_a_run_resumed_from_its_last_checkpoint_takes_no_more_steps(tmp_path, ca
     assert max(e["step"] for e in rerun.state.log_history) == 3
     assert max_difference(rerun.model.state_dict(), first.model.state_dict()) == 0
     assert not (tmp_path / "ckpt" / "checkpoint-4").exists()
+
+
+def uneven_opd_run(out, micro_batch_size: int, model_takes_loss_kwargs: bool) -> dict:
+    """One SGD step on 4 OPD rows of 3 to 9 response tokens, in micro-batches of ``micro_batch_size``."""
+    generator = torch.Generator().manual_seed(1)
+    rows = []
+    for i in range(4):
+        ids = torch.randint(2, 97, (2 + 3 + 2 * i,), generator=generator).tolist()
+        rows.append(opd_example(ids[:2], ids[2:], (-3 * torch.rand(len(ids) - 2, generator=generator)).tolist()))
+    params = OPDParams(batch_size=4, micro_batch_size=micro_batch_size, max_steps=1, optim="sgd",
+                       learning_rate=0.5, save_steps=100, logging_steps=1)
+    model = tiny_qwen3(0)
+    model.accepts_loss_kwargs = model_takes_loss_kwargs  # what the Trainer reads of the model's forward
+    trainer = OPDTrainer(model=model, args=training_arguments(params, out), train_dataset=Dataset.from_list(rows),
+                         data_collator=PadCollator(0))
+    trainer.train()
+    return trainer.model.state_dict()
+
+
+def test_the_loss_is_the_token_mean_of_the_step_whatever_the_models_forward_takes(tmp_path):
+    """With a model whose forward takes no loss kwargs, the Trainer alone would count no tokens and average
+    the micro-batches' means: with responses of uneven length the step's gradient would depend on the split."""
+    whole = uneven_opd_run(tmp_path / "whole", 4, True)
+    for takes in (True, False):
+        split = uneven_opd_run(tmp_path / f"split-{takes}", 1, takes)
+        assert max_difference(split, whole) < 1e-6
+    assert max_difference(whole, tiny_qwen3(0).state_dict()) > 1e-3

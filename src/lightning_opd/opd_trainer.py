@@ -120,6 +120,10 @@ class OPDTrainer(Trainer):
         into (an earlier round's); a run that does not resume from a checkpoint
         starts from it instead of fresh moments (its lr schedule starts anew)."""
         super().__init__(*args, **kwargs)
+        # compute_loss takes num_items_in_batch itself, whatever the model's forward accepts: the Trainer then
+        # counts the step's response tokens and leaves the loss unscaled, so that the loss is the token mean
+        # of the optimiser step however it is split (the Trainer sets this from the model's signature)
+        self.model_accepts_loss_kwargs = True
         if optimizer_state is not None:
             self.add_callback(ContinueOptimizer(self, optimizer_state))
         if loss not in LOSSES:
