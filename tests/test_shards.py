@@ -123,48 +123,7 @@ class Killed(Exception):
     """The end of a run that dies after its first shard."""
 
 
-def test_a_rerun_with_another_seed_reuses_no_shard(world, prompts, tmp_path, monkeypatch, capsys):
-    """The work dir is keyed by the stage's inputs and params: a shard sampled with one seed is
-    never taken for another seed's, and waits for a rerun with its own."""
-    out, work = tmp_path / "out.parquet", tmp_path / "work"
-
-    def args(seed: int) -> list[str]:
-        sampling = json.dumps({**json.loads(SAMPLING), "seed": seed})
-        return ["--model", str(world["sft_A"]), "--prompts", str(prompts), "--sampling", sampling,
-                "--out", str(out), "--work-dir", str(work), "--shard-size", "12"]
-
-    write_shard = shards._write_shard
-
-    def die_after_the_first(work_dir, index, *rest):
-        if index > 0:
-            raise Killed
-        write_shard(work_dir, index, *rest)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(shards, "_write_shard", die_after_the_first)
-        with pytest.raises(Killed):
-            generate.main(args(3))
-    [seed_3] = list(work.iterdir())
-    assert shard_indices(work) == [0] and not out.exists()
-
-    capsys.readouterr()
-    generate.main(args(4))
-    log = capsys.readouterr().out
-    assert "2 shards of up to 12 rows" in log and "0 done before, 2 to do" in log
-    other = read_table(out, SAMPLES_SCHEMA)[0].column("response_ids").to_pylist()
-    assert list(work.iterdir()) == [seed_3]  # seed 4's own work dir is gone, seed 3's shard is kept
-    generate.main(args(3))
-    rerun = capsys.readouterr().out
-    assert read_table(out, SAMPLES_SCHEMA)[0].column("response_ids").to_pylist() != other
-    assert "1 done before, 1 to do" in rerun and not any(work.iterdir())
-
-
-def test_a_rerun_after_the_code_changed_reuses_no_shard(world, prompts, tmp_path, monkeypatch, capsys):
-    """Killed after its first shard, then rerun by Snakemake because a module it runs changed: the new code
-    samples every shard again, and the old shard waits for the old code."""
-    out, work = tmp_path / "out.parquet", tmp_path / "work"
-    args = ["--model", str(world["sft_A"]), "--prompts", str(prompts), "--sampling", SAMPLING,
-            "--out", str(out), "--work-dir", str(work), "--shard-size", "12"]
+def generate_killed_after_the_first_shard(args: list[str], monkeypatch) -> None:
     write_shard = shards._write_shard
 
     def die_after_the_first(work_dir, index, *rest):
@@ -176,11 +135,44 @@ def test_a_rerun_after_the_code_changed_reuses_no_shard(world, prompts, tmp_path
         patch.setattr(shards, "_write_shard", die_after_the_first)
         with pytest.raises(Killed):
             generate.main(args)
+
+
+def generate_args(world, prompts, out: Path, work: Path, seed: int = 3) -> list[str]:
+    sampling = json.dumps({**json.loads(SAMPLING), "seed": seed})
+    return ["--model", str(world["sft_A"]), "--prompts", str(prompts), "--sampling", sampling,
+            "--out", str(out), "--work-dir", str(work), "--shard-size", "12"]
+
+
+def test_a_rerun_with_another_seed_reuses_no_shard(world, prompts, tmp_path, monkeypatch, capsys):
+    """The work dir is keyed by the stage's inputs and params: a shard sampled with one seed is
+    never taken for another seed's, and waits for a rerun with its own."""
+    out, work = tmp_path / "out.parquet", tmp_path / "work"
+    generate_killed_after_the_first_shard(generate_args(world, prompts, out, work, seed=3), monkeypatch)
+    [seed_3] = list(work.iterdir())
+    assert shard_indices(work) == [0] and not out.exists()
+
+    capsys.readouterr()
+    generate.main(generate_args(world, prompts, out, work, seed=4))
+    log = capsys.readouterr().out
+    assert "2 shards of up to 12 rows" in log and "0 done before, 2 to do" in log
+    other = read_table(out, SAMPLES_SCHEMA)[0].column("response_ids").to_pylist()
+    assert list(work.iterdir()) == [seed_3]  # seed 4's own work dir is gone, seed 3's shard is kept
+    generate.main(generate_args(world, prompts, out, work, seed=3))
+    rerun = capsys.readouterr().out
+    assert read_table(out, SAMPLES_SCHEMA)[0].column("response_ids").to_pylist() != other
+    assert "1 done before, 1 to do" in rerun and not any(work.iterdir())
+
+
+def test_a_rerun_after_the_code_changed_reuses_no_shard(world, prompts, tmp_path, monkeypatch, capsys):
+    """Killed after its first shard, then rerun by Snakemake because a module it runs changed: the new code
+    samples every shard again, and the old shard waits for the old code."""
+    out, work = tmp_path / "out.parquet", tmp_path / "work"
+    generate_killed_after_the_first_shard(generate_args(world, prompts, out, work), monkeypatch)
     [old_code] = list(work.iterdir())
     capsys.readouterr()
     with monkeypatch.context() as patch:
         patch.setattr(shards, "code_digest", lambda: "changed-code")
-        generate.main(args)
+        generate.main(generate_args(world, prompts, out, work))
     assert "0 done before, 2 to do" in capsys.readouterr().out
     assert list(work.iterdir()) == [old_code]
 
