@@ -8,21 +8,28 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
+
 from lightning_opd import training
 from lightning_opd.provenance import PACKAGE, code_digest
-from lightning_opd.training import CHECKPOINT_COMPLETE, checkpoint_dir, last_complete_checkpoint
+from lightning_opd.training import (
+    CHECKPOINT_COMPLETE,
+    CheckpointLayoutError,
+    checkpoint_dir,
+    last_complete_checkpoint,
+)
 
 
-def checkpoint(root: Path, step: int, rng_files: list[str], writers: int | None = None) -> Path:
+def checkpoint(root: Path, step: int, rng_files: list[str], writers: int | None = None, fsdp: bool = False) -> Path:
     """A checkpoint with weights, optimiser, scheduler and trainer state, the given RNG files and, given
-    ``writers``, the completion record of that many processes."""
+    ``writers``, the completion record of that many processes (under FSDP or not)."""
     path = root / f"checkpoint-{step}"
     path.mkdir(parents=True)
     for name in ("model.safetensors", "optimizer.pt", "scheduler.pt", *rng_files):
         (path / name).write_bytes(b"\0")
     (path / "trainer_state.json").write_text(json.dumps({"global_step": step, "max_steps": 100}))
     if writers is not None:
-        (path / CHECKPOINT_COMPLETE).write_text(json.dumps({"processes": writers}))
+        (path / CHECKPOINT_COMPLETE).write_text(json.dumps({"processes": writers, "fsdp": fsdp}))
     return path
 
 
@@ -32,15 +39,27 @@ TWO = ["rng_state_0.pth", "rng_state_1.pth"]
 def test_a_checkpoint_of_two_processes_resumes_on_one_or_on_four(tmp_path, capsys):
     checkpoint(tmp_path, 20, TWO, writers=2)
     newest = checkpoint(tmp_path, 40, TWO, writers=2)
-    assert last_complete_checkpoint(tmp_path, processes=1) == str(newest)
+    assert last_complete_checkpoint(tmp_path, processes=1, fsdp=False) == str(newest)
     assert "written by 2 processes, this run has 1" in capsys.readouterr().out
-    assert last_complete_checkpoint(tmp_path, processes=4) == str(newest)
+    assert last_complete_checkpoint(tmp_path, processes=4, fsdp=False) == str(newest)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-20", "checkpoint-40"]
 
 
 def test_a_checkpoint_of_one_process_resumes_on_two(tmp_path):
     newest = checkpoint(tmp_path, 40, ["rng_state.pth"], writers=1)
     assert last_complete_checkpoint(tmp_path, processes=2) == str(newest)
+
+
+def test_a_checkpoint_saved_under_fsdp_is_refused_without_it_and_kept(tmp_path):
+    """Sharded weights and optimiser (2 processes under FSDP) resumed on 1 process, which does not shard:
+    transformers cannot load them. The rerun is refused with what to do; the checkpoints stay."""
+    sharded = checkpoint(tmp_path, 40, TWO, writers=2, fsdp=True)
+    with pytest.raises(CheckpointLayoutError, match=r"checkpoint-40: saved by 2 processes with FSDP, and this run "
+                                                    r"has 1 process without FSDP.*Rerun on 2 process\(es\), or "
+                                                    rf"delete {tmp_path}"):
+        last_complete_checkpoint(tmp_path, processes=1, fsdp=False)
+    assert sharded.is_dir()
+    assert last_complete_checkpoint(tmp_path, processes=4, fsdp=True) == str(sharded)  # FSDP on 4 reshards
 
 
 def test_a_checkpoint_cut_short_is_removed_and_the_one_before_used(tmp_path, capsys):
@@ -70,6 +89,8 @@ def test_the_code_names_the_partial_work(tmp_path, monkeypatch):
     with open(package / "opd_loss.py", "a") as module:
         module.write("\n# a change\n")
     changed = code_digest.__wrapped__(package)
+    (package / ".#opd_loss.py").symlink_to("user@host.1234")  # an editor's lock file: a dangling link
+    assert code_digest.__wrapped__(package) == changed
     (package / "backends" / "new.py").write_text("")
     assert len({before, changed, code_digest.__wrapped__(package)}) == 3
     key = {"stage": "sft", "base": "abc"}

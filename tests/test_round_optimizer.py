@@ -160,7 +160,8 @@ def test_a_run_resumed_from_its_last_checkpoint_takes_no_more_steps(tmp_path, ca
     Trainer alone would train one more step there; the rerun ends with the first run's weights and steps."""
     first = fractional_epochs_run(tmp_path / "ckpt")
     assert first.state.global_step == 3 and (tmp_path / "ckpt" / "checkpoint-3").is_dir()
-    assert json.loads((tmp_path / "ckpt" / "checkpoint-3" / CHECKPOINT_COMPLETE).read_text()) == {"processes": 1}
+    record = json.loads((tmp_path / "ckpt" / "checkpoint-3" / CHECKPOINT_COMPLETE).read_text())
+    assert record == {"processes": 1, "fsdp": False}
     rerun = fractional_epochs_run(tmp_path / "ckpt")
     assert "checkpoint-3 holds the run's last step: nothing left to train" in capsys.readouterr().out
     assert rerun.state.global_step == 3

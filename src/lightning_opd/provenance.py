@@ -171,6 +171,8 @@ def code_digest(package: Path = PACKAGE) -> str:
     does not resume from what the old code made. Finished artifacts do not carry it."""
     digest = hashlib.sha256()
     for path in sorted(package.rglob("*.py")):
+        if path.name.startswith(".") or not path.is_file():  # an editor's lock or backup file (.#module.py)
+            continue
         digest.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()[:12]
 

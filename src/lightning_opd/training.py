@@ -247,14 +247,19 @@ _CHECKPOINT_PARTS = {
 }
 
 
-# written into a checkpoint once every process has saved its part: {"processes": N}
+# written into a checkpoint once every process has saved its part: {"processes": N, "fsdp": bool}
 CHECKPOINT_COMPLETE = "complete.json"
+
+
+class CheckpointLayoutError(RuntimeError):
+    """A checkpoint saved under FSDP (sharded weights and optimiser) resumed without it, or the other way."""
 
 
 class MarkCheckpointComplete(TrainerCallback):
     """After every process has written its part of a checkpoint, the main process records in it how many
-    processes wrote it. A rerun on another number of processes (a preempted job given fewer GPUs) then
-    knows which RNG files the checkpoint must hold, instead of taking it for incomplete."""
+    processes wrote it, and whether under FSDP. A rerun on another number of processes (a preempted job
+    given fewer GPUs) then knows which RNG files the checkpoint must hold, instead of taking it for
+    incomplete, and whether transformers can load it at all."""
 
     def __init__(self, trainer: Trainer):
         self.trainer = trainer
@@ -264,15 +269,22 @@ class MarkCheckpointComplete(TrainerCallback):
         if state.is_world_process_zero:
             checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
             with atomic_path(checkpoint / CHECKPOINT_COMPLETE) as tmp:
-                tmp.write_text(json.dumps({"processes": args.world_size}) + "\n")
+                tmp.write_text(json.dumps({"processes": args.world_size, "fsdp": self.trainer.is_fsdp_enabled}) + "\n")
+
+
+def checkpoint_record(checkpoint: Path) -> dict[str, Any] | None:
+    """The completion record of ``checkpoint`` (None: a checkpoint without one)."""
+    try:
+        record = json.loads((checkpoint / CHECKPOINT_COMPLETE).read_text())
+        return {"processes": int(record["processes"]), "fsdp": bool(record.get("fsdp", False))}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def checkpoint_writers(checkpoint: Path) -> int | None:
     """How many processes wrote ``checkpoint``, from its completion record (None: a checkpoint without one)."""
-    try:
-        return int(json.loads((checkpoint / CHECKPOINT_COMPLETE).read_text())["processes"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    record = checkpoint_record(checkpoint)
+    return record["processes"] if record else None
 
 
 def checkpoint_missing(checkpoint: Path, processes: int) -> list[str]:
@@ -291,15 +303,25 @@ def checkpoint_missing(checkpoint: Path, processes: int) -> list[str]:
     return missing
 
 
-def last_complete_checkpoint(output_dir: Path, processes: int | None = None) -> str | None:
+def last_complete_checkpoint(output_dir: Path, processes: int | None = None, fsdp: bool | None = None) -> str | None:
     """The newest checkpoint that holds weights, optimiser, scheduler, RNG
     state and trainer state. A kill while a checkpoint was being written (or a
     file lost since) leaves an incomplete one: it is removed, and the one
     before it is used, so that a resume never starts from fresh optimiser
-    moments or blocks on a checkpoint without weights."""
+    moments or blocks on a checkpoint without weights. ``fsdp``: whether this
+    run shards under FSDP; a complete checkpoint saved the other way is refused
+    (transformers loads neither layout into the other), not removed."""
     while output_dir.is_dir() and (last := get_last_checkpoint(str(output_dir))):
         processes = processes or world_size()
         missing = checkpoint_missing(Path(last), processes)
+        record = checkpoint_record(Path(last))
+        if not missing and record and fsdp is not None and record["fsdp"] != fsdp:
+            def layout(n: int, sharded: bool) -> str:
+                return f"{n} process{'es' if n > 1 else ''} {'with' if sharded else 'without'} FSDP"
+            raise CheckpointLayoutError(
+                f"{last}: saved by {layout(record['processes'], record['fsdp'])}, and this run has "
+                f"{layout(processes, fsdp)}: transformers cannot resume one layout from the other. Rerun on "
+                f"{record['processes']} process(es), or delete {output_dir} to start this training over")
         if not missing:
             if (writers := checkpoint_writers(Path(last))) not in (None, processes):
                 print(f"{last} was written by {writers} processes, this run has {processes}: it resumes with the "
@@ -356,9 +378,9 @@ def check_outputs_writable(out: Path, checkpoint_root: Path) -> None:
 def train_with_resume(trainer: Trainer) -> None:
     output_dir = Path(trainer.args.output_dir)
     if trainer.is_world_process_zero():
-        last_complete_checkpoint(output_dir)  # removes a partial checkpoint once, before any process reads
+        last_complete_checkpoint(output_dir, fsdp=trainer.is_fsdp_enabled)  # removes a partial one, before any reads
     trainer.accelerator.wait_for_everyone()
-    last = last_complete_checkpoint(output_dir)
+    last = last_complete_checkpoint(output_dir, fsdp=trainer.is_fsdp_enabled)
     if trainer.is_world_process_zero():
         args = trainer.args
         mode = "FSDP" if trainer.is_fsdp_enabled else "DDP" if args.world_size > 1 else "one process"
