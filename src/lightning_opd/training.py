@@ -281,19 +281,11 @@ def checkpoint_record(checkpoint: Path) -> dict[str, Any] | None:
         return None
 
 
-def checkpoint_writers(checkpoint: Path) -> int | None:
-    """How many processes wrote ``checkpoint``, from its completion record (None: a checkpoint without one)."""
-    record = checkpoint_record(checkpoint)
-    return record["processes"] if record else None
-
-
 def checkpoint_missing(checkpoint: Path, processes: int) -> list[str]:
-    """What ``checkpoint`` lacks to resume a run of ``processes`` processes
-    (each process saves its own RNG state when there are several: those of
-    the processes that wrote it, as its completion record says)."""
+    """What ``checkpoint``, written by ``processes`` processes, lacks to resume
+    from (each process saves its own RNG state when there are several)."""
     missing = [part for part, names in _CHECKPOINT_PARTS.items()
                if not any((checkpoint / name).exists() for name in names)]
-    processes = checkpoint_writers(checkpoint) or processes
     rng = ["rng_state.pth"] if processes == 1 else [f"rng_state_{rank}.pth" for rank in range(processes)]
     missing += [name for name in rng if not (checkpoint / name).is_file()]
     try:
@@ -301,6 +293,10 @@ def checkpoint_missing(checkpoint: Path, processes: int) -> list[str]:
     except (OSError, ValueError):
         missing.append("trainer_state.json")
     return missing
+
+
+def _layout(processes: int, fsdp: bool) -> str:
+    return f"{processes} process{'es' if processes > 1 else ''} {'with' if fsdp else 'without'} FSDP"
 
 
 def last_complete_checkpoint(output_dir: Path, processes: int | None = None, fsdp: bool | None = None) -> str | None:
@@ -311,22 +307,21 @@ def last_complete_checkpoint(output_dir: Path, processes: int | None = None, fsd
     moments or blocks on a checkpoint without weights. ``fsdp``: whether this
     run shards under FSDP; a complete checkpoint saved the other way is refused
     (transformers loads neither layout into the other), not removed."""
+    processes = processes or world_size()
     while output_dir.is_dir() and (last := get_last_checkpoint(str(output_dir))):
-        processes = processes or world_size()
-        missing = checkpoint_missing(Path(last), processes)
-        record = checkpoint_record(Path(last))
-        if not missing and record and fsdp is not None and record["fsdp"] != fsdp:
-            def layout(n: int, sharded: bool) -> str:
-                return f"{n} process{'es' if n > 1 else ''} {'with' if sharded else 'without'} FSDP"
+        # a checkpoint without a record (a kill before it was written) is taken as this run's layout
+        record = checkpoint_record(Path(last)) or {"processes": processes, "fsdp": fsdp}
+        missing = checkpoint_missing(Path(last), record["processes"])
+        if not missing and fsdp is not None and record["fsdp"] != fsdp:
             raise CheckpointLayoutError(
-                f"{last}: saved by {layout(record['processes'], record['fsdp'])}, and this run has "
-                f"{layout(processes, fsdp)}: transformers cannot resume one layout from the other. Rerun on "
+                f"{last}: saved by {_layout(record['processes'], record['fsdp'])}, and this run has "
+                f"{_layout(processes, fsdp)}: transformers cannot resume one layout from the other. Rerun on "
                 f"{record['processes']} process(es), or delete {output_dir} to start this training over")
         if not missing:
-            if (writers := checkpoint_writers(Path(last))) not in (None, processes):
-                print(f"{last} was written by {writers} processes, this run has {processes}: it resumes with the "
-                      f"same optimiser steps; the RNG state of a process the checkpoint has none for starts afresh",
-                      flush=True)
+            if record["processes"] != processes:
+                print(f"{last} was written by {record['processes']} processes, this run has {processes}: it resumes "
+                      f"with the same optimiser steps; the RNG state of a process the checkpoint has none for "
+                      f"starts afresh", flush=True)
             return last
         print(f"removing incomplete checkpoint {last} (missing {', '.join(missing)})", flush=True)
         shutil.rmtree(last)
