@@ -98,3 +98,13 @@ def test_the_code_names_the_partial_work(tmp_path, monkeypatch):
     assert checkpoint_dir(tmp_path, key) == same_code
     monkeypatch.setattr(training, "code_digest", lambda: "changed-code")
     assert checkpoint_dir(tmp_path, key) != same_code
+
+
+def test_an_unreadable_completion_record_stands_for_this_runs_layout(tmp_path):
+    """A damaged record (not JSON, no count, a count below 1) is no record: the checkpoint must hold this run's
+    RNG files, and one that does not is removed as incomplete, not resumed with no RNG file checked."""
+    for step, record in ((20, "{not json"), (40, '{"fsdp": false}'), (60, '{"processes": 0, "fsdp": false}')):
+        checkpoint(tmp_path, step, ["rng_state.pth"] if step == 20 else []).joinpath(CHECKPOINT_COMPLETE).write_text(
+            record)
+    assert last_complete_checkpoint(tmp_path, processes=1, fsdp=False) == str(tmp_path / "checkpoint-20")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-20"]

@@ -273,12 +273,13 @@ class MarkCheckpointComplete(TrainerCallback):
 
 
 def checkpoint_record(checkpoint: Path) -> dict[str, Any] | None:
-    """The completion record of ``checkpoint`` (None: a checkpoint without one)."""
+    """The completion record of ``checkpoint`` (None: a checkpoint without one, or with an unreadable one)."""
     try:
         record = json.loads((checkpoint / CHECKPOINT_COMPLETE).read_text())
-        return {"processes": int(record["processes"]), "fsdp": bool(record.get("fsdp", False))}
+        processes, fsdp = int(record["processes"]), record.get("fsdp", False)
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    return {"processes": processes, "fsdp": fsdp} if processes >= 1 and isinstance(fsdp, bool) else None
 
 
 def checkpoint_missing(checkpoint: Path, processes: int) -> list[str]:
