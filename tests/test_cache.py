@@ -126,6 +126,24 @@ def test_top_k_log_probs_below_float16s_range_are_stored_at_its_floor(world, tmp
     assert stored.min() == np.finfo(np.float16).min and np.isfinite(stored).all()
 
 
+def test_rollouts_cut_at_max_response_tokens_keep_the_text_of_their_kept_tokens_and_count_as_unfinished(
+        world, tmp_path):
+    rollouts, _ = read_table(world["rollouts"], artifacts.SAMPLES_SCHEMA)
+    lengths = [len(r) for r in rollouts.column("response_ids").to_pylist()]
+    limit = min(lengths) // 2  # every row loses more than an end-of-sequence token
+    out = tmp_path / "cut.parquet"
+    teacher_cache.build_cache(str(world["teacher_A"]), world["rollouts"], out, label="A", max_response_tokens=limit)
+    table, _ = read_cache(out)
+    tokenizer = teacher_cache.load_tokenizer(str(world["teacher_A"]))
+    assert table.num_rows == rollouts.num_rows > 0
+    for before, after in zip(rollouts.to_pylist(), table.to_pylist()):
+        assert after["response_ids"] == before["response_ids"][:limit]
+        assert len(after["teacher_logprobs"]) == limit
+        assert not after["finished"]
+        assert after["response_text"] == tokenizer.decode(after["response_ids"], skip_special_tokens=True)
+        assert after["response_text"] != before["response_text"]
+
+
 def test_top_k_cache_schema_is_int32_ids_and_float16_logprobs(world):
     schema = pq.read_schema(world["cache_A_top8"])
     assert [schema.field(f.name).type for f in TOPK_FIELDS] == [pa.list_(pa.int32()), pa.list_(pa.float16())]

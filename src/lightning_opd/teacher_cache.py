@@ -40,16 +40,15 @@ class ScoreTask(ShardTask):
 
     def open(self) -> None:
         self.table, _ = read_table(self.rollouts_path, SAMPLES_SCHEMA)
+        self.tokenizer = load_tokenizer(self.teacher) if self.max_response_tokens else None
         self.engine = get_backend(self.backend, self.teacher, scoring=True, **self.backend_options)
 
     def run(self, shard: range) -> tuple[pa.Table, int]:
         table = self.table.slice(shard.start, len(shard))
+        if self.max_response_tokens:
+            table = cut_responses(table, self.max_response_tokens, self.tokenizer)
         prompts = table.column("prompt_ids").to_pylist()
         responses = table.column("response_ids").to_pylist()
-        if self.max_response_tokens:
-            responses = [r[:self.max_response_tokens] for r in responses]
-            table = table.set_column(table.schema.get_field_index("response_ids"), "response_ids",
-                                     pa.array(responses, SAMPLES_SCHEMA.field("response_ids").type))
         schema = cache_schema(self.top_k)
         if self.top_k:
             scored = self.engine.score_top_k(prompts, responses, self.top_k, self.temperature)
@@ -75,6 +74,25 @@ class ScoreTask(ShardTask):
             cache = cache.append_column(logprobs_field, pa.array([np.maximum(s.top_logprobs, floor).astype(half).ravel()
                                                                   for s in scored], logprobs_field.type))
         return cache, sum(map(len, prompts)) + sum(map(len, responses))
+
+
+def cut_responses(table: pa.Table, limit: int, tokenizer) -> pa.Table:
+    """The rollouts with every response cut to `limit` tokens; a cut row's text is that of its kept
+    tokens and it counts as unfinished, as a generation stopped at `limit` would."""
+    responses = table.column("response_ids").to_pylist()
+    cut = [len(r) > limit for r in responses]
+    if not any(cut):
+        return table
+    texts = table.column("response_text").to_pylist()
+    finished = table.column("finished").to_pylist()
+    for i in (i for i, c in enumerate(cut) if c):
+        responses[i] = responses[i][:limit]
+        texts[i] = tokenizer.decode(responses[i], skip_special_tokens=True)
+        finished[i] = False
+    for name, values in (("response_ids", responses), ("response_text", texts), ("finished", finished)):
+        table = table.set_column(table.schema.get_field_index(name), name,
+                                 pa.array(values, SAMPLES_SCHEMA.field(name).type))
+    return table
 
 
 def build_cache(teacher: str, rollouts_path: Path, out: Path, backend: str = "hf", label: str = "",
