@@ -166,6 +166,7 @@ def test_a_run_resumed_from_its_last_checkpoint_takes_no_more_steps(tmp_path, ca
     assert "checkpoint-3 holds the run's last step: nothing left to train" in capsys.readouterr().out
     assert rerun.state.global_step == 3
     assert max(e["step"] for e in rerun.state.log_history) == 3
+    assert "train_loss" in first.state.log_history[-1] and "train_loss" not in rerun.state.log_history[-1]
     assert max_difference(rerun.model.state_dict(), first.model.state_dict()) == 0
     assert not (tmp_path / "ckpt" / "checkpoint-4").exists()
 

@@ -385,12 +385,15 @@ def train_with_resume(trainer: Trainer) -> None:
               + (f"; resuming from {last}" if last else ""), flush=True)
     trainer.add_callback(FiniteGuard())
     trainer.add_callback(MarkCheckpointComplete(trainer))
-    if last and finished(Path(last)):
+    nothing_left = bool(last) and finished(Path(last))
+    if nothing_left:
         take_no_steps(trainer)
         if trainer.is_world_process_zero():
             print(f"{last} holds the run's last step: nothing left to train", flush=True)
     try:
         trainer.train(resume_from_checkpoint=last)
+        if nothing_left:  # the Trainer reports the mean loss of no steps as 0
+            trainer.state.log_history[-1].pop("train_loss", None)
     except Exception as error:
         if failure := write_failure(output_dir, error):  # e.g. a full disk while writing a checkpoint
             raise failure from error
