@@ -202,3 +202,19 @@ def test_sft_loss_through_chunks_trains_as_the_models_own_loss(tmp_path, packing
     assert moved > 1e-3
     for p, q in zip(*(m.parameters() for m in trained)):
         assert torch.allclose(p, q, atol=1e-6)
+
+
+def test_packing_prompt_less_examples_trains_no_token_across_sequences(tmp_path):
+    """Pretraining examples label every token, the first too. Packed into one row, the model's shifted loss
+    would train each sequence's last token to predict the next sequence's first: the packed loss must be
+    the padded one."""
+    from lightning_opd.training import PackCollator, PadCollator
+
+    torch.manual_seed(0)
+    rows = [supervised_example([], torch.randint(2, VOCAB, (4 + i,)).tolist()) for i in range(3)]
+    model = tiny_qwen3(0).eval()
+    losses = []
+    for batch in (PadCollator(0)(rows), PackCollator()(rows)):
+        with torch.no_grad():
+            losses.append(model(**batch).loss.item())
+    assert losses[1] == pytest.approx(losses[0], abs=1e-5)

@@ -77,7 +77,10 @@ class PackCollator:
     """Concatenates a micro-batch into a single row with position ids that
     restart at every sequence: no padding, and transformers keeps attention
     within each sequence (a block-diagonal mask from the position ids; the
-    varlen kernel with flash attention)."""
+    varlen kernel with flash attention). The first label of every sequence is
+    ignored: the shifted loss would otherwise train the previous sequence's
+    last token to predict it (a prompt-less pretraining example labels its
+    first token)."""
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         batch: dict[str, Any] = {}
@@ -87,7 +90,11 @@ class PackCollator:
             else:
                 values = [x for f in features for x in f[key]]
             batch[key] = torch.as_tensor(values, dtype=_field_dtype(values))[None]
-        batch["position_ids"] = torch.cat([torch.arange(len(f["input_ids"])) for f in features])[None]
+        lengths = [len(f["input_ids"]) for f in features]
+        batch["position_ids"] = torch.cat([torch.arange(n) for n in lengths])[None]
+        if "labels" in batch:
+            starts = np.cumsum([0, *lengths[:-1]])
+            batch["labels"][0, torch.as_tensor(starts)] = IGNORE_INDEX
         batch["use_cache"] = False  # with a KV cache transformers ignores the packing in the position ids
         return batch
 
