@@ -485,3 +485,46 @@ def test_large_cache_config_gives_every_opd_run_240_steps_and_batch256_standard_
     assert sorted(run["sequences"] for run in runs.values()) == [64, 64, 256, 256], runs
     topk16 = next(run for out, run in runs.items() if "topk16" in out)
     assert (topk16["loss"], topk16["top_k"]) == ("topk_reverse_kl", 16)
+
+
+PARAMS_OUTSIDE_THE_RERUN_CHECK = """
+import json, sys
+from pathlib import Path
+from snakemake.api import SnakemakeApi
+from snakemake.rules import Rule
+from snakemake.settings.types import ConfigSettings, OutputSettings, ResourceSettings
+
+with SnakemakeApi(OutputSettings()) as api:
+    workflow = api.workflow(resource_settings=ResourceSettings(cores=1),
+                            config_settings=ConfigSettings(config={"results_dir": sys.argv[1]}),
+                            snakefile=Path("workflow/Snakefile"), workdir=Path("."))._workflow
+    print(json.dumps(sorted([rule.name, name] for rule in workflow.rules for name, value in rule.params._allitems()
+                            if callable(value) and Rule._is_deriving_function(value))))
+"""
+
+
+def test_only_params_that_change_no_result_stay_out_of_the_rerun_check(tmp_path):
+    """Snakemake leaves a param function of `input`, `output`, `threads` or `resources` out of its rerun check:
+    such a param may only hold the job's own paths (which the check covers as files), the engines of a
+    generation stage or the processes of a training (which change how the job computes, not what). The
+    student base's path was one, so that pointing `student_base` at another model reran no SFT."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", PARAMS_OUTSIDE_THE_RERUN_CHECK, str(tmp_path / "results")],
+                            cwd=REPO, capture_output=True, text=True, check=True)
+    derived = {tuple(pair) for pair in json.loads(result.stdout.splitlines()[-1])}
+    paths = {("task_data", "out_dir"), ("report", "out_dir"), ("lightning_opd", "share"),
+             ("lightning_opd", "drift_prompts"), ("standard_opd", "drift_prompts")}
+    engines = {(rule, "data_parallel") for rule in ("sft_data", "rollouts", "teacher_cache", "round_rollouts",
+                                                     "round_teacher_cache")}
+    processes = {(rule, "cmd") for rule in ("pretrain_teacher", "pretrain_student_base", "sft", "lightning_opd",
+                                             "standard_opd")}
+    assert derived == paths | engines | processes
+
+
+def test_training_on_more_processes_reruns_nothing_that_is_done(tiny_run):
+    """The global batch is the config's on any number of processes: a finished run stays finished."""
+    work, config = tiny_run
+    layout = "resources={train: {processes: 2}, pretrain: {processes: 2}}"
+    assert set(planned_jobs(snakemake("-n", *config, "--config", layout, cwd=work).stdout)) <= {"report"}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -147,6 +148,25 @@ def test_launch_command():
         launch.command("m", [], 8, 2, {})
     with pytest.raises(RuntimeError, match="asks for 2 nodes but this SLURM job has 1"):
         launch.command("m", [], 8, 2, {"SLURM_JOB_ID": "7", "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "n1"})
+
+
+def test_a_one_process_job_on_gpus_sees_one_of_them(tmp_path):
+    """With several GPUs visible, transformers' Trainer wraps a one-process model in DataParallel (which the
+    chunked losses do not support, and which multiplies the batch): the launcher shows it the first one."""
+    assert launch.one_device_env({"X": "1"}) == {"X": "1", "CUDA_VISIBLE_DEVICES": "0"}
+    assert launch.one_device_env({"CUDA_VISIBLE_DEVICES": "3,5"}) == {"CUDA_VISIBLE_DEVICES": "3"}
+    assert launch.one_device_env({"CUDA_VISIBLE_DEVICES": ""}) == {"CUDA_VISIBLE_DEVICES": ""}
+    (tmp_path / "show_devices.py").write_text("import os; print('visible:', os.environ.get('CUDA_VISIBLE_DEVICES'))")
+    env = {**ENV, "PYTHONPATH": os.pathsep.join([str(tmp_path), ENV.get("PYTHONPATH", "")]),
+           "CUDA_VISIBLE_DEVICES": "2,3"}
+
+    def visible(*flags):
+        result = subprocess.run([sys.executable, "-m", "lightning_opd.launch", *flags, "show_devices"], env=env,
+                                capture_output=True, text=True, check=True)
+        return result.stdout.splitlines()[-1]
+
+    assert visible("--gpus-per-node", "4") == "visible: 2"
+    assert visible() == "visible: 2,3"  # a CPU job: left as it is
 
 
 def test_sharded_frozen_model_scores_and_samples_like_the_whole_one(world, tmp_path):

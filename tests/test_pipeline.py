@@ -337,6 +337,6 @@ def test_training_across_nodes_asks_slurm_for_all_gpus_and_launches_per_node(tmp
     result = snakemake("-n", "-p", "--configfile", "config/paper/qwen3-8b.yaml", str(override))
     sft = result.stdout.split("rule sft:")[1].split("rule ")[0]
     assert "gpu=16" in sft and "nodes=2" in sft  # the SLURM plugin's --gpus is per job
-    assert "python -m lightning_opd.launch --nproc-per-node 8 --nnodes 2 lightning_opd.sft" in sft
+    assert "python -m lightning_opd.launch --nproc-per-node 8 --nnodes 2 --gpus-per-node 8 lightning_opd.sft" in sft
     data = result.stdout.split("rule prepare_data:")[1].split("rule ")[0]
     assert "gpu=" not in data and "cpus_per_task=1" in data  # the light kind: no GPU

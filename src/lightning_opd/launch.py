@@ -42,18 +42,34 @@ def command(module: str, args: list[str], nproc_per_node: int, nnodes: int, env:
             f"--rdzv-id={env['SLURM_JOB_ID']}", "-m", module, *args]
 
 
+def one_device_env(env: dict[str, str]) -> dict[str, str]:
+    """The environment of a one-process job on GPUs, with one GPU visible: the first of those the job was
+    given (CUDA_VISIBLE_DEVICES, as SLURM sets it), or GPU 0 where none were named. With several visible,
+    transformers' Trainer would wrap the model in DataParallel, which the trainers' chunked losses do not
+    support (and which would multiply the batch)."""
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    first = "0" if visible is None else visible.split(",")[0].strip()
+    return {**env, "CUDA_VISIBLE_DEVICES": first} if first else dict(env)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nproc-per-node", type=int, default=1, help="training processes per node (GPUs per node)")
     parser.add_argument("--nnodes", type=int, default=1, help="nodes of the job")
+    parser.add_argument("--gpus-per-node", type=int, default=0,
+                        help="GPUs the job holds per node; a one-process job on GPUs sees one of them")
     parser.add_argument("module", help="the training module, e.g. lightning_opd.sft")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="its arguments")
     args = parser.parse_args(argv)
     if args.nproc_per_node < 1 or args.nnodes < 1:
         parser.error("--nproc-per-node and --nnodes must be at least 1")
-    cmd = command(args.module, args.args, args.nproc_per_node, args.nnodes, dict(os.environ))
+    env = dict(os.environ)
+    cmd = command(args.module, args.args, args.nproc_per_node, args.nnodes, env)
+    if args.gpus_per_node and args.nproc_per_node * args.nnodes == 1:
+        env = one_device_env(env)
+        print(f"launch: one process: CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']}", flush=True)
     print("launch:", " ".join(cmd), flush=True)
-    os.execvp(cmd[0], cmd)
+    os.execvpe(cmd[0], cmd, env)
 
 
 if __name__ == "__main__":

@@ -143,10 +143,14 @@ def command(name):
         return f"python -m lightning_opd.{s.runs}"
     r = res(s.kind)
     processes = r.get("processes") or r["gpus"] or 1
-    return (
+    cmd = (
         f"python -m lightning_opd.launch --nproc-per-node {processes} --nnodes {r.get('nodes', 1)} "
-        f"lightning_opd.{s.runs}"
+        f"--gpus-per-node {r['gpus']} lightning_opd.{s.runs}"
     )
+    # The processes change how a step is computed, not what (the global batch is the config's, and a
+    # rerun resumes from checkpoints of another layout): like the engines of a generation stage, a
+    # param function of `threads` stays out of Snakemake's rerun check.
+    return lambda wildcards, threads: cmd
 
 
 def js(obj):

@@ -54,7 +54,7 @@ rule sft:
     resources:
         **rule_resources("sft"),
     params:
-        base=lambda w, input: input.base or student_base_path(),
+        base=lambda w: student_base_path(),  # a param function of `input` would be left out of the rerun check
         train=js(config["sft"]["train"]),
         keep_unfinished=["--keep-unfinished"] if config["sft"]["keep_unfinished"] else [],
         ckpt=f"{R}/checkpoints/sft",
