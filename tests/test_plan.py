@@ -6,6 +6,7 @@ and on CPU its peak for a real training step is within 30% of the measured one
 on an H100: bench/measured)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -57,7 +58,9 @@ def test_known_qwen3_shapes_have_the_published_sizes():
     billions = {name: round(shape.params / 1e9, 1) for name, shape in QWEN3_SHAPES.items()}
     assert billions == {"Qwen/Qwen3-0.6B": 0.6, "Qwen/Qwen3-1.7B": 1.7, "Qwen/Qwen3-4B": 4.0, "Qwen/Qwen3-8B": 8.2,
                         "Qwen/Qwen3-14B": 14.8, "Qwen/Qwen3-32B": 32.8, "Qwen/Qwen3-30B-A3B": 30.5}
-    assert model_shape({"path": "Qwen/Qwen3-8B-Base@abc"}) == QWEN3_SHAPES["Qwen/Qwen3-8B"]
+    base = model_shape({"path": "Qwen/Qwen3-8B-Base@abc"})  # the post-trained shape, with the Base's 32,768 positions
+    assert base == dataclasses.replace(QWEN3_SHAPES["Qwen/Qwen3-8B"], max_positions=32_768)
+    assert QWEN3_SHAPES["Qwen/Qwen3-8B"].max_positions == 40_960
     with pytest.raises(PlanError, match="not a known Qwen3 id"):
         model_shape({"path": "someone/unknown-model"})
 
@@ -172,7 +175,7 @@ def test_evaluation_engines_per_model_layout(tmp_path):
                                                                                    "data_parallel_size": 8}}})
     with pytest.raises(PlanError) as error:
         check(plan(paper("qwen3-8b", wide)))
-    assert ("evaluate[teacher-A]: needs 72.0 GB per rank, has 80 GB (and more GPUs than the job has): turn "
+    assert ("evaluate[teacher-A]: needs 72.0 GB per rank, has 80 GB (more GPUs than the job has): turn "
             "eval.teacher_backend_options.data_parallel_size (8 engines x tensor_parallel_size 2 GPUs > "
             "resources.evaluate.gpus 8)") in str(error.value)
     assert "  evaluate:" not in str(error.value)
@@ -217,10 +220,10 @@ def test_paper_dry_run_evaluates_students_and_teacher_with_their_own_engines(pap
     assert set(jobs) == {"teacher-A", "student_base", "sft-A", "lightning-sft-A_teacher-A_seed-0",
                          "standard-sft-A_teacher-A_seed-0"}
     assert all(len(options) == 2 for options in jobs.values())  # aime24 and aime25
-    common = {"gpu_memory_utilization": 0.9, "dtype": "bfloat16", "max_model_len": 40960}
-    for label, options in jobs.items():
-        layout = {"tensor_parallel_size": 2, "data_parallel_size": 4} if label == "teacher-A" else \
-            {"tensor_parallel_size": 1, "data_parallel_size": 8}
+    common = {"gpu_memory_utilization": 0.9, "dtype": "bfloat16"}
+    for label, options in jobs.items():  # the students are Qwen3-8B-Base fine-tunes: 32,768 positions
+        layout = {"tensor_parallel_size": 2, "data_parallel_size": 4, "max_model_len": 40960} if label == "teacher-A" \
+            else {"tensor_parallel_size": 1, "data_parallel_size": 8, "max_model_len": 32768}
         assert options == [{**common, **layout}] * 2, label
 
 
@@ -269,3 +272,16 @@ def test_a_foreach_step_that_does_not_fit_names_the_fused_optimiser(tmp_path):
     assert "lightning_opd: needs 83.4 GB per rank, has 80 GB: turn lightning_opd.optim (adamw_torch_fused" \
         in str(error.value)
     assert "sft:" not in str(error.value)
+
+
+@pytest.mark.parametrize("name", ["qwen3-4b", "qwen3-4b-1gpu", "qwen3-8b", "qwen3-30b-a3b"])
+def test_a_vllm_context_longer_than_the_models_is_refused_before_any_job(name, tmp_path):
+    """vLLM refuses a max_model_len above the model's max_position_embeddings: 32,768 for the Qwen3-*-Base
+    students, whose rollouts and evaluations the paper configs run with 32,768 (their teachers with 40,960)."""
+    check(plan(paper(name)))
+    longer = write_yaml(tmp_path / "longer.yaml", {"rollouts": {"backend_options": {"max_model_len": 40960}}})
+    with pytest.raises(PlanError) as error:
+        check(plan(paper(name, longer)))
+    assert ("rollouts: needs 72.0 GB per rank, has 80 GB (vLLM refuses a context longer than the model's): turn "
+            "rollouts.backend_options.max_model_len (40960 > the model's 32768 positions, max_position_embeddings)"
+            ) in str(error.value)

