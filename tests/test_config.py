@@ -238,6 +238,19 @@ def test_thinking_without_a_think_end_token_is_refused_before_any_job(tmp_path):
     assert not (tmp_path / "results").exists()
 
 
+@pytest.mark.parametrize("override, message", [
+    ("teacher_cache={backend: vllm, temperature: 0.8}", "teacher_cache.temperature 0.8: the vllm backend scores "
+                                                        "at temperature 1.0 only"),
+    ("teacher_cache={backend: vllm, backend_options: {enable_prefix_caching: true}}",
+     "teacher_cache.backend_options.enable_prefix_caching: must be off for teacher scoring"),
+])
+def test_what_the_vllm_scorer_refuses_is_refused_before_any_job(override, message, tmp_path):
+    result = snakemake("-n", "--config", f"results_dir={tmp_path / 'results'}", override, check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and message in output and "Job stats" not in output
+    assert not (tmp_path / "results").exists()
+
+
 def test_a_rule_missing_from_the_stage_table_is_refused(tmp_path):
     work = copy_repo(tmp_path / "work")
     with open(work / "workflow/rules/report.smk", "a") as rules:
