@@ -3,6 +3,7 @@ policy is the rollout policy, both give the same gradient on the same batch.
 Standard OPD samples once per optimiser step, for all its micro-batches."""
 import dataclasses
 
+import pytest
 import torch
 from datasets import Dataset
 from transformers import TrainingArguments
@@ -24,7 +25,9 @@ def gradient(trainer, model, inputs):
     return loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
 
-def test_same_gradient_when_policy_equals_rollout_policy(world, tmp_path):
+@pytest.mark.parametrize("teacher_temperature", [1.0, 0.5])
+def test_same_gradient_when_policy_equals_rollout_policy(world, tmp_path, teacher_temperature):
+    """Both teachers score at teacher_cache.temperature: the cache's and the live one."""
     table, meta = read_table(world["data"] / "opd.parquet", TASK_SCHEMA)
     prompts_file = tmp_path / "prompts.parquet"
     write_table(prompts_file, table.slice(0, 8), TASK_SCHEMA, meta)
@@ -33,7 +36,8 @@ def test_same_gradient_when_policy_equals_rollout_policy(world, tmp_path):
 
     # offline: rollouts of pi_ref, scored once by the teacher into a cache
     generate.sample(str(world["sft_A"]), prompts_file, tmp_path / "rollouts.parquet", sampling)
-    teacher_cache.build_cache(str(world["teacher_A"]), tmp_path / "rollouts.parquet", tmp_path / "cache.parquet")
+    teacher_cache.build_cache(str(world["teacher_A"]), tmp_path / "rollouts.parquet", tmp_path / "cache.parquet",
+                              temperature=teacher_temperature)
     rows = read_cache(tmp_path / "cache.parquet")[0].to_pylist()
     tokenizer = load_tokenizer(world["sft_A"])
     args = TrainingArguments(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True)
@@ -47,7 +51,7 @@ def test_same_gradient_when_policy_equals_rollout_policy(world, tmp_path):
     online_model = load_model(world["sft_A"])
     online = OnlineOPDTrainer(model=online_model, args=args, tau=tau, teacher=load_model(world["teacher_A"]),
                               sampling=sampling, pad_id=tokenizer.pad_token_id,
-                              stop_ids=stop_token_ids(online_model, tokenizer))
+                              stop_ids=stop_token_ids(online_model, tokenizer), teacher_temperature=teacher_temperature)
     prompts = [prompt_ids(tokenizer, p) for p in table.slice(0, 8).column("problem").to_pylist()]
     assert prompts == [r["prompt_ids"] for r in rows]
     # one micro-batch makes the step: its samples are those of one call over its prompts, as before

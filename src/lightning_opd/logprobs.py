@@ -198,13 +198,13 @@ def _response_mask(labels: torch.Tensor) -> torch.Tensor:
     return labels[:, 1:] != IGNORE_INDEX
 
 
-def response_logprobs(model, batch: dict[str, torch.Tensor], chunk_tokens: int | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+def response_logprobs(model, batch: dict[str, torch.Tensor], chunk_tokens: int | None = None,
+                      temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(log pi_theta of every next token that is a response token, else 0;
     the mask of those positions), both (batch, tokens - 1). Padded batches
     (attention_mask) and packed ones (position_ids) alike."""
     mask = _response_mask(batch["labels"])
-    return next_token_logprobs(model, batch, mask, chunk_tokens=chunk_tokens), mask
+    return next_token_logprobs(model, batch, mask, temperature=temperature, chunk_tokens=chunk_tokens), mask
 
 
 def _kl_per_token(hidden: torch.Tensor, linear: Linear, reference_hidden: torch.Tensor, reference_linear: Linear,

@@ -76,11 +76,13 @@ class OnlineOPDTrainer(OPDTrainer):
     micro-batch."""
 
     def __init__(self, *args, teacher, sampling: SamplingParams, pad_id: int, stop_ids: set[int],
-                 batcher=None, vllm_sampler: dict | None = None, **kwargs):
+                 batcher=None, vllm_sampler: dict | None = None, teacher_temperature: float = 1.0, **kwargs):
         """``vllm_sampler``: sample with a colocated vLLM engine, built at the
-        first step from these arguments of `ColocatedVLLMSampler` (None: hf)."""
+        first step from these arguments of `ColocatedVLLMSampler` (None: hf).
+        ``teacher_temperature``: the teacher scores at it, as the teacher cache does."""
         super().__init__(*args, **kwargs)
         self.teacher = self.frozen(teacher)
+        self.teacher_temperature = teacher_temperature
         self.sampling = sampling
         self.batcher = batcher or PadCollator(pad_id)  # padding (or packing) of the sampled sequences
         self.pad_id, self.stop_ids = pad_id, stop_ids
@@ -157,7 +159,7 @@ class OnlineOPDTrainer(OPDTrainer):
         if logprobs:
             batch["sampler_logprobs"] = batch["teacher_logprobs"]
         with torch.no_grad():
-            teacher_logprobs, _ = response_logprobs(self.teacher, batch)
+            teacher_logprobs, _ = response_logprobs(self.teacher, batch, temperature=self.teacher_temperature)
         batch["teacher_logprobs"] = torch.nn.functional.pad(teacher_logprobs, (1, 0))  # align with token positions
         return super().compute_loss(model, batch, return_outputs, num_items_in_batch)
 
@@ -181,6 +183,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--init", required=True, help="pi_ref: the SFT model to start from")
     parser.add_argument("--teacher", required=True, help="hub id or local directory of the live teacher")
     parser.add_argument("--teacher-label", default="")
+    parser.add_argument("--teacher-temperature", type=float, default=1.0,
+                        help="the temperature the live teacher scores at (the teacher cache's, teacher_cache.temperature)")
     parser.add_argument("--prompts", type=Path, required=True, help="OPD prompts (task parquet)")
     parser.add_argument("--opd", default="{}", help="JSON of OPDParams fields (as Lightning OPD)")
     parser.add_argument("--sampling", default="{}", help="JSON of SamplingParams for the live rollouts")
@@ -225,6 +229,7 @@ def main(argv: list[str] | None = None) -> None:
         "prompts": file_sha256(args.prompts),
         "opd": params_record(params),
         "sampling": params_record(sampling),
+        "teacher_temperature": args.teacher_temperature,
         "sampler": args.sampler,
         "sampler_options": args.sampler_options,
         "prompt_template": args.prompt_template,
@@ -249,6 +254,7 @@ def main(argv: list[str] | None = None) -> None:
         drift_batches=drift_batches,
         drift_every=args.drift_every,
         teacher=load_for_fsdp(args.teacher, params, dtype=frozen_dtype(params)),
+        teacher_temperature=args.teacher_temperature,
         sampling=sampling,
         pad_id=tokenizer.pad_token_id,
         stop_ids=stop_token_ids(model, tokenizer),

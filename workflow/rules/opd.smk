@@ -241,6 +241,7 @@ rule standard_opd:
         **rule_resources("standard_opd"),
     params:
         teacher=lambda w: teacher_path(w.opd_teacher),
+        teacher_temperature=config["teacher_cache"]["temperature"],  # the live teacher scores as the cache's
         opd=standard_opd_params,
         sampling=js(config["standard_opd"]["sampling"]),
         sampler=config["standard_opd"].get("sampler", "hf"),
@@ -256,7 +257,8 @@ rule standard_opd:
         drift_every=config["opd_drift"].get("every_steps") or 0,
     shell:
         "{params.cmd} --init {input.init:q} --teacher {params.teacher:q} "
-        "--teacher-label {wildcards.opd_teacher:q} --prompts {input.prompts:q} --opd {params.opd} "
+        "--teacher-label {wildcards.opd_teacher:q} --teacher-temperature {params.teacher_temperature:q} "
+        "--prompts {input.prompts:q} --opd {params.opd} "
         "--sampling {params.sampling} --sampler {params.sampler:q} --sampler-options {params.sampler_options} "
         "--prompt-template {params.template:q} "
         "--chat-template-kwargs {params.chat_template} --out {output:q} "
