@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--teacher", required=True, help="hub id or local directory of the live teacher")
     parser.add_argument("--teacher-label", default="")
     parser.add_argument("--teacher-temperature", type=float, default=1.0,
-                        help="the temperature the live teacher scores at (the teacher cache's, teacher_cache.temperature)")
+                        help="the live teacher scores at it (teacher_cache.temperature, as the cache)")
     parser.add_argument("--prompts", type=Path, required=True, help="OPD prompts (task parquet)")
     parser.add_argument("--opd", default="{}", help="JSON of OPDParams fields (as Lightning OPD)")
     parser.add_argument("--sampling", default="{}", help="JSON of SamplingParams for the live rollouts")
