@@ -126,7 +126,8 @@ def test_colocated_sampler_samples_with_the_weights_of_the_last_sync(world, monk
     sampler = ColocatedVLLMSampler(model, Accelerator(cpu=True), tokenizer, model_path=str(world["sft_A"]),
                                    stop_ids=stop_token_ids(model, tokenizer), dtype="float32",
                                    gpu_memory_utilization=0.2, max_model_len=256)
-    params = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=24, n=2, seed=0)
+    # the paper baseline's temperature, and a top-p: the engine's log-probs are the student's own (temperature 1)
+    params = SamplingParams(temperature=0.8, top_p=0.9, max_new_tokens=24, n=2, seed=0)
 
     def gaps(samples, logprobs, against):
         return [np.abs(trainer_logprobs(against, p, s.response_ids) - np.array(lp)).max()
@@ -160,7 +161,7 @@ def test_standard_opd_with_the_vllm_sampler_trains_on_what_the_engine_sampled(wo
     out = tmp_path / "standard"
     opd = {"max_steps": 2, "batch_size": 4, "micro_batch_size": 2, "learning_rate": 0.05, "logging_steps": 1,
            "save_steps": 100}
-    sampling = {"n": 2, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 16, "seed": 0, "batch_size": 8}
+    sampling = {"n": 2, "temperature": 0.8, "top_p": 0.9, "max_new_tokens": 16, "seed": 0, "batch_size": 8}
     run_module("standard_opd", "--init", str(world["sft_A"]), "--teacher", str(world["teacher_A"]),
                "--teacher-label", "A", "--prompts", str(world["data"] / "opd.parquet"), "--opd", json.dumps(opd),
                "--sampling", json.dumps(sampling), "--sampler", "vllm",

@@ -88,7 +88,9 @@ class ColocatedVLLMSampler(VLLMGeneration):
             tensor_parallel_size=1,
             distributed_executor_backend="external_launcher",
             seed=accelerator.process_index,
-            logprobs_mode="processed_logprobs",  # the log-probs of the distribution sampled from
+            # the student's own log-probs (before temperature and top-p), which the trainer's are: the gap
+            # then shows a missed sync whatever the sampling temperature
+            logprobs_mode="raw_logprobs",
             **self.engine_options,
         )
         self._llm_weights_sleeping = self.enable_sleep_mode
