@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from lightning_opd.artifacts import TASK_SCHEMA, atomic_path, read_table, write_json
-from lightning_opd.modeling import add_chat_template_argument
+from lightning_opd.modeling import add_chat_template_argument, fill_template
 from lightning_opd.provenance import describe_model, file_sha256
 from lightning_opd.vllm_shutdown import shutdown_engine
 
@@ -18,11 +18,30 @@ TASKS_DIR = Path(__file__).parent / "lm_eval_tasks"
 DEFAULT_TASK = TASKS_DIR / "synth_arith" / "synth_arith.yaml"
 
 
+class ProblemPrompt:
+    """lm-eval's ``doc_to_text`` from the config's prompt_template: the user turn that every other stage
+    sends (`modeling.prompt_ids`), so that the models are evaluated on the prompt they were trained on."""
+
+    def __init__(self, template: str):
+        fill_template(template, "")  # a template without {problem} is refused here
+        self.template = template
+
+    def __call__(self, doc: dict) -> str:
+        return fill_template(self.template, doc["problem"])
+
+    def __repr__(self) -> str:  # what lm-eval writes for it in its task config
+        return f"prompt_template {self.template!r}"
+
+
 def task_config(task_yaml: Path, eval_file: Path, k: int, temperature: float, top_p: float,
-                max_gen_toks: int) -> dict:
+                max_gen_toks: int, prompt_template: str | None = None) -> dict:
+    """The task of ``task_yaml`` on ``eval_file``; with ``prompt_template``, its prompt is the template's
+    (else the task's own ``doc_to_text``)."""
     from lm_eval.tasks._yaml_loader import load_yaml
 
     config = load_yaml(task_yaml)
+    if prompt_template is not None:
+        config["doc_to_text"] = ProblemPrompt(prompt_template)
     config["dataset_path"] = "parquet"
     config["dataset_kwargs"] = {"data_files": {"test": str(Path(eval_file).resolve())}}
     config["test_split"] = "test"
@@ -83,12 +102,13 @@ def close_engine(lm) -> None:
 def evaluate(model: str, eval_file: Path, out: Path, k: int = 4, temperature: float = 0.6, top_p: float = 0.95,
              max_gen_toks: int = 128, backend: str = "hf", batch_size: int = 64, seed: int = 0, label: str = "",
              task_yaml: Path = DEFAULT_TASK, backend_options: dict | None = None,
-             chat_template_kwargs: dict | None = None, think_end_token: str | int | None = None) -> dict:
+             chat_template_kwargs: dict | None = None, think_end_token: str | int | None = None,
+             prompt_template: str | None = None) -> dict:
     import lm_eval
     from lm_eval.tasks import TaskManager
 
     read_table(eval_file, TASK_SCHEMA)  # a clear error for a missing or malformed set, before lm-eval starts
-    config = task_config(task_yaml, eval_file, k, temperature, top_p, max_gen_toks)
+    config = task_config(task_yaml, eval_file, k, temperature, top_p, max_gen_toks, prompt_template)
     model_type, model_args = lm_eval_model(backend, model, batch_size, seed, backend_options or {},
                                            chat_template_kwargs, think_end_token)
     # vllm's is built here, as simple_evaluate would, so that its engine can be shut down below;
@@ -122,6 +142,7 @@ def evaluate(model: str, eval_file: Path, out: Path, k: int = 4, temperature: fl
         "backend": backend,
         "backend_options": backend_options or {},  # the engine layout: data-parallel replicas sample differently
         "chat_template_kwargs": chat_template_kwargs or {},
+        "prompt_template": prompt_template,  # null: the task's own doc_to_text
         "think_end_token": think_end_token,
     }
     with atomic_path(out.with_suffix(".samples.jsonl")) as tmp:
@@ -148,13 +169,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--label", default="")
     parser.add_argument("--task-yaml", type=Path, default=DEFAULT_TASK)
+    parser.add_argument("--prompt-template", help="the user turn, with {problem} (the pipeline's prompt_template); "
+                                                  "default: the task's own doc_to_text")
     parser.add_argument("--backend-options", default="{}", help="JSON of extra lm-eval model_args")
     add_chat_template_argument(parser)
     parser.add_argument("--think-end-token", help="lm-eval's think_end_token (text, or a token id)")
     args = parser.parse_args(argv)
     evaluate(args.model, args.eval_file, args.out, args.k, args.temperature, args.top_p, args.max_gen_toks,
              args.backend, args.batch_size, args.seed, args.label, args.task_yaml, json.loads(args.backend_options),
-             args.chat_template_kwargs, args.think_end_token)
+             args.chat_template_kwargs, args.think_end_token, args.prompt_template)
 
 
 if __name__ == "__main__":

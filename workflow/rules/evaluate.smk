@@ -32,6 +32,7 @@ rule evaluate:
         seed=config["eval"]["seed"],
         backend_options=lambda w: js(eval_backend_options(w.model)),
         chat_template=js(config["chat_template_kwargs"]),
+        template=lambda w: config["prompt_template"],  # the prompt the models were trained on
         think_end=(
             ["--think-end-token", str(config["eval"]["think_end_token"])]
             if config["eval"].get("think_end_token") is not None
@@ -42,5 +43,6 @@ rule evaluate:
         "--out {output.summary:q} --k {params.k:q} --temperature {params.temperature:q} --top-p {params.top_p:q} "
         "--max-gen-toks {params.max_gen_toks:q} --backend {params.backend:q} --batch-size {params.batch_size:q} "
         "--seed {params.seed:q} --label {wildcards.model:q} --task-yaml {input.task:q} "
-        "--backend-options {params.backend_options} --chat-template-kwargs {params.chat_template} {params.think_end:q} "
+        "--backend-options {params.backend_options} --chat-template-kwargs {params.chat_template} "
+        "--prompt-template {params.template:q} {params.think_end:q} "
         "2>&1 | tee {log:q}"
