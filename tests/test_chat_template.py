@@ -81,7 +81,7 @@ def test_enable_thinking_reaches_the_template(rendered, world):
     tokenizer = load_tokenizer(world["tokenizer"])
     assert tokenizer.decode(plain[0]).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
     problem = read_table(world["data"] / "eval.parquet", TASK_SCHEMA)[0].column("problem")[0].as_py()
-    assert thinking[0] == prompt_ids(tokenizer, problem, TEMPLATE)  # as Qwen3's template, thinking unless told otherwise
+    assert thinking[0] == prompt_ids(tokenizer, problem, TEMPLATE)  # as Qwen3 renders it, thinking unless told
 
 
 def test_thinking_without_a_think_end_token_is_refused():

@@ -519,8 +519,9 @@ with SnakemakeApi(OutputSettings()) as api:
 def test_only_params_that_change_no_result_stay_out_of_the_rerun_check(tmp_path):
     """Snakemake leaves a param function of `input`, `output`, `threads` or `resources` out of its rerun check:
     such a param may only hold the job's own paths (which the check covers as files), the engines of a
-    generation stage or the processes of a training (which change how the job computes, not what). The
-    student base's path was one, so that pointing `student_base` at another model reran no SFT."""
+    generation stage, or a rule's command (the processes of a training, which change how the job computes,
+    not what, and the devices the job records for the report). The student base's path was one, so that
+    pointing `student_base` at another model reran no SFT."""
     import subprocess
     import sys
 
@@ -531,9 +532,10 @@ def test_only_params_that_change_no_result_stay_out_of_the_rerun_check(tmp_path)
              ("lightning_opd", "drift_prompts"), ("standard_opd", "drift_prompts")}
     engines = {(rule, "data_parallel") for rule in ("sft_data", "rollouts", "teacher_cache", "round_rollouts",
                                                      "round_teacher_cache")}
-    processes = {(rule, "cmd") for rule in ("pretrain_teacher", "pretrain_student_base", "sft", "lightning_opd",
-                                             "standard_opd")}
-    assert derived == paths | engines | processes
+    commands = {pair for pair in derived if pair[1] == "cmd"}
+    assert derived - commands == paths | engines
+    assert {rule for rule, _ in commands} >= {"pretrain_teacher", "pretrain_student_base", "sft", "lightning_opd",
+                                               "standard_opd", "rollouts", "teacher_cache", "evaluate"}
 
 
 def test_training_on_more_processes_reruns_nothing_that_is_done(tiny_run):

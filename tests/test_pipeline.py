@@ -178,6 +178,19 @@ def test_tiny_run_writes_the_report(tiny_run):
     assert "| Lightning OPD (SFT data: A, OPD teacher: A)" in (report / "table.md").read_text()
 
 
+def test_every_priced_job_records_the_devices_it_held_beside_its_benchmark(tiny_run):
+    """The report prices a job at what it held when it ran (report.held_devices), not at the config's
+    resources of a later run: every job but the report's writes `<job>.devices` beside `<job>.tsv`."""
+    work, _ = tiny_run
+    benchmarks = work / "results/tiny/benchmarks"
+    tsv = {p.with_suffix("") for p in benchmarks.rglob("*.tsv") if p.parent.name != "report"}
+    devices = {p.with_suffix(""): int(p.read_text()) for p in benchmarks.rglob("*.devices")}
+    assert tsv and set(devices) == tsv
+    # the cores of tiny.yaml over config.yaml: pretrain 2, train 2 (processes 2), the rest 1
+    for stage, cpus in (("pretrain_teacher", 2), ("sft", 2), ("lightning_opd", 2), ("rollouts", 1), ("evaluate", 1)):
+        assert {n for path, n in devices.items() if path.parent.name == stage} == {cpus}, stage
+
+
 def test_tiny_run_cache_records_teachers_and_sampling(tiny_run):
     work, _ = tiny_run
     meta = json.loads(pq.read_schema(work / "results/tiny/cache/sft-A_teacher-A.parquet").metadata[METADATA_KEY])

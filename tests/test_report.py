@@ -43,6 +43,17 @@ def test_device_hours_are_wall_time_times_devices(tmp_path):
     assert costs["device_hours"].sum() == pytest.approx(9.0 + 400 / 3600)
 
 
+def test_a_job_is_priced_at_the_devices_it_recorded_not_at_the_configs(tmp_path):
+    """The job's command writes the devices it holds beside its benchmark file: a later change of the
+    config's resources (or --cores lowering its threads) reprices nothing. A job that wrote none, or an
+    unreadable count, falls back to the config's."""
+    entry = {"stage": "rollouts", "benchmark": bench(tmp_path / "r.tsv", 3600.0), "devices": 8}
+    (tmp_path / "r.devices").write_text("2\n")
+    assert stage_costs([entry])[["devices", "device_hours"]].values.tolist() == [[2, 2.0]]
+    (tmp_path / "r.devices").write_text("two\n")
+    assert stage_costs([entry])[["devices", "device_hours"]].values.tolist() == [[8, 8.0]]
+
+
 def test_a_missing_benchmark_file_is_an_error_not_a_free_stage(tmp_path):
     """A stage the manifest lists ran; without its benchmark file (deleted, or an output made by
     --touch) its cost would silently be 0 and every ratio to it wrong."""

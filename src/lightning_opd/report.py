@@ -36,6 +36,17 @@ def benchmark_seconds(path: Path | str) -> float:
     return float(frame["s"].mean())
 
 
+def held_devices(benchmark: Path, configured: int) -> int:
+    """The devices a job held when it ran: the count its command wrote beside its benchmark file
+    (``<job>.devices``; a later change of the config's resources, or ``--cores`` lowering a job's
+    threads, does not reprice it), else the config's for a job that wrote none."""
+    try:
+        held = int(benchmark.with_suffix(".devices").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return configured
+    return held if held > 0 else configured
+
+
 def stage_costs(stages: list[dict[str, Any]]) -> pd.DataFrame:
     rows = []
     for entry in stages:
@@ -45,10 +56,11 @@ def stage_costs(stages: list[dict[str, Any]]) -> pd.DataFrame:
                              "is missing, so its cost is unknown; rerun that job (snakemake --forcerun) "
                              "to measure it again")
         seconds = benchmark_seconds(path)
+        devices = held_devices(path, entry["devices"])
         rows.append({"stage": entry["stage"], "job": entry.get("job", path.stem), "wall_s": round(seconds, 2),
-                     "devices": entry["devices"],
+                     "devices": devices,
                      # a share of a job's rows costs that share (the rows a multi-round run's round 1 uses)
-                     "device_hours": seconds * entry["devices"] * entry.get("share", 1) / 3600})
+                     "device_hours": seconds * devices * entry.get("share", 1) / 3600})
     return pd.DataFrame(rows, columns=["stage", "job", "wall_s", "devices", "device_hours"])
 
 

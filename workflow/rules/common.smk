@@ -134,23 +134,39 @@ def code_inputs(name):
     return import_closure(s.runs, *(["launch"] if s.launched else []))
 
 
-def command(name):
+def command(name, pattern=None):
     """The command that starts a rule's module, `python -m lightning_opd.<module>`; for training
     through the launcher (one process, or torchrun with one process per GPU or `processes`,
-    across the job's nodes with srun)."""
+    across the job's nodes with srun). With the `pattern` of the rule's benchmark file (`bench`),
+    the command first writes the devices the job holds beside that file (`held_devices_file`), so
+    that the report prices the job as it ran, whatever the config says later."""
     s = stage(name)
-    if not s.launched:
-        return f"python -m lightning_opd.{s.runs}"
-    r = res(s.kind)
-    processes = r.get("processes") or r["gpus"] or 1
-    cmd = (
-        f"python -m lightning_opd.launch --nproc-per-node {processes} --nnodes {r.get('nodes', 1)} "
-        f"--gpus-per-node {r['gpus']} lightning_opd.{s.runs}"
-    )
+    cmd = f"python -m lightning_opd.{s.runs}"
+    if s.launched:
+        r = res(s.kind)
+        processes = r.get("processes") or r["gpus"] or 1
+        cmd = (
+            f"python -m lightning_opd.launch --nproc-per-node {processes} --nnodes {r.get('nodes', 1)} "
+            f"--gpus-per-node {r['gpus']} lightning_opd.{s.runs}"
+        )
+    record = None if pattern is None else held_devices_file(bench(name, pattern))
+
     # The processes change how a step is computed, not what (the global batch is the config's, and a
     # rerun resumes from checkpoints of another layout): like the engines of a generation stage, a
-    # param function of `threads` stays out of Snakemake's rerun check.
-    return lambda wildcards, threads: cmd
+    # param function (of `threads`, `resources`) stays out of Snakemake's rerun check.
+    def job_command(wildcards, threads, resources):
+        if record is None:
+            return cmd
+        held = getattr(resources, "gpu", 0) or threads * getattr(resources, "nodes", 1)
+        path = record.format(**dict(wildcards.items()))
+        return f"mkdir -p {shlex.quote(os.path.dirname(path))} && printf '%s\\n' {held} > {shlex.quote(path)} && {cmd}"
+
+    return job_command
+
+
+def held_devices_file(benchmark):
+    """Where a job records the devices it held (GPUs, else CPU cores) beside its benchmark file."""
+    return str(Path(benchmark).with_suffix(".devices"))
 
 
 def js(obj):

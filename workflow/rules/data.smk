@@ -21,7 +21,7 @@ if "data" in config:
         resources:
             **rule_resources("prepare_data"),
         params:
-            cmd=command("prepare_data"),
+            cmd=command("prepare_data", "{split}"),
             source=lambda w: dataset(w.split)["source"],
             options=lambda w: dataset_options(dataset(w.split)),
             name=lambda w: w.split.rpartition("/")[2],  # the id prefix: sft, opd or the benchmark
@@ -46,7 +46,7 @@ else:
         resources:
             **rule_resources("task_data"),
         params:
-            cmd=command("task_data"),
+            cmd=command("task_data", ""),
             task=js(config["task"]),
             out_dir=lambda w, output: os.path.dirname(output[0]),
         shell:
@@ -69,7 +69,7 @@ rule tokenizer:
     resources:
         **rule_resources("tokenizer"),
     params:
-        cmd=command("tokenizer"),
+        cmd=command("tokenizer", ""),
         vocab_size=lambda w: config["tokenizer"]["build"]["vocab_size"],
     shell:
         "{params.cmd} --task-files {input.task:q} " "--vocab-size {params.vocab_size:q} --out {output:q} > {log:q} 2>&1"

@@ -21,7 +21,7 @@ rule evaluate:
     resources:
         **rule_resources("evaluate"),
     params:
-        cmd=command("evaluate"),
+        cmd=command("evaluate", "{benchmark}/{model}"),
         model=lambda w: eval_model_path(w.model),
         k=config["eval"]["k"],
         temperature=config["eval"]["temperature"],

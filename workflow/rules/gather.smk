@@ -26,7 +26,7 @@ for gen_stage, (artifact, schema, job) in GEN_ARTIFACTS.items():
         resources:
             **rule_resources(f"{gen_stage}_gather"),
         params:
-            cmd=command(f"{gen_stage}_gather"),
+            cmd=command(f"{gen_stage}_gather", job),
             schema=schema,
         shell:
             "{params.cmd} --gather {input.parts:q} --schema {params.schema:q} --out {output:q} " "2>&1 | tee {log:q}"

@@ -24,7 +24,7 @@ rule pretrain_teacher:
         arch=lambda w: js(config["teachers"][w.teacher]["build"]["arch"]),
         train=lambda w: js(config["teachers"][w.teacher]["build"]["train"]),
         ckpt=f"{R}/checkpoints/pretrain_teacher",
-        cmd=command("pretrain_teacher"),
+        cmd=command("pretrain_teacher", "{teacher}"),
         tracking=lambda w: tracking("pretrain_teacher", f"teacher-{w.teacher}"),
     shell:
         "{params.cmd} --tokenizer {params.tokenizer:q} --task-file {input.task:q} "
@@ -55,7 +55,7 @@ rule pretrain_student_base:
         arch=js(config["student_base"].get("build", {}).get("arch")),
         train=js(config["student_base"].get("build", {}).get("train")),
         ckpt=f"{R}/checkpoints/pretrain_student_base",
-        cmd=command("pretrain_student_base"),
+        cmd=command("pretrain_student_base", ""),
         tracking=tracking("pretrain_student_base", "student_base"),
     shell:
         "{params.cmd} --tokenizer {params.tokenizer:q} --task-file {input.task:q} "

@@ -21,7 +21,7 @@ rule rollouts:
     resources:
         **rule_resources("rollouts"),
     params:
-        cmd=command("rollouts"),
+        cmd=command("rollouts", gen_job("rollouts", "{sft_teacher}")),
         backend=config["generation"]["backend"],
         backend_options=js(gen_option("rollouts", "backend_options")),
         sampling=js(config["rollouts"]["sampling"]),
@@ -58,7 +58,7 @@ rule teacher_cache:
     resources:
         **rule_resources("teacher_cache"),
     params:
-        cmd=command("teacher_cache"),
+        cmd=command("teacher_cache", gen_job("teacher_cache", "sft-{sft_teacher}_teacher-{opd_teacher}")),
         model=lambda w: teacher_path(w.opd_teacher),
         backend=config["teacher_cache"]["backend"],
         backend_options=js(config["teacher_cache"]["backend_options"]),
@@ -102,7 +102,7 @@ rule lightning_opd:
         round=lambda w: f"{round_index(w)}-of-{rounds_of(w)}",
         share=lambda w, input: ["--prompt-share", input.share] if input.share else [],
         ckpt=f"{R}/checkpoints/lightning_opd",
-        cmd=command("lightning_opd"),
+        cmd=command("lightning_opd", "sft-{sft_teacher}_teacher-{opd_teacher}_seed-{seed}{variant}{round}"),
         tracking=lambda w: tracking(
             "lightning_opd", opd_label(f"lightning{w.variant}", w.sft_teacher, w.opd_teacher, w.seed) + w.round
         ),
@@ -139,7 +139,7 @@ rule prompt_share:
     resources:
         **rule_resources("prompt_share"),
     params:
-        cmd=command("prompt_share"),
+        cmd=command("prompt_share", "share-{i}-of-{n}"),
     shell:
         "{params.cmd} --prompts {input.prompts:q} --share {wildcards.i:q}-of-{wildcards.n:q} --out {output:q} "
         "2>&1 | tee {log:q}"
@@ -166,7 +166,7 @@ rule round_rollouts:
     resources:
         **rule_resources("round_rollouts"),
     params:
-        cmd=command("round_rollouts"),
+        cmd=command("round_rollouts", ROUND_RUN),
         backend=config["generation"]["backend"],
         backend_options=js(gen_option("rollouts", "backend_options")),
         sampling=round_sampling,
@@ -202,7 +202,7 @@ rule round_teacher_cache:
     resources:
         **rule_resources("round_teacher_cache"),
     params:
-        cmd=command("round_teacher_cache"),
+        cmd=command("round_teacher_cache", ROUND_RUN),
         model=lambda w: teacher_path(w.opd_teacher),
         backend=config["teacher_cache"]["backend"],
         backend_options=js(config["teacher_cache"]["backend_options"]),
@@ -249,7 +249,7 @@ rule standard_opd:
         template=lambda w: config["prompt_template"],
         chat_template=js(config["chat_template_kwargs"]),
         ckpt=f"{R}/checkpoints/standard_opd",
-        cmd=command("standard_opd"),
+        cmd=command("standard_opd", "sft-{sft_teacher}_teacher-{opd_teacher}_seed-{seed}"),
         tracking=lambda w: tracking("standard_opd", opd_label("standard", w.sft_teacher, w.opd_teacher, w.seed)),
         drift_n=config["opd_drift"]["n_prompts"],
         drift_prompts=lambda w, input: ["--drift-prompts", str(input.drift_prompts)] if input.drift_prompts else [],

@@ -18,7 +18,7 @@ rule sft_data:
     resources:
         **rule_resources("sft_data"),
     params:
-        cmd=command("sft_data"),
+        cmd=command("sft_data", gen_job("sft_data", "{teacher}")),
         model=lambda w: teacher_path(w.teacher),
         backend=config["generation"]["backend"],
         backend_options=js(gen_option("sft_data", "backend_options")),
@@ -58,7 +58,7 @@ rule sft:
         train=js(config["sft"]["train"]),
         keep_unfinished=["--keep-unfinished"] if config["sft"]["keep_unfinished"] else [],
         ckpt=f"{R}/checkpoints/sft",
-        cmd=command("sft"),
+        cmd=command("sft", "{sft_teacher}"),
         tracking=lambda w: tracking("sft", f"sft-{w.sft_teacher}"),
     shell:
         "{params.cmd} --base {params.base:q} --sft-data {input.sft_data:q} --train {params.train} {params.keep_unfinished:q} "
