@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3MoeConfig
 
 from lightning_opd.logprobs import CHUNK_BYTES
@@ -198,6 +199,21 @@ def test_standard_opd_is_planned_with_its_largest_teacher(tmp_path):
     only_b = write_yaml(tmp_path / "B.yaml", {"teachers": {"B": {"path": "Qwen/Qwen3-32B"}},
                                               "runs": {"sft_teachers": ["B"], "opd_teachers": ["B"]}})
     assert peaks[0] == peaks[1] == {p.stage: p for p in plan(paper("qwen3-4b", only_b))}["standard_opd"].peak_gb
+
+
+def test_standard_opd_passes_are_planned_in_sequences_of_n_per_prompt(tmp_path):
+    """A standard OPD step is batch_size prompts of n samples each, and micro_batch_size counts sequences:
+    without one, a pass takes all of a process's prompts of the step (n x batch / processes sequences), and
+    one larger than batch / processes is not cut to it."""
+    def activations(opd):
+        override = write_yaml(tmp_path / "o.yaml", {"lightning_opd": opd})
+        return {p.stage: p for p in plan(paper("qwen3-4b", override))}["standard_opd"].parts["activations"]
+
+    n = yaml.safe_load((REPO / "config/paper/qwen3-4b.yaml").read_text())["standard_opd"]["sampling"]["n"]
+    assert n == 4
+    every_prompt = activations({"micro_batch_size": None, "batch_size": 32})  # 32 x 4 / 8 processes = 16
+    assert every_prompt == activations({"micro_batch_size": 16, "batch_size": 32})
+    assert every_prompt == pytest.approx(4 * activations({"micro_batch_size": 4, "batch_size": 32}))
 
 
 def test_vllm_on_a_job_without_gpus_is_planned_on_the_cpu(tmp_path):

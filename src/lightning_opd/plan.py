@@ -611,11 +611,14 @@ class Planner:
             sampled = min(s["batch_size"], max(1, opd["batch_size"] // world)) * s.get("n", 1)
             # a job per OPD teacher: the largest sizes them all
             teacher = max((self.teachers[t] for t in runs["opd_teachers"]), key=lambda shape: shape.params)
+            # a step is batch_size prompts of n sequences each; micro_batch_size counts sequences (by default
+            # a pass takes all of a process's prompts of the step)
+            passes = {**opd, "batch_size": opd["batch_size"] * s.get("n", 1)}
             if c["standard_opd"].get("sampler", "hf") == "vllm":
-                p = self.training("standard_opd", self.student, opd, seq, {**drift, "teacher": teacher})
+                p = self.training("standard_opd", self.student, passes, seq, {**drift, "teacher": teacher})
                 self.colocate_engine(p, c["standard_opd"].get("sampler_options", {}), seq)
             else:
-                p = self.training("standard_opd", self.student, opd, seq, {**drift, "teacher": teacher},
+                p = self.training("standard_opd", self.student, passes, seq, {**drift, "teacher": teacher},
                                   sampled_kv_tokens=sampled * seq)
             steps = self.opd_steps(opd, n_opd * s.get("n", 1))
             p.tokens = {
