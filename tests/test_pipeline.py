@@ -343,13 +343,17 @@ def test_paper_config_dag_needs_no_download(paper, tmp_path):
     assert "gpu=8" in result.stdout  # the rules ask SLURM for the config's GPUs
 
 
-def test_training_across_nodes_asks_slurm_for_all_gpus_and_launches_per_node(tmp_path):
+def test_training_across_nodes_asks_slurm_for_the_gpus_of_each_node_and_launches_per_node(tmp_path):
+    """Across nodes the command starts one launcher per node itself: an `mpi` job of one task per node, which
+    Snakemake's SLURM jobstep plugin runs as it is (any other it wraps in a one-task step on one node), with
+    the config's GPUs per node as GRES."""
     override = write_yaml(
         tmp_path / "o.yaml", {"results_dir": str(tmp_path / "results"), "resources": {"train": {"gpus": 8, "nodes": 2}}}
     )
     result = snakemake("-n", "-p", "--configfile", "config/paper/qwen3-8b.yaml", str(override))
     sft = result.stdout.split("rule sft:")[1].split("rule ")[0]
-    assert "gpu=16" in sft and "nodes=2" in sft  # the SLURM plugin's --gpus is per job
+    assert "gres=gpu:8" in sft and "nodes=2" in sft and "mpi=srun" in sft and "tasks=2" in sft
+    assert "gpu=" not in sft.replace("gres=gpu", "")
     assert "python -m lightning_opd.launch --nproc-per-node 8 --nnodes 2 --gpus-per-node 8 lightning_opd.sft" in sft
     data = result.stdout.split("rule prepare_data:")[1].split("rule ")[0]
     assert "gpu=" not in data and "cpus_per_task=1" in data  # the light kind: no GPU

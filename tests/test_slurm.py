@@ -198,3 +198,17 @@ def test_launch_command_across_nodes(slurm_cluster):
     assert cmd[:4] == ["srun", "--overlap", "--nodes=2", "--ntasks-per-node=1"]
     assert f"--rdzv-endpoint=gpu03:{launch.RENDEZVOUS_PORT}" in cmd and "--rdzv-id=7" in cmd
     assert cmd[-3:] == ["-m", "m", "--a"] and "--nnodes=2" in cmd and "--nproc-per-node=8" in cmd
+
+
+def test_a_job_without_its_slurm_variables_finds_its_nodes(slurm_cluster, tmp_path):
+    """What the launcher of a multi-node training sees under Snakemake's jobstep plugin (only SLURM_JOB_ID
+    kept): scontrol gives it the job's node count and list, the same as the job's own variables."""
+    out = tmp_path / "job.out"
+    code = ("import os; from lightning_opd.launch import job_nodes; "
+            "print(*job_nodes({'SLURM_JOB_ID': os.environ['SLURM_JOB_ID']}), os.environ['SLURM_NNODES'], "
+            "os.environ['SLURM_JOB_NODELIST'])")
+    run("sbatch", "--wait", "--cpus-per-task=1", "--mem=1000", "--time=5", "--output", str(out),
+        "--wrap", f"PYTHONPATH={shlex.quote(str(REPO / 'src'))} {shlex.quote(sys.executable)} -c {shlex.quote(code)}",
+        timeout=300)
+    nodes, nodelist, env_nodes, env_nodelist = out.read_text().split()
+    assert (nodes, nodelist) == (env_nodes, env_nodelist) and int(nodes) == 1, out.read_text()

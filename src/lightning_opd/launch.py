@@ -24,6 +24,20 @@ def first_node(nodelist: str) -> str:
     return hosts[0]
 
 
+def job_nodes(env: dict[str, str]) -> tuple[int, str]:
+    """The SLURM job's node count and node list: from its environment, else from ``scontrol show job``
+    (Snakemake's SLURM jobstep plugin keeps no SLURM variable but the job id in a job's environment)."""
+    if "SLURM_NNODES" in env and "SLURM_JOB_NODELIST" in env:
+        return int(env["SLURM_NNODES"]), env["SLURM_JOB_NODELIST"]
+    job = env["SLURM_JOB_ID"]
+    result = subprocess.run(["scontrol", "--oneliner", "show", "job", job], check=False, capture_output=True,
+                            text=True)
+    fields = dict(field.split("=", 1) for field in result.stdout.split() if "=" in field)
+    if result.returncode or "NumNodes" not in fields or "NodeList" not in fields:
+        raise RuntimeError(f"scontrol could not show SLURM job {job}'s nodes: {result.stderr.strip()}")
+    return int(fields["NumNodes"].split("-")[0]), fields["NodeList"]
+
+
 def command(module: str, args: list[str], nproc_per_node: int, nnodes: int, env: dict[str, str]) -> list[str]:
     python = [sys.executable, "-m"]
     if nproc_per_node * nnodes == 1:
@@ -33,9 +47,10 @@ def command(module: str, args: list[str], nproc_per_node: int, nnodes: int, env:
         return [*torchrun, "--standalone", "-m", module, *args]
     if "SLURM_JOB_ID" not in env:
         raise RuntimeError(f"training on {nnodes} nodes needs a SLURM job (it starts one launcher per node with srun)")
-    if int(env.get("SLURM_NNODES", "1")) != nnodes:
-        raise RuntimeError(f"the config asks for {nnodes} nodes but this SLURM job has {env.get('SLURM_NNODES', 1)}")
-    head = first_node(env["SLURM_JOB_NODELIST"])
+    held, nodelist = job_nodes(env)
+    if held != nnodes:
+        raise RuntimeError(f"the config asks for {nnodes} nodes but this SLURM job has {held}")
+    head = first_node(nodelist)
     # --overlap: the job step that runs this launcher already holds the allocation
     return ["srun", "--overlap", f"--nodes={nnodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1", *torchrun,
             f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={head}:{RENDEZVOUS_PORT}",

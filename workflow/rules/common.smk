@@ -216,10 +216,16 @@ def rule_resources(name):
     r = res(stage(name).kind)
     nodes = r.get("nodes", 1)
     out = {"mem_mb": r["mem_mb"], "runtime": r["runtime"], "cpus_per_task": r["cpus"]}
+    if nodes == 1:
+        if r["gpus"]:
+            out["gpu"] = r["gpus"]  # the SLURM plugin asks for --gpus
+        return out
+    # Across nodes the job's command starts one launcher per node itself (lightning_opd.launch: srun +
+    # torchrun). The SLURM jobstep plugin runs an `mpi` job's command as it is; any other it wraps in a
+    # one-task step, which SLURM keeps on one node.
+    out.update(nodes=nodes, mpi="srun", tasks=nodes)
     if r["gpus"]:
-        out["gpu"] = r["gpus"] * nodes  # the SLURM plugin asks for --gpus (per job); config gpus are per node
-    if nodes > 1:
-        out["nodes"] = nodes
+        out["gres"] = f"gpu:{r['gpus']}"  # per node (the plugin's --gpus counts the whole job's)
     return out
 
 
