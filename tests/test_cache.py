@@ -144,6 +144,22 @@ def test_rollouts_cut_at_max_response_tokens_keep_the_text_of_their_kept_tokens_
         assert after["response_text"] != before["response_text"]
 
 
+def test_the_context_check_counts_a_rollout_as_cut_at_max_response_tokens(world, tmp_path):
+    """A rollout longer than the teacher's 256 positions is refused, naming it; cut to fit by
+    max_response_tokens it is scored."""
+    table, meta = read_table(world["rollouts"], artifacts.SAMPLES_SCHEMA)
+    rows = table.to_pylist()
+    rows[0]["response_ids"] = rows[0]["response_ids"] * 40
+    long = tmp_path / "long.parquet"
+    artifacts.write_table(long, rows, artifacts.SAMPLES_SCHEMA, meta)
+    with pytest.raises(ValueError, match=rf"{long}: 1 sequence\(s\) longer than the context .* {rows[0]['id']!r}"):
+        teacher_cache.build_cache(str(world["teacher_A"]), long, tmp_path / "refused.parquet", label="A")
+    assert not (tmp_path / "refused.parquet").exists()
+    teacher_cache.build_cache(str(world["teacher_A"]), long, tmp_path / "cut.parquet", label="A",
+                              max_response_tokens=64)
+    assert len(read_cache(tmp_path / "cut.parquet")[0].column("response_ids")[0]) == 64
+
+
 def test_top_k_cache_schema_is_int32_ids_and_float16_logprobs(world):
     schema = pq.read_schema(world["cache_A_top8"])
     assert [schema.field(f.name).type for f in TOPK_FIELDS] == [pa.list_(pa.int32()), pa.list_(pa.float16())]
