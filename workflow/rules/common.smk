@@ -157,11 +157,22 @@ def command(name, pattern=None):
     def job_command(wildcards, threads, resources):
         if record is None:
             return cmd
-        held = getattr(resources, "gpu", 0) or threads * getattr(resources, "nodes", 1)
+        held = held_devices(resources, threads)
         path = record.format(**dict(wildcards.items()))
         return f"mkdir -p {shlex.quote(os.path.dirname(path))} && printf '%s\\n' {held} > {shlex.quote(path)} && {cmd}"
 
     return job_command
+
+
+def held_devices(resources, threads):
+    """The devices of a job's resources: its GPUs (`gpu`, or `gres` gpu:N per node across nodes), else
+    its CPU cores."""
+    nodes = getattr(resources, "nodes", 1) or 1
+    gpus = getattr(resources, "gpu", 0) or 0
+    gres = getattr(resources, "gres", "") or ""
+    if not gpus and gres.startswith("gpu:"):
+        gpus = int(gres.rsplit(":", 1)[1]) * nodes
+    return gpus or threads * nodes
 
 
 def held_devices_file(benchmark):
