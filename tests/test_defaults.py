@@ -94,7 +94,8 @@ CLI_DEFAULTS = {
                       "data_parallel": ("teacher_cache.data_parallel", same, same)},
     "lightning_opd": {**OPD_OUTPUT},
     "standard_opd": {"sampler": ("standard_opd.sampler", same, same),
-                     "sampler_options": ("standard_opd.sampler_options", same, same), **OPD_OUTPUT, **TEMPLATE},
+                     "sampler_options": ("standard_opd.sampler_options", same, same),
+                     "teacher_temperature": ("teacher_cache.temperature", same, same), **OPD_OUTPUT, **TEMPLATE},
     "evaluate": {**{key: (f"eval.{key}", same, same)
                     for key in ("k", "temperature", "top_p", "max_gen_toks", "backend", "batch_size", "seed")},
                  "backend_options": ("eval.backend_options", from_json, same),
@@ -104,7 +105,7 @@ CLI_DEFAULTS = {
 # options with a default that no config key feeds: names, parts, and the JSON of a dataclass's fields
 # (whose defaults test_dataclass_defaults_are_the_embedded_config checks)
 NOT_FROM_THE_CONFIG = {"label", "teacher_label", "round", "sampling", "opd", "arch", "train", "hparams", "tracking",
-                       "split", "nproc_per_node", "nnodes", "configfile", "base"}
+                       "split", "nproc_per_node", "nnodes", "gpus_per_node", "configfile", "base"}
 STAGE_MODULES = sorted(path.stem for path in (Path(lightning_opd.__file__).parent).glob("*.py")
                        if "\ndef main(" in path.read_text())
 

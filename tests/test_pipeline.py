@@ -188,7 +188,7 @@ def test_every_priced_job_records_the_devices_it_held_beside_its_benchmark(tiny_
     assert tsv and set(devices) == tsv
     # the cores of tiny.yaml over config.yaml: pretrain 2, train 2 (processes 2), the rest 1
     for stage, cpus in (("pretrain_teacher", 2), ("sft", 2), ("lightning_opd", 2), ("rollouts", 1), ("evaluate", 1)):
-        assert {n for path, n in devices.items() if path.parent.name == stage} == {cpus}, stage
+        assert {n for path, n in devices.items() if path.relative_to(benchmarks).parts[0] == stage} == {cpus}, stage
 
 
 def test_tiny_run_cache_records_teachers_and_sampling(tiny_run):

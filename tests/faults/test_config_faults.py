@@ -49,7 +49,8 @@ def test_prompt_template_reaches_the_module_as_one_literal_argument(tmp_path):
     result = dry_run(tmp_path, {"prompt_template": template}, "-p")
     assert result.returncode == 0, result.stderr[-2000:]
     commands = [line for line in result.stdout.splitlines() if "--prompt-template" in line]
-    assert len(commands) == 7  # SFT data, rollouts, standard OPD, the 1 + 3 later rounds of rounds2 and rounds4
+    # SFT data, rollouts, standard OPD, the 1 + 3 later rounds of rounds2 and rounds4, and the 9 evaluations
+    assert len(commands) == 16
     for line in commands:
         words = shlex.split(line.split("Shell command:", 1)[-1])
         assert words[words.index("--prompt-template") + 1] == template
