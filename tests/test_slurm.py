@@ -212,3 +212,34 @@ def test_a_job_without_its_slurm_variables_finds_its_nodes(slurm_cluster, tmp_pa
         timeout=300)
     nodes, nodelist, env_nodes, env_nodelist = out.read_text().split()
     assert (nodes, nodelist) == (env_nodes, env_nodelist) and int(nodes) == 1, out.read_text()
+
+
+def test_a_training_across_nodes_asks_sbatch_for_one_task_per_node(tmp_path):
+    """The sbatch line Snakemake's SLURM plugin makes of a two-node training rule's resources (from a dry
+    run of config/paper/qwen3-8b.yaml): two nodes, one task each, the GPUs per node as GRES. Without
+    tasks_per_gpu 0 the plugin took `tasks` as --ntasks-per-gpu: 16 tasks per node of 8 GPUs."""
+    from types import SimpleNamespace
+
+    from snakemake_executor_plugin_slurm.submit_string import get_submit_command
+    from snakemake_executor_plugin_slurm.utils import set_gres_string
+
+    override = tmp_path / "nodes.yaml"
+    override.write_text(yaml.safe_dump({"results_dir": str(tmp_path / "results"),
+                                        "resources": {"train": {"gpus": 8, "nodes": 2}}}))
+    result = run(str(VENV_BIN / "snakemake"), "-n", "--workflow-profile", "none", "--configfile",
+                 "config/paper/qwen3-8b.yaml", str(override), cwd=REPO, timeout=300)
+    block = result.stdout.split("rule sft:")[1].split("\n\n")[0]
+    line = re.search(r"resources: (.*)", block).group(1)
+
+    class Resources(dict):
+        __getattr__ = dict.__getitem__
+
+    resources = Resources()
+    for item in line.split(", "):
+        key, value = item.split("=", 1)
+        resources[key] = int(value) if value.isdigit() else value
+    job = SimpleNamespace(resources=resources, threads=resources["cpus_per_task"], is_group=lambda: False)
+    sbatch = get_submit_command(job, {"run_uuid": "u", "slurm_logfile": "l", "comment_str": "c", "account": "",
+                                      "partition": "", "workdir": str(tmp_path)}) + set_gres_string(job)
+    assert "--nodes=2" in sbatch and "--ntasks=2" in sbatch and "--gres=gpu:8" in sbatch, sbatch
+    assert "--ntasks-per-gpu" not in sbatch and "--gpus" not in sbatch, sbatch

@@ -234,7 +234,8 @@ def rule_resources(name):
     # Across nodes the job's command starts one launcher per node itself (lightning_opd.launch: srun +
     # torchrun). The SLURM jobstep plugin runs an `mpi` job's command as it is; any other it wraps in a
     # one-task step, which SLURM keeps on one node.
-    out.update(nodes=nodes, mpi="srun", tasks=nodes)
+    # tasks_per_gpu 0: the SLURM plugin would take `tasks` as --ntasks-per-gpu for a GPU job (tasks x GPUs)
+    out.update(nodes=nodes, mpi="srun", tasks=nodes, tasks_per_gpu=0)
     if r["gpus"]:
         out["gres"] = f"gpu:{r['gpus']}"  # per node (the plugin's --gpus counts the whole job's)
     return out
