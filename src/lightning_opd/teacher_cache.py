@@ -80,10 +80,10 @@ class ScoreTask(ShardTask):
 def cut_responses(table: pa.Table, limit: int, tokenizer) -> pa.Table:
     """The rollouts with every response cut to `limit` tokens; a cut row's text is that of its kept
     tokens and it counts as unfinished, as a generation stopped at `limit` would."""
-    responses = table.column("response_ids").to_pylist()
-    cut = [len(r) > limit for r in responses]
-    if not any(cut):
+    cut = pc.greater(pc.list_value_length(table.column("response_ids")), limit).to_pylist()
+    if not any(cut):  # the usual case: no token list leaves arrow
         return table
+    responses = table.column("response_ids").to_pylist()
     texts = table.column("response_text").to_pylist()
     finished = table.column("finished").to_pylist()
     for i in (i for i, c in enumerate(cut) if c):
