@@ -157,14 +157,14 @@ def command(name, pattern=None):
     def job_command(wildcards, threads, resources):
         if record is None:
             return cmd
-        held = held_devices(resources, threads)
+        held = job_devices(resources, threads)
         path = record.format(**dict(wildcards.items()))
         return f"mkdir -p {shlex.quote(os.path.dirname(path))} && printf '%s\\n' {held} > {shlex.quote(path)} && {cmd}"
 
     return job_command
 
 
-def held_devices(resources, threads):
+def job_devices(resources, threads):
     """The devices of a job's resources: its GPUs (`gpu`, or `gres` gpu:N per node across nodes), else
     its CPU cores."""
     nodes = getattr(resources, "nodes", 1) or 1
