@@ -5,8 +5,9 @@ where each rank waits.
 
 Each process gets PYTHONFAULTHANDLER=1, so SIGABRT makes it print the stacks
 of all its threads to stderr before it dies. Only Python processes get the
-SIGABRT: a job's shell and its `tee` stay up to carry the stacks into the
-job's log and Snakemake's output. The whole session is killed after."""
+SIGABRT, one at a time while the others are stopped: a job's shell and its
+`tee` stay up to carry the stacks into the job's log and Snakemake's output.
+The whole session is killed after."""
 from __future__ import annotations
 
 import os
@@ -34,21 +35,44 @@ def run_or_show_stacks(command: list[str], *, env: dict[str, str], timeout: floa
 
 def _abort_with_stacks(process: subprocess.Popen) -> tuple[str, str]:
     try:
-        tree = psutil.Process(process.pid).children(recursive=True)
+        launcher = psutil.Process(process.pid)
+        tree = launcher.children(recursive=True)
     except psutil.NoSuchProcess:
-        tree = []
+        launcher, tree = None, []
     workers = [p for p in tree if _is_python(p)]
+    # Stop them all first: then no rank reacts to another's end (a rank whose peer died leaves its
+    # collective with an exception, a launcher stops its other workers), and each prints its stack
+    # whole, one after the other (two at once interleave on a shared stderr, byte by byte).
+    python = [p for p in (launcher, *workers) if p is not None and _is_python(p)]
+    for child in python:
+        _signal(child, signal.SIGSTOP)
     for worker in reversed(workers):  # the workers before their launcher, which would otherwise stop them first
-        _abort(worker)
+        _signal(worker, signal.SIGABRT)  # delivered first on SIGCONT: a pending SIGTERM has a higher number
+        _signal(worker, signal.SIGCONT)
+        _wait_gone(worker, 5)
+    if launcher is not None:
+        _signal(launcher, signal.SIGCONT)
     # the launcher ends once it sees its workers end; if it does not, it hangs itself: its stack too
-    if _still_running(process, 5 if workers else 0):
-        _abort(psutil.Process(process.pid))
+    if launcher is not None and _still_running(process, 5 if workers else 0):
+        _signal(launcher, signal.SIGABRT)
         _still_running(process, 5)
     try:
         os.killpg(process.pid, signal.SIGKILL)  # the launcher and any worker it left behind
     except ProcessLookupError:
         pass
     return process.communicate()
+
+
+def _wait_gone(child: psutil.Process, seconds: float) -> None:
+    """Until ``child`` has exited (a zombie counts: its parent may be stopped) or ``seconds`` have passed."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if child.status() == psutil.STATUS_ZOMBIE:
+                return
+        except psutil.NoSuchProcess:
+            return
+        time.sleep(0.05)
 
 
 def _still_running(process: subprocess.Popen, seconds: float) -> bool:
@@ -67,8 +91,8 @@ def _is_python(child: psutil.Process) -> bool:
     return bool(command) and os.path.basename(command[0]).startswith("python")
 
 
-def _abort(child: psutil.Process) -> None:
+def _signal(child: psutil.Process, signum: int) -> None:
     try:
-        child.send_signal(signal.SIGABRT)
+        child.send_signal(signum)
     except psutil.NoSuchProcess:
         pass
