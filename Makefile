@@ -87,7 +87,7 @@ test-vllm: $(VLLM_STAMP)
 	$(VLLM_VENV)/bin/python -m pytest -q -n "$(TEST_WORKERS)" --dist load \
 	    tests/test_vllm_backend.py tests/test_envs.py -k "vllm or sampler"
 
-# `snakemake --profile slurm` on a real one-node SLURM cluster that the test
+# `snakemake --profile slurm` on a real two-node SLURM cluster that the test
 # starts (tests/slurm/cluster.sh; as root). Installs Debian's SLURM and the
 # executor plugin if missing.
 test-slurm: $(TEST_STAMP)

@@ -152,19 +152,22 @@ def test_launch_command():
 
 def test_a_job_without_its_slurm_variables_finds_its_nodes_with_scontrol(tmp_path, monkeypatch):
     """Snakemake's SLURM jobstep plugin keeps only the job id of a job's SLURM variables: the launcher asks
-    scontrol for the job's nodes (here a stand-in scontrol that prints what SLURM 22.05's does)."""
+    scontrol for the job's nodes and the first one's address (here a stand-in scontrol that prints what SLURM
+    22.05's does)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "scontrol").write_text(
         "#!/bin/sh\n"
         'if [ "$2" = hostnames ]; then printf "gpu03\\ngpu04\\n"; exit 0; fi\n'
+        'if [ "$3" = node ]; then echo "NodeName=$4 Arch=x86_64 NodeAddr=10.1.0.3 NodeHostName=$4"; exit 0; fi\n'
         'echo "JobId=$4 JobName=sft UserId=u(1) JobState=RUNNING NumNodes=2 NumCPUs=32 NodeList=gpu[03-04] '
         'BatchHost=gpu03"\n')
     (bin_dir / "scontrol").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     assert launch.job_nodes({"SLURM_JOB_ID": "7"}) == (2, "gpu[03-04]")
     cmd = launch.command("m", ["--a"], 8, 2, {"SLURM_JOB_ID": "7"})
-    assert cmd[:3] == ["srun", "--overlap", "--nodes=2"] and f"--rdzv-endpoint=gpu03:{launch.RENDEZVOUS_PORT}" in cmd
+    # the launchers meet at the address SLURM reaches the first node at (NodeAddr), not at its name
+    assert cmd[:3] == ["srun", "--overlap", "--nodes=2"] and f"--rdzv-endpoint=10.1.0.3:{launch.RENDEZVOUS_PORT}" in cmd
     with pytest.raises(RuntimeError, match="asks for 3 nodes but this SLURM job has 2"):
         launch.command("m", [], 8, 3, {"SLURM_JOB_ID": "7"})
     assert launch.job_nodes({"SLURM_JOB_ID": "7", "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "n1"}) == (1, "n1")

@@ -1,11 +1,13 @@
-"""`snakemake --profile slurm` on a real one-node SLURM cluster, started by
-tests/slurm/cluster.sh: every job of a reduced run is a SLURM job that asks
-for the CPUs, memory, time and GPUs of the config. Run by `make test-slurm`
-(which installs SLURM and the executor plugin if missing)."""
+"""`snakemake --profile slurm` on a real two-node SLURM cluster (both nodes on
+this machine), started by tests/slurm/cluster.sh: every job of a reduced run
+is a SLURM job that asks for the CPUs, memory, time and GPUs of the config,
+and a training runs across both nodes. Run by `make test-slurm` (which
+installs SLURM and the executor plugin if missing)."""
 from __future__ import annotations
 
 import getpass
 import importlib.util
+import json
 import os
 import re
 import shlex
@@ -19,7 +21,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 import yaml
+from safetensors.torch import load_file
 
 from test_pipeline import copy_repo, merge, planned_jobs
 
@@ -189,15 +193,47 @@ def test_code_in_a_gpu_job_falls_back_to_cpu(slurm_cluster, tmp_path):
 
 
 def test_launch_command_across_nodes(slurm_cluster):
-    """The multi-node launch: srun starts one torchrun per node, which meet at the first node of the job
-    (scontrol expands the node list, so it needs the cluster's config)."""
+    """The multi-node launch: srun starts one torchrun per node, which meet at the address SLURM reaches the
+    job's first node at (scontrol expands the node list and shows the node's NodeAddr: the test cluster's
+    node names resolve nowhere, as a cluster's internal names need not resolve on another network)."""
     from lightning_opd import launch
 
-    env = {"SLURM_JOB_ID": "7", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "gpu[03-04]"}
+    env = {"SLURM_JOB_ID": "7", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "lopd[1-2]"}
     cmd = launch.command("m", ["--a"], 8, 2, env)
     assert cmd[:4] == ["srun", "--overlap", "--nodes=2", "--ntasks-per-node=1"]
-    assert f"--rdzv-endpoint=gpu03:{launch.RENDEZVOUS_PORT}" in cmd and "--rdzv-id=7" in cmd
+    assert f"--rdzv-endpoint=127.0.0.1:{launch.RENDEZVOUS_PORT}" in cmd and "--rdzv-id=7" in cmd
     assert cmd[-3:] == ["-m", "m", "--a"] and "--nnodes=2" in cmd and "--nproc-per-node=8" in cmd
+
+
+def test_a_training_runs_across_two_slurm_nodes(slurm_run, tmp_path):
+    """`resources: train: {nodes: 2}` under `--profile slurm`: one SLURM job on both nodes of the test
+    cluster, whose command (the launcher) starts a torchrun per node with srun; the two processes meet
+    and train the same SFT model, bit for bit, as the run's two processes on one node."""
+    work = tmp_path / "repo"
+    shutil.copytree(slurm_run["work"], work, symlinks=True)  # the one-node run's inputs, up to date
+    weights = "results/tiny/models/sft-A/model.safetensors"
+    one_node = load_file(slurm_run["work"] / weights)
+    overlay = work / "two_nodes.yaml"
+    overlay.write_text(yaml.safe_dump({"resources": {"train": {"nodes": 2, "processes": 1}}}))
+    snakemake = [str(VENV_BIN / "snakemake"), "--profile", "slurm", "--configfile", *CONFIGS, str(overlay)]
+    assert planned_jobs(run(*snakemake, "-n", TARGET, "--forcerun", "sft", cwd=work).stdout) == {"sft": 1}
+    started = datetime.now().strftime("%Y-%m-%dT%H:%M:%S")
+    result = run(*snakemake, "--slurm-init-seconds-before-status-checks", "2", TARGET, "--forcerun", "sft",
+                 cwd=work, timeout=900)
+    run_id = re.search(r"SLURM run ID: (\S+)", result.stdout + result.stderr).group(1)
+    steps = run("sacct", "-P", "-n", "--name", run_id, "-S", started, "-o", "JobID,NNodes,State").stdout
+    job = steps.split("|")[0]
+    steps = run("sacct", "-P", "-n", "-j", job, "-o", "JobID,NNodes,State").stdout.splitlines()
+    # the job, its batch step on the first node, and the launcher's srun step: a torchrun on each node
+    assert any(line.startswith(f"{job}|2|COMPLETED") for line in steps), steps
+    assert any(re.fullmatch(rf"{job}\.\d+\|2\|COMPLETED", line) for line in steps), steps
+    log = next((work / "results/tiny/logs/sft").glob("*.log")).read_text()
+    assert "--nnodes=2" in log and "--rdzv-endpoint=127.0.0.1:" in log, log[-3000:]
+    provenance = json.loads((work / "results/tiny/models/sft-A/provenance.json").read_text())
+    assert provenance["trained_on"]["processes"] == 2, provenance["trained_on"]
+    two_nodes = load_file(work / weights)
+    assert one_node.keys() == two_nodes.keys()
+    assert all(torch.equal(one_node[name], two_nodes[name]) for name in one_node)
 
 
 def test_a_job_without_its_slurm_variables_finds_its_nodes(slurm_cluster, tmp_path):

@@ -1,6 +1,6 @@
 """Start a training module on the processes of its job: as is for one
 process, under torchrun for several on one node, and under `srun` + torchrun
-(one launcher per node, c10d rendezvous on the first node) across the nodes
+(one launcher per node, c10d rendezvous at the first node's address) across the nodes
 of a SLURM job. The trainers themselves only see torchrun's environment.
 
     python -m lightning_opd.launch --nproc-per-node 8 lightning_opd.sft --base ...
@@ -15,13 +15,22 @@ import sys
 RENDEZVOUS_PORT = 29511
 
 
-def first_node(nodelist: str) -> str:
-    """The first host name of a SLURM node list such as ``gpu[03-05,07]``."""
+def scontrol_fields(*args: str) -> dict[str, str]:
+    """The KEY=VALUE fields of a one-line ``scontrol show`` record."""
+    result = subprocess.run(["scontrol", "--oneliner", "show", *args], check=False, capture_output=True, text=True)
+    if result.returncode:
+        raise RuntimeError(f"scontrol show {' '.join(args)} failed: {result.stderr.strip()}")
+    return dict(field.split("=", 1) for field in result.stdout.split() if "=" in field)
+
+
+def head_address(nodelist: str) -> str:
+    """Where the launchers of a job's nodes meet: the address SLURM reaches the first node of a node list
+    such as ``gpu[03-05,07]`` at (its NodeAddr; by default the node's host name)."""
     result = subprocess.run(["scontrol", "show", "hostnames", nodelist], check=False, capture_output=True, text=True)
     hosts = result.stdout.split()
     if result.returncode or not hosts:
         raise RuntimeError(f"scontrol could not expand the node list {nodelist!r}: {result.stderr.strip()}")
-    return hosts[0]
+    return scontrol_fields("node", hosts[0]).get("NodeAddr") or hosts[0]
 
 
 def job_nodes(env: dict[str, str]) -> tuple[int, str]:
@@ -30,11 +39,9 @@ def job_nodes(env: dict[str, str]) -> tuple[int, str]:
     if "SLURM_NNODES" in env and "SLURM_JOB_NODELIST" in env:
         return int(env["SLURM_NNODES"]), env["SLURM_JOB_NODELIST"]
     job = env["SLURM_JOB_ID"]
-    result = subprocess.run(["scontrol", "--oneliner", "show", "job", job], check=False, capture_output=True,
-                            text=True)
-    fields = dict(field.split("=", 1) for field in result.stdout.split() if "=" in field)
-    if result.returncode or "NumNodes" not in fields or "NodeList" not in fields:
-        raise RuntimeError(f"scontrol could not show SLURM job {job}'s nodes: {result.stderr.strip()}")
+    fields = scontrol_fields("job", job)
+    if "NumNodes" not in fields or "NodeList" not in fields:
+        raise RuntimeError(f"scontrol shows no nodes for SLURM job {job}: {fields}")
     return int(fields["NumNodes"].split("-")[0]), fields["NodeList"]
 
 
@@ -50,7 +57,7 @@ def command(module: str, args: list[str], nproc_per_node: int, nnodes: int, env:
     held, nodelist = job_nodes(env)
     if held != nnodes:
         raise RuntimeError(f"the config asks for {nnodes} nodes but this SLURM job has {held}")
-    head = first_node(nodelist)
+    head = head_address(nodelist)
     # --overlap: the job step that runs this launcher already holds the allocation
     return ["srun", "--overlap", f"--nodes={nnodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1", *torchrun,
             f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={head}:{RENDEZVOUS_PORT}",

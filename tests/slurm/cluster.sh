@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# A real one-node SLURM cluster for the tests, as plain processes (no systemd):
+# A real two-node SLURM cluster for the tests, as plain processes (no systemd):
 # munge, MariaDB, slurmdbd (accounting, so that sacct works as on a real
-# cluster), slurmctld and slurmd, with two fake GPUs as gres.
+# cluster), slurmctld and one slurmd per node, with two fake GPUs per node as
+# gres. Both nodes are this machine (slurmd -N NODE), each with all its CPUs
+# and half its memory, so that a job can span two nodes.
 #
 #   tests/slurm/cluster.sh start [STATE_DIR]   # default: /tmp/lopd-slurm
 #   tests/slurm/cluster.sh stop  [STATE_DIR]
@@ -17,7 +19,8 @@ set -euo pipefail
 CLUSTER=lopdtest       # cluster, account and partition of the test cluster
 DB_PORT=${LOPD_SLURM_DB_PORT:-33061}
 CTLD_PORT=${LOPD_SLURM_CTLD_PORT:-6817}
-SLURMD_PORT=${LOPD_SLURM_SLURMD_PORT:-6818}
+SLURMD_PORTS=${LOPD_SLURM_SLURMD_PORTS:-6821-6822}  # first-last: one port per node
+NODES=(lopd1 lopd2)
 DBD_PORT=${LOPD_SLURM_DBD_PORT:-6819}
 ETC_CONF=/etc/slurm/slurm.conf
 
@@ -45,15 +48,14 @@ write_configs() {
     local host cpus mem_mb
     host=$(hostname -s)
     cpus=$(nproc)
-    mem_mb=$(awk '/MemTotal/ {print int($2 / 1024 * 0.8)}' /proc/meminfo)
-    mkdir -p "$S"/{etc,munge,state,spool,run,log}
+    mem_mb=$(awk '/MemTotal/ {print int($2 / 1024 * 0.4)}' /proc/meminfo)  # per node
+    mkdir -p "$S"/{etc,munge,state,run,log} "${NODES[@]/#/$S/spool/}"
     chmod 755 "$S" "$S/munge"
     cat >"$S/etc/slurm.conf" <<EOF
 # Written by tests/slurm/cluster.sh for a throw-away test cluster.
 ClusterName=$CLUSTER
 SlurmctldHost=$host(127.0.0.1)
 SlurmctldPort=$CTLD_PORT
-SlurmdPort=$SLURMD_PORT
 AuthType=auth/munge
 AuthInfo=socket=$S/munge/munge.socket
 CredType=cred/munge
@@ -66,11 +68,11 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 ReturnToService=2
 StateSaveLocation=$S/state
-SlurmdSpoolDir=$S/spool
+SlurmdSpoolDir=$S/spool/%n
 SlurmctldPidFile=$S/run/slurmctld.pid
-SlurmdPidFile=$S/run/slurmd.pid
+SlurmdPidFile=$S/run/slurmd-%n.pid
 SlurmctldLogFile=$S/log/slurmctld.log
-SlurmdLogFile=$S/log/slurmd.log
+SlurmdLogFile=$S/log/slurmd-%n.log
 JobAcctGatherType=jobacct_gather/linux
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=localhost
@@ -80,12 +82,12 @@ AccountingStoragePass=$S/munge/munge.socket
 AccountingStorageTRES=gres/gpu
 AccountingStoreFlags=job_comment
 GresTypes=gpu
-NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem_mb Gres=gpu:2 State=UNKNOWN
+NodeName=lopd[1-2] NodeHostname=$host NodeAddr=127.0.0.1 Port=[$SLURMD_PORTS] CPUs=$cpus RealMemory=$mem_mb Gres=gpu:2 State=UNKNOWN
 # The cluster's defaults, for jobs that ask for no time or memory:
 PartitionName=$CLUSTER Nodes=ALL Default=YES MaxTime=INFINITE DefaultTime=00:10:00 DefMemPerCPU=512 State=UP
 EOF
     # fake GPUs: any device files will do, but without File= the node goes INVAL
-    echo "NodeName=$host Name=gpu File=/dev/tty[0-1]" >"$S/etc/gres.conf"
+    echo "NodeName=lopd[1-2] Name=gpu File=/dev/tty[0-1]" >"$S/etc/gres.conf"
     cat >"$S/etc/slurmdbd.conf" <<EOF
 AuthType=auth/munge
 AuthInfo=socket=$S/munge/munge.socket
@@ -157,13 +159,16 @@ add_associations() {
         || sacctmgr -i modify user root set DefaultAccount="$CLUSTER" >/dev/null
 }
 
-node_idle() { [[ $(sinfo -h -N -o %t) == idle ]]; }
+nodes_idle() { [[ $(sinfo -h -N -o %t | sort -u) == idle && $(sinfo -h -N -o %N | wc -l) == "${#NODES[@]}" ]]; }
 
 start_slurm() {
     running "$S/run/slurmctld.pid" || slurmctld || die "slurmctld did not start; see $S/log/slurmctld.log"
     wait_for 30 slurmctld "$S/log/slurmctld.log" scontrol ping
-    running "$S/run/slurmd.pid" || slurmd || die "slurmd did not start; see $S/log/slurmd.log"
-    wait_for 60 "the node (idle in sinfo)" "$S/log/slurmd.log" node_idle
+    local node
+    for node in "${NODES[@]}"; do
+        running "$S/run/slurmd-$node.pid" || slurmd -N "$node" || die "slurmd -N $node did not start; see $S/log/slurmd-$node.log"
+    done
+    wait_for 60 "the nodes (idle in sinfo)" "$S/log/slurmd-${NODES[0]}.log" nodes_idle
 }
 
 start() {
@@ -196,7 +201,8 @@ stop() {
     if running "$S/run/slurmctld.pid"; then
         scancel --partition "$CLUSTER" 2>/dev/null || true
     fi
-    stop_pid slurmd "$S/run/slurmd.pid"
+    local node
+    for node in "${NODES[@]}"; do stop_pid "slurmd $node" "$S/run/slurmd-$node.pid"; done
     stop_pid slurmctld "$S/run/slurmctld.pid"
     stop_pid slurmdbd "$S/run/slurmdbd.pid"
     stop_pid mariadbd "$S/run/mysqld.pid"
