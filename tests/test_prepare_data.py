@@ -80,6 +80,9 @@ def test_bad_input_is_named(hundredfold, tmp_path):
         prepare(plain, tmp_path / "x.parquet")
     with pytest.raises(SystemExit, match="a limit needs a seed"):
         prepare(source, tmp_path / "y.parquet", seed=None, limit=3)
+    with pytest.raises(SystemExit, match="limit 0: keep at least one problem"):  # not "no limit"
+        prepare(source, tmp_path / "y.parquet", seed=0, limit=0)
+    assert not (tmp_path / "y.parquet").exists()
     no_answer = dapo_file(tmp_path / "no_answer.parquet", [("Find x if x + 1 = 2.", "1"), ("Find y if y = 3.", None)])
     with pytest.raises(SystemExit, match=r"no_answer.parquet: row 1: the field 'reward_model.ground_truth' is null"):
         prepare(no_answer, tmp_path / "z.parquet")

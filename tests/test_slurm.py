@@ -231,6 +231,8 @@ def test_a_training_runs_across_two_slurm_nodes(slurm_run, tmp_path):
     assert "--nnodes=2" in log and "--rdzv-endpoint=127.0.0.1:" in log, log[-3000:]
     provenance = json.loads((work / "results/tiny/models/sft-A/provenance.json").read_text())
     assert provenance["trained_on"]["processes"] == 2, provenance["trained_on"]
+    # priced at what it held: a (fake) GPU on each of two nodes
+    assert (work / "results/tiny/benchmarks/sft/A.devices").read_text().split() == ["2"]
     two_nodes = load_file(work / weights)
     assert one_node.keys() == two_nodes.keys()
     assert all(torch.equal(one_node[name], two_nodes[name]) for name in one_node)

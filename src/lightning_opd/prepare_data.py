@@ -90,6 +90,8 @@ def compile_problem_regex(problem_regex: str | None) -> re.Pattern | None:
 def prepare(source: str, out: Path, split: str, problem_field: str, answer_field: str | None,
             name: str, limit: int | None = None, seed: int | None = None, revision: str | None = None,
             problem_regex: str | None = None) -> int:
+    if limit is not None and limit < 1:
+        raise ValueError(f"{source}: limit {limit}: keep at least one problem (leave the limit out to keep all)")
     if limit and seed is None:
         raise ValueError(f"{source}: a limit needs a seed (the first rows of a dataset are not a sample of it)")
     pattern = compile_problem_regex(problem_regex)
@@ -114,7 +116,7 @@ def prepare(source: str, out: Path, split: str, problem_field: str, answer_field
     unique = len(rows)
     if seed is not None:
         random.Random(seed).shuffle(rows)
-    rows = rows[:limit] if limit else rows
+    rows = rows[:limit] if limit is not None else rows
     print(
         f"{source}: {unique + duplicates} rows, {duplicates} duplicates dropped, {unique} unique problems"
         + (f", shuffled with seed {seed}" if seed is not None else "")
