@@ -118,6 +118,16 @@ def test_values_of_the_wrong_type_are_refused_with_the_key(override, message, ke
     assert "Error validating config file" in output and message in output and f"On instance{key}" in output
 
 
+def test_a_misspelt_key_of_a_model_entry_is_refused(tmp_path):
+    """`revison` beside a hub id would otherwise leave the revision unpinned: the hub's newest would be taken."""
+    override = write_yaml(tmp_path / "model.yaml", {"results_dir": str(tmp_path / "results"),
+                                                    "student_base": {"path": "Qwen/Qwen3-4B-Base", "revison": "abc123"}})
+    result = snakemake("-n", "--configfile", "config/paper/qwen3-4b.yaml", str(override), check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "Error validating config file" in output
+    assert "Additional properties are not allowed ('revison' was unexpected)" in output, output[-3000:]
+
+
 def test_top_k_options_reach_the_cache_and_lightning_opd_but_not_standard_opd(tmp_path):
     result = snakemake("-n", "-p", "--config", f"results_dir={tmp_path / 'results'}", "teacher_cache={top_k: 16}",
                        "lightning_opd={loss: topk_forward_kl, top_k: 4}")
