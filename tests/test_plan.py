@@ -301,3 +301,15 @@ def test_a_vllm_context_longer_than_the_models_is_refused_before_any_job(name, t
     assert ("rollouts: needs 72.0 GB per rank, has 80 GB (vLLM refuses a context longer than the model's): turn "
             "rollouts.backend_options.max_model_len (40960 > the model's 32768 positions, max_position_embeddings)"
             ) in str(error.value)
+
+
+def test_hf_generation_is_planned_in_the_sequences_of_one_call(tmp_path):
+    """sampling.batch_size counts the sequences of one hf generate call (batch_size // n prompts of n samples
+    each: lightning_opd.sampling), so more samples per prompt do not make the call larger."""
+    def rollouts(n):
+        override = write_yaml(tmp_path / "o.yaml", {"generation": {"backend": "hf", "backend_options": {}},
+                                                    "rollouts": {"backend_options": {},
+                                                                 "sampling": {"n": n, "batch_size": 64}}})
+        return {p.stage: p for p in plan(paper("qwen3-4b", override))}["rollouts"].parts
+
+    assert rollouts(4)["kv_cache"] == rollouts(1)["kv_cache"] > 0 and rollouts(4) == rollouts(1)

@@ -72,6 +72,13 @@ def logprob_chunk_bytes(tokens: int, vocab: int) -> int:
     return min(tokens, max(1, LOGPROB_CHUNK_BYTES // (4 * vocab))) * vocab * 4
 
 
+def hf_batch_sequences(sampling: dict[str, Any]) -> int:
+    """Sequences in one generate call of the hf backend: ``batch_size // n`` prompts (at least one) of ``n``
+    samples each (lightning_opd.sampling)."""
+    n = sampling.get("n", 1)
+    return max(1, sampling.get("batch_size", 128) // n) * n
+
+
 @dataclasses.dataclass(frozen=True)
 class Shape:
     vocab: int
@@ -535,7 +542,7 @@ class Planner:
                 gen["backend"],
                 options,
                 PROMPT_TOKENS + sft_sampling["max_new_tokens"],
-                sft_sampling.get("batch_size", 128) * sft_sampling.get("n", 1),
+                hf_batch_sequences(sft_sampling),
                 scoring=False,
                 **self.engines("sft_data"),
             )
@@ -556,7 +563,7 @@ class Planner:
             gen["backend"],
             options,
             PROMPT_TOKENS + roll["max_new_tokens"],
-            roll.get("batch_size", 128) * roll.get("n", 1),
+            hf_batch_sequences(roll),
             scoring=False,
             **self.engines("rollouts"),
         )
@@ -607,8 +614,9 @@ class Planner:
             s = c["standard_opd"]["sampling"]
             seq = PROMPT_TOKENS + s["max_new_tokens"]
             world = self.processes("train")
-            # hf samples all of a process's prompts of a step at once, sampling.batch_size prompts a call
-            sampled = min(s["batch_size"], max(1, opd["batch_size"] // world)) * s.get("n", 1)
+            # hf samples a process's prompts of a step sampling.batch_size sequences (batch_size // n prompts) a call
+            n = s.get("n", 1)
+            sampled = min(max(1, s["batch_size"] // n), max(1, opd["batch_size"] // world)) * n
             # a job per OPD teacher: the largest sizes them all
             teacher = max((self.teachers[t] for t in runs["opd_teachers"]), key=lambda shape: shape.params)
             # a step is batch_size prompts of n sequences each; micro_batch_size counts sequences (by default
