@@ -170,7 +170,23 @@ def test_a_job_without_its_slurm_variables_finds_its_nodes_with_scontrol(tmp_pat
     assert cmd[:3] == ["srun", "--overlap", "--nodes=2"] and f"--rdzv-endpoint=10.1.0.3:{launch.RENDEZVOUS_PORT}" in cmd
     with pytest.raises(RuntimeError, match="asks for 3 nodes but this SLURM job has 2"):
         launch.command("m", [], 8, 3, {"SLURM_JOB_ID": "7"})
+    # a site that hides its nodes' records: the node's name
+    (bin_dir / "scontrol").write_text(
+        "#!/bin/sh\n"
+        'if [ "$2" = hostnames ]; then printf "gpu03\\ngpu04\\n"; exit 0; fi\n'
+        'echo "scontrol: error: Invalid user for SlurmUser" >&2; exit 1\n')
+    assert launch.head_address("gpu[03-04]") == "gpu03"
     assert launch.job_nodes({"SLURM_JOB_ID": "7", "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "n1"}) == (1, "n1")
+
+
+def test_only_the_first_node_of_the_step_hosts_the_rendezvous():
+    """srun runs the same torchrun on every node; the wrapper tells node 0 (the first of the job's list, where
+    the endpoint points) to host the store and every other node to connect to it."""
+    for node, is_host in (("0", "1"), ("1", "0"), ("3", "0")):
+        out = subprocess.run(["sh", "-c", launch.HOST_ON_NODE_0, "sh", "sh", "-c", 'echo "$PET_RDZV_CONF $1"', "sh",
+                              "arg with space"], env={**ENV, "SLURM_NODEID": node}, capture_output=True, text=True,
+                             check=True).stdout
+        assert out == f"is_host={is_host} arg with space\n", (node, out)
 
 
 def test_a_one_process_job_on_gpus_sees_one_of_them(tmp_path):

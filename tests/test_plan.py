@@ -313,3 +313,24 @@ def test_hf_generation_is_planned_in_the_sequences_of_one_call(tmp_path):
         return {p.stage: p for p in plan(paper("qwen3-4b", override))}["rollouts"].parts
 
     assert rollouts(4)["kv_cache"] == rollouts(1)["kv_cache"] > 0 and rollouts(4) == rollouts(1)
+
+
+def test_hf_scoring_is_planned_at_the_scorer_batch_and_names_its_key(tmp_path):
+    """The hf teacher cache scores backend_options.batch_size sequences at once (64 by default), whatever the
+    rollouts sampled with; a batch that cannot fit names that key."""
+    import inspect
+
+    from lightning_opd.backends.hf import HFBackend
+    from lightning_opd.plan import HF_SCORING_BATCH
+
+    assert inspect.signature(HFBackend).parameters["batch_size"].default == HF_SCORING_BATCH
+
+    def cache(options, rollouts_batch=64):
+        override = write_yaml(tmp_path / "o.yaml", {"teacher_cache": {"backend": "hf", "backend_options": options},
+                                                    "rollouts": {"sampling": {"batch_size": rollouts_batch}}})
+        return {p.stage: p for p in plan(paper("qwen3-4b", override))}["teacher_cache[A]"]
+
+    assert cache({}).parts == cache({}, rollouts_batch=4096).parts == cache({"batch_size": 64}).parts
+    big = cache({"batch_size": 4096})
+    assert big.parts["kv_cache"] == pytest.approx(64 * cache({}).parts["kv_cache"])
+    assert big.knob.startswith("teacher_cache.backend_options.batch_size"), big.knob

@@ -195,7 +195,7 @@ def test_code_in_a_gpu_job_falls_back_to_cpu(slurm_cluster, tmp_path):
 def test_launch_command_across_nodes(slurm_cluster):
     """The multi-node launch: srun starts one torchrun per node, which meet at the address SLURM reaches the
     job's first node at (scontrol expands the node list and shows the node's NodeAddr: the test cluster's
-    node names resolve nowhere, as a cluster's internal names need not resolve on another network)."""
+    SLURM node names resolve nowhere), and that node hosts the rendezvous store."""
     from lightning_opd import launch
 
     env = {"SLURM_JOB_ID": "7", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "lopd[1-2]"}
@@ -203,6 +203,7 @@ def test_launch_command_across_nodes(slurm_cluster):
     assert cmd[:4] == ["srun", "--overlap", "--nodes=2", "--ntasks-per-node=1"]
     assert f"--rdzv-endpoint=127.0.0.1:{launch.RENDEZVOUS_PORT}" in cmd and "--rdzv-id=7" in cmd
     assert cmd[-3:] == ["-m", "m", "--a"] and "--nnodes=2" in cmd and "--nproc-per-node=8" in cmd
+    assert cmd[5:9] == ["sh", "-c", launch.HOST_ON_NODE_0, "sh"], cmd
 
 
 def test_a_training_runs_across_two_slurm_nodes(slurm_run, tmp_path):

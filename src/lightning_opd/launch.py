@@ -13,6 +13,8 @@ import subprocess
 import sys
 
 RENDEZVOUS_PORT = 29511
+# run the rest of the command line with torchrun's --rdzv-conf is_host=1 on the step's node 0, else 0
+HOST_ON_NODE_0 = 'PET_RDZV_CONF="is_host=$([ "$SLURM_NODEID" = 0 ] && echo 1 || echo 0)" exec "$@"'
 
 
 def scontrol_fields(*args: str) -> dict[str, str]:
@@ -25,12 +27,15 @@ def scontrol_fields(*args: str) -> dict[str, str]:
 
 def head_address(nodelist: str) -> str:
     """Where the launchers of a job's nodes meet: the address SLURM reaches the first node of a node list
-    such as ``gpu[03-05,07]`` at (its NodeAddr; by default the node's host name)."""
+    such as ``gpu[03-05,07]`` at (its NodeAddr; by default the node's name), else that name."""
     result = subprocess.run(["scontrol", "show", "hostnames", nodelist], check=False, capture_output=True, text=True)
     hosts = result.stdout.split()
     if result.returncode or not hosts:
         raise RuntimeError(f"scontrol could not expand the node list {nodelist!r}: {result.stderr.strip()}")
-    return scontrol_fields("node", hosts[0]).get("NodeAddr") or hosts[0]
+    try:
+        return scontrol_fields("node", hosts[0]).get("NodeAddr") or hosts[0]
+    except RuntimeError:  # a site may hide its nodes' records from users
+        return hosts[0]
 
 
 def job_nodes(env: dict[str, str]) -> tuple[int, str]:
@@ -58,8 +63,12 @@ def command(module: str, args: list[str], nproc_per_node: int, nnodes: int, env:
     if held != nnodes:
         raise RuntimeError(f"the config asks for {nnodes} nodes but this SLURM job has {held}")
     head = head_address(nodelist)
-    # --overlap: the job step that runs this launcher already holds the allocation
-    return ["srun", "--overlap", f"--nodes={nnodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1", *torchrun,
+    # --overlap: the job step that runs this launcher already holds the allocation. The step's node 0 (the
+    # first of the list) hosts the rendezvous store, said outright: torchrun's own guess compares the
+    # endpoint with the addresses of the machine's host name, which an address on another network (or a
+    # `127.0.1.1 <host>` line) fails on every node.
+    return ["srun", "--overlap", f"--nodes={nnodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
+            "sh", "-c", HOST_ON_NODE_0, "sh", *torchrun,
             f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={head}:{RENDEZVOUS_PORT}",
             f"--rdzv-id={env['SLURM_JOB_ID']}", "-m", module, *args]
 

@@ -48,6 +48,9 @@ CACHE_BYTES_PER_TOPK = 6
 # prompt tokens assumed per sequence where the config does not bound them
 # (DAPO-Math and AIME prompts with the template are ~100-400 tokens)
 PROMPT_TOKENS = 512
+# sequences per scoring batch of the hf backend without teacher_cache.backend_options.batch_size
+# (lightning_opd.backends.hf.HFBackend's default; this module imports no torch)
+HF_SCORING_BATCH = 64
 # per GPU: CUDA context, NCCL buffers and allocator fragmentation (an estimate; on an H100 the context
 # took 0.65 GB and the allocator's cache 1.5-7.3 GB beyond what was allocated: bench/train_peak_memory.py)
 GPU_OVERHEAD_GB = 3.0
@@ -431,11 +434,13 @@ class Planner:
         engines: int = 1,
         engines_key: str = "",
         options_key: str = "",
+        batch_key: str = "",
     ) -> StagePlan:
         """Peak memory per GPU of one engine; ``engines`` such engines (data
         parallel, set by the config key ``engines_key``) take GPUs of their own
         in the job. ``options_key``: where ``options`` come from (default
-        ``<section>.backend_options``)."""
+        ``<section>.backend_options``); ``batch_key``: the config key of the hf
+        backend's ``batch_seqs`` (default ``<section>.sampling.batch_size``)."""
         options_key = options_key or f"{section}.backend_options"
         limit = self.limit_gb(kind)
         seq_tokens = shape.seq(seq_tokens)
@@ -500,7 +505,7 @@ class Planner:
             limit,
             parts,
             {},
-            f"{section}.sampling.batch_size (or the vllm backend)",
+            f"{batch_key or section + '.sampling.batch_size'} (or the vllm backend)",
         )
 
     def generation_options(self, stage: str) -> tuple[str, dict[str, Any]]:
@@ -544,6 +549,7 @@ class Planner:
                 PROMPT_TOKENS + sft_sampling["max_new_tokens"],
                 hf_batch_sequences(sft_sampling),
                 scoring=False,
+                batch_key="sft_data.sampling.batch_size",
                 **self.engines("sft_data"),
             )
             p.tokens = {"generated": n_sft * sft_sampling.get("n", 1) * sft_sampling["max_new_tokens"]}
@@ -565,6 +571,7 @@ class Planner:
             PROMPT_TOKENS + roll["max_new_tokens"],
             hf_batch_sequences(roll),
             scoring=False,
+            batch_key="rollouts.sampling.batch_size",
             **self.engines("rollouts"),
         )
         p.tokens = {"generated": n_opd * roll.get("n", 1) * roll["max_new_tokens"]}
@@ -580,8 +587,9 @@ class Planner:
                 cache["backend"],
                 cache["backend_options"],
                 cache_seq,
-                roll.get("batch_size", 128),
+                cache["backend_options"].get("batch_size", HF_SCORING_BATCH),
                 scoring=True,
+                batch_key="teacher_cache.backend_options.batch_size",
                 **self.engines("teacher_cache"),
             )
             p.tokens = {"scored": n_opd * roll.get("n", 1) * cache_seq}
@@ -654,6 +662,7 @@ class Planner:
                 PROMPT_TOKENS + e["max_gen_toks"],
                 e["batch_size"],
                 scoring=False,
+                batch_key="eval.batch_size",
                 engines=options.get("data_parallel_size", 1) if e["backend"] == "vllm" else 1,
                 engines_key=f"{key}.data_parallel_size",
                 options_key=key,
