@@ -120,8 +120,8 @@ def test_values_of_the_wrong_type_are_refused_with_the_key(override, message, ke
 
 def test_a_misspelt_key_of_a_model_entry_is_refused(tmp_path):
     """`revison` beside a hub id would otherwise leave the revision unpinned: the hub's newest would be taken."""
-    override = write_yaml(tmp_path / "model.yaml", {"results_dir": str(tmp_path / "results"),
-                                                    "student_base": {"path": "Qwen/Qwen3-4B-Base", "revison": "abc123"}})
+    misspelt = {"path": "Qwen/Qwen3-4B-Base", "revison": "abc123"}
+    override = write_yaml(tmp_path / "model.yaml", {"results_dir": str(tmp_path / "results"), "student_base": misspelt})
     result = snakemake("-n", "--configfile", "config/paper/qwen3-4b.yaml", str(override), check=False)
     output = result.stdout + result.stderr
     assert result.returncode != 0 and "Error validating config file" in output
