@@ -431,16 +431,16 @@ class Planner:
         seq_tokens: int,
         batch_seqs: int,
         scoring: bool,
+        batch_key: str,
         engines: int = 1,
         engines_key: str = "",
         options_key: str = "",
-        batch_key: str = "",
     ) -> StagePlan:
         """Peak memory per GPU of one engine; ``engines`` such engines (data
         parallel, set by the config key ``engines_key``) take GPUs of their own
-        in the job. ``options_key``: where ``options`` come from (default
-        ``<section>.backend_options``); ``batch_key``: the config key of the hf
-        backend's ``batch_seqs`` (default ``<section>.sampling.batch_size``)."""
+        in the job. ``batch_key``: the config key that sets the hf backend's
+        ``batch_seqs``; ``options_key``: where ``options`` come from (default
+        ``<section>.backend_options``)."""
         options_key = options_key or f"{section}.backend_options"
         limit = self.limit_gb(kind)
         seq_tokens = shape.seq(seq_tokens)
@@ -505,7 +505,7 @@ class Planner:
             limit,
             parts,
             {},
-            f"{batch_key or section + '.sampling.batch_size'} (or the vllm backend)",
+            f"{batch_key} (or the vllm backend)",
         )
 
     def generation_options(self, stage: str) -> tuple[str, dict[str, Any]]:

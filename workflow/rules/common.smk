@@ -660,11 +660,8 @@ def report_manifest():
         stages = [stage_entry("prepare_data", split) for split in ("sft", "opd", *(f"eval/{b}" for b in BENCHMARKS))]
     else:
         stages = [stage_entry("task_data", "")]
-    # built only for a model the pipeline builds: with every model given by `path`, no job makes it
-    used = {*RUNS["sft_teachers"], *RUNS["opd_teachers"]}
-    if "build" in config["tokenizer"] and any(
-        "build" in spec for spec in (config["student_base"], *(config["teachers"][t] for t in used))
-    ):
+    # built only for the models the pipeline pretrains: with every model given by `path`, no job makes it
+    if "build" in config["tokenizer"] and any(e["stage"].startswith("pretrain_") for m in models for e in m["cost"]):
         stages.append(stage_entry("tokenizer", ""))
     for entry in (e for m in models for e in m["cost"]):
         if (whole := {k: v for k, v in entry.items() if k != "share"}) not in stages:
