@@ -222,8 +222,9 @@ def test_a_training_runs_across_two_slurm_nodes(slurm_run, tmp_path):
     result = run(*snakemake, "--slurm-init-seconds-before-status-checks", "2", TARGET, "--forcerun", "sft",
                  cwd=work, timeout=900)
     run_id = re.search(r"SLURM run ID: (\S+)", result.stdout + result.stderr).group(1)
-    steps = run("sacct", "-P", "-n", "--name", run_id, "-S", started, "-o", "JobID,NNodes,State").stdout
-    job = steps.split("|")[0]
+    jobs = run("sacct", "-X", "-P", "-n", "--name", run_id, "-S", started, "-o", "JobID").stdout.split()
+    assert len(jobs) == 1, jobs
+    job = jobs[0]
     steps = run("sacct", "-P", "-n", "-j", job, "-o", "JobID,NNodes,State").stdout.splitlines()
     # the job, its batch step on the first node, and the launcher's srun step: a torchrun on each node
     assert any(line.startswith(f"{job}|2|COMPLETED") for line in steps), steps

@@ -43,8 +43,7 @@ def _abort_with_stacks(process: subprocess.Popen) -> tuple[str, str]:
     # Stop them all first: then no rank reacts to another's end (a rank whose peer died leaves its
     # collective with an exception, a launcher stops its other workers), and each prints its stack
     # whole, one after the other (two at once interleave on a shared stderr, byte by byte).
-    python = [p for p in (launcher, *workers) if p is not None and _is_python(p)]
-    for child in python:
+    for child in [*workers, *([launcher] if launcher is not None and _is_python(launcher) else [])]:
         _signal(child, signal.SIGSTOP)
     for worker in reversed(workers):  # the workers before their launcher, which would otherwise stop them first
         _signal(worker, signal.SIGABRT)  # delivered first on SIGCONT: a pending SIGTERM has a higher number
