@@ -152,41 +152,50 @@ def test_launch_command():
 
 def test_a_job_without_its_slurm_variables_finds_its_nodes_with_scontrol(tmp_path, monkeypatch):
     """Snakemake's SLURM jobstep plugin keeps only the job id of a job's SLURM variables: the launcher asks
-    scontrol for the job's nodes and the first one's address (here a stand-in scontrol that prints what SLURM
+    scontrol for the job's nodes and their addresses (here a stand-in scontrol that prints what SLURM
     22.05's does)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "scontrol").write_text(
         "#!/bin/sh\n"
         'if [ "$2" = hostnames ]; then printf "gpu03\\ngpu04\\n"; exit 0; fi\n'
-        'if [ "$3" = node ]; then echo "NodeName=$4 Arch=x86_64 NodeAddr=10.1.0.3 NodeHostName=$4"; exit 0; fi\n'
+        'if [ "$3" = node ] && [ "$4" = "gpu[03-04]" ]; then\n'
+        '  echo "NodeName=gpu03 Arch=x86_64 NodeAddr=10.1.0.3 NodeHostName=gpu03 OS=Linux 6.1.0 #1 SMP"\n'
+        '  echo "NodeName=gpu04 Arch=x86_64 NodeAddr=10.1.0.4 NodeHostName=gpu04"; exit 0; fi\n'
         'echo "JobId=$4 JobName=sft UserId=u(1) JobState=RUNNING NumNodes=2 NumCPUs=32 NodeList=gpu[03-04] '
         'BatchHost=gpu03"\n')
     (bin_dir / "scontrol").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     assert launch.job_nodes({"SLURM_JOB_ID": "7"}) == (2, "gpu[03-04]")
+    assert launch.node_addresses("gpu[03-04]") == {"gpu03": "10.1.0.3", "gpu04": "10.1.0.4"}
     cmd = launch.command("m", ["--a"], 8, 2, {"SLURM_JOB_ID": "7"})
-    # the launchers meet at the address SLURM reaches the first node at (NodeAddr), not at its name
+    # the launchers meet at the address SLURM reaches the first node at (NodeAddr), not at its name,
+    # and each node is known to the others by its own NodeAddr
     assert cmd[:3] == ["srun", "--overlap", "--nodes=2"] and f"--rdzv-endpoint=10.1.0.3:{launch.RENDEZVOUS_PORT}" in cmd
+    assert cmd[5:9] == ["sh", "-c", launch.node_wrapper({"gpu03": "10.1.0.3", "gpu04": "10.1.0.4"}), "sh"], cmd
     with pytest.raises(RuntimeError, match="asks for 3 nodes but this SLURM job has 2"):
         launch.command("m", [], 8, 3, {"SLURM_JOB_ID": "7"})
-    # a site that hides its nodes' records: the node's name
+    # a site that hides its nodes' records: the nodes' names
     (bin_dir / "scontrol").write_text(
         "#!/bin/sh\n"
         'if [ "$2" = hostnames ]; then printf "gpu03\\ngpu04\\n"; exit 0; fi\n'
         'echo "scontrol: error: Invalid user for SlurmUser" >&2; exit 1\n')
-    assert launch.head_address("gpu[03-04]") == "gpu03"
+    assert launch.node_addresses("gpu[03-04]") == {"gpu03": "gpu03", "gpu04": "gpu04"}
     assert launch.job_nodes({"SLURM_JOB_ID": "7", "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "n1"}) == (1, "n1")
 
 
-def test_only_the_first_node_of_the_step_hosts_the_rendezvous():
-    """srun runs the same torchrun on every node; the wrapper tells node 0 (the first of the job's list, where
-    the endpoint points) to host the store and every other node to connect to it."""
-    for node, is_host in (("0", "1"), ("1", "0"), ("3", "0")):
-        out = subprocess.run(["sh", "-c", launch.HOST_ON_NODE_0, "sh", "sh", "-c", 'echo "$PET_RDZV_CONF $1"', "sh",
-                              "arg with space"], env={**ENV, "SLURM_NODEID": node}, capture_output=True, text=True,
-                             check=True).stdout
-        assert out == f"is_host={is_host} arg with space\n", (node, out)
+def test_each_node_gets_its_own_address_and_only_the_first_hosts_the_rendezvous():
+    """srun runs the same torchrun on every node; the wrapper gives each node its own address as torchrun's
+    --local-addr (the rendezvous' rank 0 publishes it as the workers' MASTER_ADDR), and tells node 0 (the
+    first of the job's list, where the endpoint points) to host the store and every other node to connect."""
+    wrapper = launch.node_wrapper({"n1": "10.0.0.1", "n 2": "10.0.0.2", "n3": "it's"})
+    show = 'echo "$PET_RDZV_CONF ${PET_LOCAL_ADDR-unset} $1"'
+    for node, name, is_host, address in (("0", "n1", "1", "10.0.0.1"), ("1", "n 2", "0", "10.0.0.2"),
+                                         ("3", "n3", "0", "it's"), ("2", "n4", "0", "unset")):
+        out = subprocess.run(["sh", "-c", wrapper, "sh", "sh", "-c", show, "sh", "arg with space"],
+                             env={**ENV, "SLURM_NODEID": node, "SLURMD_NODENAME": name}, capture_output=True,
+                             text=True, check=True).stdout
+        assert out == f"is_host={is_host} {address} arg with space\n", (node, out)
 
 
 def test_a_one_process_job_on_gpus_sees_one_of_them(tmp_path):

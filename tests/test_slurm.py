@@ -48,7 +48,8 @@ KIND = {"pretrain_teacher": "pretrain", "pretrain_student_base": "pretrain", "sf
 
 
 def run(*cmd: str, **kwargs) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, check=False, capture_output=True, text=True, env=ENV, **kwargs)
+    kwargs.setdefault("env", ENV)
+    result = subprocess.run(cmd, check=False, capture_output=True, text=True, **kwargs)
     if result.returncode != 0:
         raise AssertionError(f"{shlex.join(cmd)} failed ({result.returncode}):\n"
                              f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
@@ -194,8 +195,8 @@ def test_code_in_a_gpu_job_falls_back_to_cpu(slurm_cluster, tmp_path):
 
 def test_launch_command_across_nodes(slurm_cluster):
     """The multi-node launch: srun starts one torchrun per node, which meet at the address SLURM reaches the
-    job's first node at (scontrol expands the node list and shows the node's NodeAddr: the test cluster's
-    SLURM node names resolve nowhere), and that node hosts the rendezvous store."""
+    job's first node at (scontrol expands the node list and shows the nodes' NodeAddr: the test cluster's
+    SLURM node names resolve nowhere), each node is known by its NodeAddr, and the first hosts the store."""
     from lightning_opd import launch
 
     env = {"SLURM_JOB_ID": "7", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "lopd[1-2]"}
@@ -203,7 +204,7 @@ def test_launch_command_across_nodes(slurm_cluster):
     assert cmd[:4] == ["srun", "--overlap", "--nodes=2", "--ntasks-per-node=1"]
     assert f"--rdzv-endpoint=127.0.0.1:{launch.RENDEZVOUS_PORT}" in cmd and "--rdzv-id=7" in cmd
     assert cmd[-3:] == ["-m", "m", "--a"] and "--nnodes=2" in cmd and "--nproc-per-node=8" in cmd
-    assert cmd[5:9] == ["sh", "-c", launch.HOST_ON_NODE_0, "sh"], cmd
+    assert cmd[5:9] == ["sh", "-c", launch.node_wrapper({"lopd1": "127.0.0.1", "lopd2": "127.0.0.1"}), "sh"], cmd
 
 
 def test_a_training_runs_across_two_slurm_nodes(slurm_run, tmp_path):
@@ -219,8 +220,9 @@ def test_a_training_runs_across_two_slurm_nodes(slurm_run, tmp_path):
     snakemake = [str(VENV_BIN / "snakemake"), "--profile", "slurm", "--configfile", *CONFIGS, str(overlay)]
     assert planned_jobs(run(*snakemake, "-n", TARGET, "--forcerun", "sft", cwd=work).stdout) == {"sft": 1}
     started = datetime.now().strftime("%Y-%m-%dT%H:%M:%S")
+    # LOGLEVEL=INFO: torchrun logs the MASTER_ADDR its workers meet at
     result = run(*snakemake, "--slurm-init-seconds-before-status-checks", "2", TARGET, "--forcerun", "sft",
-                 cwd=work, timeout=900)
+                 cwd=work, timeout=900, env={**ENV, "LOGLEVEL": "INFO"})
     run_id = re.search(r"SLURM run ID: (\S+)", result.stdout + result.stderr).group(1)
     jobs = run("sacct", "-X", "-P", "-n", "--name", run_id, "-S", started, "-o", "JobID").stdout.split()
     assert len(jobs) == 1, jobs
@@ -231,6 +233,8 @@ def test_a_training_runs_across_two_slurm_nodes(slurm_run, tmp_path):
     assert any(re.fullmatch(rf"{job}\.\d+\|2\|COMPLETED", line) for line in steps), steps
     log = next((work / "results/tiny/logs/sft").glob("*.log")).read_text()
     assert "--nnodes=2" in log and "--rdzv-endpoint=127.0.0.1:" in log, log[-3000:]
+    # the workers meet at the first node's NodeAddr, not at its getfqdn() ("localhost" on this machine)
+    assert re.findall(r"master_addr=(\S+)", log) == ["127.0.0.1"] * 2, log[-3000:]
     provenance = json.loads((work / "results/tiny/models/sft-A/provenance.json").read_text())
     assert provenance["trained_on"]["processes"] == 2, provenance["trained_on"]
     # priced at what it held: a (fake) GPU on each of two nodes

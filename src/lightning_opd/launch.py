@@ -1,7 +1,8 @@
 """Start a training module on the processes of its job: as is for one
 process, under torchrun for several on one node, and under `srun` + torchrun
-(one launcher per node, c10d rendezvous at the first node's address) across the nodes
-of a SLURM job. The trainers themselves only see torchrun's environment.
+(one launcher per node, c10d rendezvous at the first node's address, each node
+known by the address SLURM reaches it at) across the nodes of a SLURM job. The
+trainers themselves only see torchrun's environment.
 
     python -m lightning_opd.launch --nproc-per-node 8 lightning_opd.sft --base ...
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import subprocess
 import sys
 
@@ -17,25 +19,40 @@ RENDEZVOUS_PORT = 29511
 HOST_ON_NODE_0 = 'PET_RDZV_CONF="is_host=$([ "$SLURM_NODEID" = 0 ] && echo 1 || echo 0)" exec "$@"'
 
 
-def scontrol_fields(*args: str) -> dict[str, str]:
-    """The KEY=VALUE fields of a one-line ``scontrol show`` record."""
+def scontrol_records(*args: str) -> list[dict[str, str]]:
+    """The KEY=VALUE fields of each record (one per line) ``scontrol --oneliner show`` prints."""
     result = subprocess.run(["scontrol", "--oneliner", "show", *args], check=False, capture_output=True, text=True)
     if result.returncode:
         raise RuntimeError(f"scontrol show {' '.join(args)} failed: {result.stderr.strip()}")
-    return dict(field.split("=", 1) for field in result.stdout.split() if "=" in field)
+    return [dict(field.split("=", 1) for field in line.split() if "=" in field)
+            for line in result.stdout.splitlines() if line.strip()]
 
 
-def head_address(nodelist: str) -> str:
-    """Where the launchers of a job's nodes meet: the address SLURM reaches the first node of a node list
-    such as ``gpu[03-05,07]`` at (its NodeAddr; by default the node's name), else that name."""
+def node_addresses(nodelist: str) -> dict[str, str]:
+    """Each node of a node list such as ``gpu[03-05,07]``, in its order, and the address SLURM reaches it at
+    (its NodeAddr; by default the node's name). A site that hides its nodes' records from users: the names."""
     result = subprocess.run(["scontrol", "show", "hostnames", nodelist], check=False, capture_output=True, text=True)
     hosts = result.stdout.split()
     if result.returncode or not hosts:
         raise RuntimeError(f"scontrol could not expand the node list {nodelist!r}: {result.stderr.strip()}")
     try:
-        return scontrol_fields("node", hosts[0]).get("NodeAddr") or hosts[0]
-    except RuntimeError:  # a site may hide its nodes' records from users
-        return hosts[0]
+        shown = {record.get("NodeName"): record.get("NodeAddr") for record in scontrol_records("node", nodelist)}
+    except RuntimeError:
+        shown = {}
+    return {host: shown.get(host) or host for host in hosts}
+
+
+def node_wrapper(addresses: dict[str, str]) -> str:
+    """The sh script srun runs on every node before torchrun: the node's own address as torchrun's
+    --local-addr (PET_LOCAL_ADDR, by SLURMD_NODENAME), and is_host=1 on the step's node 0 only.
+
+    The rendezvous' rank 0 publishes its --local-addr as the workers' MASTER_ADDR (default: its own
+    getfqdn(), which need not resolve on the other nodes); torchrun's guess of which node hosts the store
+    compares the endpoint with the addresses of the machine's host name, which an address on another
+    network (or a `127.0.1.1 <host>` line) fails on every node."""
+    cases = " ".join(f"{shlex.quote(name)}) export PET_LOCAL_ADDR={shlex.quote(address)};;"
+                     for name, address in addresses.items())
+    return f'case "$SLURMD_NODENAME" in {cases} esac; {HOST_ON_NODE_0}'
 
 
 def job_nodes(env: dict[str, str]) -> tuple[int, str]:
@@ -44,7 +61,7 @@ def job_nodes(env: dict[str, str]) -> tuple[int, str]:
     if "SLURM_NNODES" in env and "SLURM_JOB_NODELIST" in env:
         return int(env["SLURM_NNODES"]), env["SLURM_JOB_NODELIST"]
     job = env["SLURM_JOB_ID"]
-    fields = scontrol_fields("job", job)
+    fields = next(iter(scontrol_records("job", job)), {})
     if "NumNodes" not in fields or "NodeList" not in fields:
         raise RuntimeError(f"scontrol shows no nodes for SLURM job {job}: {fields}")
     return int(fields["NumNodes"].split("-")[0]), fields["NodeList"]
@@ -62,13 +79,12 @@ def command(module: str, args: list[str], nproc_per_node: int, nnodes: int, env:
     held, nodelist = job_nodes(env)
     if held != nnodes:
         raise RuntimeError(f"the config asks for {nnodes} nodes but this SLURM job has {held}")
-    head = head_address(nodelist)
-    # --overlap: the job step that runs this launcher already holds the allocation. The step's node 0 (the
-    # first of the list) hosts the rendezvous store, said outright: torchrun's own guess compares the
-    # endpoint with the addresses of the machine's host name, which an address on another network (or a
-    # `127.0.1.1 <host>` line) fails on every node.
+    addresses = node_addresses(nodelist)
+    head = next(iter(addresses.values()))
+    # --overlap: the job step that runs this launcher already holds the allocation; its node 0 (the first
+    # of the list) hosts the rendezvous store
     return ["srun", "--overlap", f"--nodes={nnodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
-            "sh", "-c", HOST_ON_NODE_0, "sh", *torchrun,
+            "sh", "-c", node_wrapper(addresses), "sh", *torchrun,
             f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={head}:{RENDEZVOUS_PORT}",
             f"--rdzv-id={env['SLURM_JOB_ID']}", "-m", module, *args]
 
