@@ -161,7 +161,8 @@ def test_a_job_without_its_slurm_variables_finds_its_nodes_with_scontrol(tmp_pat
         'if [ "$2" = hostnames ]; then printf "gpu03\\ngpu04\\n"; exit 0; fi\n'
         'if [ "$3" = node ] && [ "$4" = "gpu[03-04]" ]; then\n'
         '  echo "NodeName=gpu03 Arch=x86_64 NodeAddr=10.1.0.3 NodeHostName=gpu03 OS=Linux 6.1.0 #1 SMP"\n'
-        '  echo "NodeName=gpu04 Arch=x86_64 NodeAddr=10.1.0.4 NodeHostName=gpu04"; exit 0; fi\n'
+        '  echo "NodeName=gpu04 Arch=x86_64 NodeAddr=10.1.0.4 NodeHostName=gpu04 Reason=moved NodeAddr=x [root]"\n'
+        '  exit 0; fi\n'
         'echo "JobId=$4 JobName=sft UserId=u(1) JobState=RUNNING NumNodes=2 NumCPUs=32 NodeList=gpu[03-04] '
         'BatchHost=gpu03"\n')
     (bin_dir / "scontrol").chmod(0o755)
@@ -190,12 +191,14 @@ def test_each_node_gets_its_own_address_and_only_the_first_hosts_the_rendezvous(
     first of the job's list, where the endpoint points) to host the store and every other node to connect."""
     wrapper = launch.node_wrapper({"n1": "10.0.0.1", "n 2": "10.0.0.2", "n3": "it's"})
     show = 'echo "$PET_RDZV_CONF ${PET_LOCAL_ADDR-unset} $1"'
+    # a node the map lacks gets no address (not one inherited from the launcher's environment) and says so
     for node, name, is_host, address in (("0", "n1", "1", "10.0.0.1"), ("1", "n 2", "0", "10.0.0.2"),
                                          ("3", "n3", "0", "it's"), ("2", "n4", "0", "unset")):
         out = subprocess.run(["sh", "-c", wrapper, "sh", "sh", "-c", show, "sh", "arg with space"],
-                             env={**ENV, "SLURM_NODEID": node, "SLURMD_NODENAME": name}, capture_output=True,
-                             text=True, check=True).stdout
-        assert out == f"is_host={is_host} {address} arg with space\n", (node, out)
+                             env={**ENV, "SLURM_NODEID": node, "SLURMD_NODENAME": name, "PET_LOCAL_ADDR": "inherited"},
+                             capture_output=True, text=True, check=True)
+        assert out.stdout == f"is_host={is_host} {address} arg with space\n", (node, out.stdout)
+        assert ("no address known for node n4" in out.stderr) == (name == "n4"), out.stderr
 
 
 def test_a_one_process_job_on_gpus_sees_one_of_them(tmp_path):

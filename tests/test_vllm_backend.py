@@ -66,10 +66,13 @@ if __name__ == "__main__":
     table, _ = read_table({str(world["data"] / "sft.parquet")!r}, TASK_SCHEMA)
     prompts = [prompt_ids(tokenizer, p) for p in table.column("problem").to_pylist()]
     engine = get_backend("vllm", {str(world["teacher_A"])!r}, **json.loads({VLLM_OPTIONS!r}))
-    runs = {{name: [outs[0].response_ids for outs in engine.generate(prompts, SamplingParams(**params))]
-            for name, params in json.loads({json.dumps(GENERATION_TRIALS)!r}).items()}}
-    with open({str(tmp_path / "runs.json")!r}, "w") as out:
-        json.dump(runs, out)
+    try:
+        runs = {{name: [outs[0].response_ids for outs in engine.generate(prompts, SamplingParams(**params))]
+                for name, params in json.loads({json.dumps(GENERATION_TRIALS)!r}).items()}}
+        with open({str(tmp_path / "runs.json")!r}, "w") as out:
+            json.dump(runs, out)
+    finally:
+        engine.close()  # shut down here: left to vLLM's exit finalizer the engine may abort the process
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
@@ -245,8 +248,11 @@ if __name__ == "__main__":
     table, _ = read_table({str(world["rollouts"])!r}, SAMPLES_SCHEMA)
     prompts, responses = table.column("prompt_ids").to_pylist(), table.column("response_ids").to_pylist()
     hf = get_backend("hf", {str(world["teacher_A"])!r}).score_top_k(prompts, responses, 16)
-    vllm = get_backend("vllm", {str(world["teacher_A"])!r}, scoring=True,
-                       **json.loads({VLLM_OPTIONS!r})).score_top_k(prompts, responses, 16)
+    engine = get_backend("vllm", {str(world["teacher_A"])!r}, scoring=True, **json.loads({VLLM_OPTIONS!r}))
+    try:
+        vllm = engine.score_top_k(prompts, responses, 16)
+    finally:
+        engine.close()
     worst, differing, ties = 0.0, 0, 0
     for a, b in zip(hf, vllm):
         worst = max(worst, float(np.abs(a.top_logprobs - b.top_logprobs).max()),

@@ -24,8 +24,14 @@ def scontrol_records(*args: str) -> list[dict[str, str]]:
     result = subprocess.run(["scontrol", "--oneliner", "show", *args], check=False, capture_output=True, text=True)
     if result.returncode:
         raise RuntimeError(f"scontrol show {' '.join(args)} failed: {result.stderr.strip()}")
-    return [dict(field.split("=", 1) for field in line.split() if "=" in field)
-            for line in result.stdout.splitlines() if line.strip()]
+    records = []
+    for line in result.stdout.splitlines():
+        record: dict[str, str] = {}
+        for key, _, value in (field.partition("=") for field in line.split() if "=" in field):
+            record.setdefault(key, value)  # the record's own field, not a KEY=... inside a later free-text one
+        if record:
+            records.append(record)
+    return records
 
 
 def node_addresses(nodelist: str) -> dict[str, str]:
@@ -52,7 +58,8 @@ def node_wrapper(addresses: dict[str, str]) -> str:
     network (or a `127.0.1.1 <host>` line) fails on every node."""
     cases = " ".join(f"{shlex.quote(name)}) export PET_LOCAL_ADDR={shlex.quote(address)};;"
                      for name, address in addresses.items())
-    return f'case "$SLURMD_NODENAME" in {cases} esac; {HOST_ON_NODE_0}'
+    unknown = '*) unset PET_LOCAL_ADDR; echo "launch: no address known for node $SLURMD_NODENAME" >&2;;'
+    return f'case "$SLURMD_NODENAME" in {cases} {unknown} esac; {HOST_ON_NODE_0}'
 
 
 def job_nodes(env: dict[str, str]) -> tuple[int, str]:
