@@ -233,7 +233,7 @@ def test_a_training_runs_across_two_slurm_nodes(slurm_run, tmp_path):
     assert any(re.fullmatch(rf"{job}\.\d+\|2\|COMPLETED", line) for line in steps), steps
     log = next((work / "results/tiny/logs/sft").glob("*.log")).read_text()
     assert "--nnodes=2" in log and "--rdzv-endpoint=127.0.0.1:" in log, log[-3000:]
-    # the workers meet at the first node's NodeAddr, not at its getfqdn() ("localhost" on this machine)
+    # the workers meet at the rendezvous' rank-0 node's NodeAddr, not at its getfqdn() ("localhost" here)
     assert re.findall(r"master_addr=(\S+)", log) == ["127.0.0.1"] * 2, log[-3000:]
     provenance = json.loads((work / "results/tiny/models/sft-A/provenance.json").read_text())
     assert provenance["trained_on"]["processes"] == 2, provenance["trained_on"]
