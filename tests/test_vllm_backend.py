@@ -17,10 +17,14 @@ VLLM_OPTIONS = json.dumps({"gpu_memory_utilization": 0.2, "max_model_len": 256, 
                            "enforce_eager": True})
 
 
-def run_module(module: str, *args: str) -> None:
-    result = subprocess.run([sys.executable, "-m", f"lightning_opd.{module}", *args],
-                            capture_output=True, text=True, timeout=900)
+def run_python(*args: str) -> None:
+    """A fresh Python with ``args`` (each vLLM engine in a process of its own), which must succeed."""
+    result = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+
+
+def run_module(module: str, *args: str) -> None:
+    run_python("-m", f"lightning_opd.{module}", *args)
 
 
 def test_vllm_cache_equals_hf_cache(world, tmp_path):
@@ -74,8 +78,7 @@ if __name__ == "__main__":
     finally:
         engine.close()  # shut down here: left to vLLM's exit finalizer the engine may abort the process
 """
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    run_python("-c", script)
     runs = json.loads((tmp_path / "runs.json").read_text())
     assert runs["again"] == first and runs["other"] != first
     assert max(map(len, first)) <= 9 and max(map(len, first)) == 9
@@ -266,8 +269,7 @@ if __name__ == "__main__":
     with open({str(tmp_path / "found.json")!r}, "w") as out:
         json.dump({{"worst": worst, "differing": differing, "ties": ties}}, out)
 """
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    run_python("-c", script)
     found = json.loads((tmp_path / "found.json").read_text())
     assert found["worst"] <= 1e-4, found
     assert found["differing"] == 0, found

@@ -622,9 +622,8 @@ class Planner:
             s = c["standard_opd"]["sampling"]
             seq = PROMPT_TOKENS + s["max_new_tokens"]
             world = self.processes("train")
-            # hf samples a process's prompts of a step sampling.batch_size sequences (batch_size // n prompts) a call
-            n = s.get("n", 1)
-            sampled = min(max(1, s["batch_size"] // n), max(1, opd["batch_size"] // world)) * n
+            # hf samples a process's prompts of a step in calls of sampling.batch_size sequences
+            sampled = min(hf_batch_sequences(s), max(1, opd["batch_size"] // world) * s.get("n", 1))
             # a job per OPD teacher: the largest sizes them all
             teacher = max((self.teachers[t] for t in runs["opd_teachers"]), key=lambda shape: shape.params)
             # a step is batch_size prompts of n sequences each; micro_batch_size counts sequences (by default
