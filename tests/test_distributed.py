@@ -161,7 +161,9 @@ def test_a_job_without_its_slurm_variables_finds_its_nodes_with_scontrol(tmp_pat
         'if [ "$2" = hostnames ]; then printf "gpu03\\ngpu04\\n"; exit 0; fi\n'
         'if [ "$3" = node ] && [ "$4" = "gpu[03-04]" ]; then\n'
         '  echo "NodeName=gpu03 Arch=x86_64 NodeAddr=10.1.0.3 NodeHostName=gpu03 OS=Linux 6.1.0 #1 SMP"\n'
-        '  echo "NodeName=gpu04 Arch=x86_64 NodeAddr=10.1.0.4 NodeHostName=gpu04 Reason=moved NodeAddr=x [root]"\n'
+        # a free-text Reason with a KEY=... of its own and a byte that is not UTF-8
+        '  printf "NodeName=gpu04 Arch=x86_64 NodeAddr=10.1.0.4 NodeHostName=gpu04 "\n'
+        '  printf "Reason=m\\377ved NodeAddr=x [root]\\n"\n'
         '  exit 0; fi\n'
         'echo "JobId=$4 JobName=sft UserId=u(1) JobState=RUNNING NumNodes=2 NumCPUs=32 NodeList=gpu[03-04] '
         'BatchHost=gpu03"\n')

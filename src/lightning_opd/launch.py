@@ -21,7 +21,8 @@ HOST_ON_NODE_0 = 'PET_RDZV_CONF="is_host=$([ "$SLURM_NODEID" = 0 ] && echo 1 || 
 
 def scontrol_records(*args: str) -> list[dict[str, str]]:
     """The KEY=VALUE fields of each record (one per line) ``scontrol --oneliner show`` prints."""
-    result = subprocess.run(["scontrol", "--oneliner", "show", *args], check=False, capture_output=True, text=True)
+    result = subprocess.run(["scontrol", "--oneliner", "show", *args], check=False, capture_output=True, text=True,
+                            errors="replace")
     if result.returncode:
         raise RuntimeError(f"scontrol show {' '.join(args)} failed: {result.stderr.strip()}")
     records = []
@@ -37,7 +38,8 @@ def scontrol_records(*args: str) -> list[dict[str, str]]:
 def node_addresses(nodelist: str) -> dict[str, str]:
     """Each node of a node list such as ``gpu[03-05,07]``, in its order, and the address SLURM reaches it at
     (its NodeAddr; by default the node's name). A site that hides its nodes' records from users: the names."""
-    result = subprocess.run(["scontrol", "show", "hostnames", nodelist], check=False, capture_output=True, text=True)
+    result = subprocess.run(["scontrol", "show", "hostnames", nodelist], check=False, capture_output=True, text=True,
+                            errors="replace")
     hosts = result.stdout.split()
     if result.returncode or not hosts:
         raise RuntimeError(f"scontrol could not expand the node list {nodelist!r}: {result.stderr.strip()}")
